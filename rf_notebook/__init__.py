@@ -1,0 +1,42 @@
+"""rf_notebook: many LoRA fine-tuning configs trained side by side on one GPU, inside a Jupyter kernel.
+
+    from rf_notebook import Experiment, RFModelConfig, RFLoraConfig, RFSFTConfig, RFGridSearch, List
+
+Importing this package is cheap: torch, transformers and TRL load when a config is built or training starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Experiment": "rf_notebook.api",
+    "List": "rf_notebook.configs",
+    "Range": "rf_notebook.configs",
+    "RFModelConfig": "rf_notebook.configs",
+    "RFLoraConfig": "rf_notebook.configs",
+    "RFSFTConfig": "rf_notebook.configs",
+    "RFGridSearch": "rf_notebook.configs",
+    "RFRandomSearch": "rf_notebook.configs",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from rf_notebook.api import Experiment
+    from rf_notebook.configs import List, Range, RFGridSearch, RFLoraConfig, RFModelConfig, RFRandomSearch, RFSFTConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rf_notebook' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__ + ["__version__"])

@@ -1,0 +1,255 @@
+"""`Experiment`: the facade a notebook talks to.
+
+    exp = Experiment("demo")                     # ./rf_experiments/demo
+    exp.run_fit(group, demo_model_fn, train, evl, num_chunks=4, seed=0)   # returns once training has started
+    exp.wait(); exp.results(); exp.best_run(); exp.export(run_id, "winner/")
+
+Everything a user can get wrong is checked here, on the caller's thread, before any training starts; the
+training itself runs in the engine's background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rf_notebook.chunking import steps_per_epoch
+from rf_notebook.commands import Export
+from rf_notebook.configs import RFModelConfig, RunSpec, _Search, _stable_repr
+from rf_notebook.store import RunRecord, RunStatus, Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Experiment", "default_model_fn"]
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def default_model_fn(model_config: RFModelConfig) -> tuple[Any, Any]:
+    """Load `model_name` with `AutoModelForCausalLM` / `AutoTokenizer` (a hub id or a local folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_config.model_name, **(model_config.model_kwargs or {}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer or model_config.model_name, **(model_config.tokenizer_kwargs or {})
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class Experiment:
+    """A named set of runs, their metrics and the background thread that trains them."""
+
+    def __init__(self, experiment_name: str, experiments_dir: str | Path = "rf_experiments"):
+        if not isinstance(experiment_name, str) or not _SAFE_NAME.match(experiment_name) or ".." in experiment_name:
+            raise ValueError(
+                f"experiment name {experiment_name!r} is not a safe directory name: use 1-100 letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit"
+            )
+        self.name = experiment_name
+        self.path = Path(experiments_dir) / experiment_name
+        self._store = Store()
+        self._engine: Any = None
+
+    # -- starting ----------------------------------------------------------------------------------------------
+
+    def run_fit(
+        self,
+        param_config: _Search,
+        create_model_fn: Callable[[RFModelConfig], tuple[Any, Any]] | None,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        num_chunks: int = 4,
+        seed: int = 42,
+    ) -> None:
+        """Validate, load the base model(s), build every run's trainer, start training and return.
+
+        Training continues in a background thread; use `wait()` to block until every run has ended.
+        """
+        from rf_notebook.engine import Engine
+
+        if self._engine is not None and self._engine.alive and not self._all_ended():
+            raise RuntimeError(
+                f"experiment {self.name!r} is already running a run_fit; wait() for it or end() it first"
+            )
+        if not isinstance(param_config, _Search):
+            raise TypeError(
+                f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}"
+            )
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"`num_chunks` is {num_chunks!r}, but must be an int >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` is {seed!r}, but must be an int")
+        if create_model_fn is not None and not callable(create_model_fn):
+            raise TypeError(f"`create_model_fn` is {create_model_fn!r}, but must be callable or None")
+
+        specs = param_config.expand()
+        from rf_notebook.trainers import TRAINERS
+
+        trainer = TRAINERS[param_config.trainer_type]
+        for spec in specs:
+            trainer.check_dataset(train_dataset, "train", spec.model_config.formatting_func)
+            if eval_dataset is not None:
+                trainer.check_dataset(eval_dataset, "eval", spec.model_config.formatting_func)
+        first_id = self._store.next_run_id()
+        prepared = [self._prepare(first_id + i, spec, seed) for i, spec in enumerate(specs)]
+        self._check_num_chunks(prepared, len(train_dataset), num_chunks)
+
+        if self._engine is not None:
+            self._engine.shutdown()
+        for run in prepared:
+            self._store.add_run(RunRecord(run.run_id, run.spec.name, run.spec.trainer_type, run.config))
+        self._engine = Engine(
+            self._store, prepared, create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks
+        )
+        try:
+            self._engine.start()
+        except BaseException:
+            for run in prepared:
+                self._store.update_run(run.run_id, status=RunStatus.FAILED, error="setup failed")
+            raise
+        logger.info("experiment %r: %d runs training in the background", self.name, len(prepared))
+
+    def _prepare(self, run_id: int, spec: RunSpec, seed: int) -> Any:
+        import torch
+        from accelerate import PartialState
+
+        from rf_notebook.engine import PreparedRun
+        from rf_notebook.trainers import TRAINERS
+
+        on_gpu = torch.cuda.is_available()
+        PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
+        mc = spec.model_config
+        user_args = dict(mc.training_args.kwargs) if mc.training_args is not None else {}
+        kwargs = TRAINERS[spec.trainer_type].resolve_args(
+            user_args, output_dir=str(self.path / "runs" / str(run_id)), seed=seed, on_gpu=on_gpu
+        )
+        if mc.peft_config is None:
+            raise ValueError(f"run {spec.name!r} has no peft_config; rf_notebook trains LoRA adapters (RFLoraConfig)")
+        try:
+            args = mc.training_args.build(**kwargs, accelerator_config={"use_configured_state": True}) if (
+                mc.training_args is not None
+            ) else _default_args(spec.trainer_type, kwargs)
+            lora = mc.peft_config.build()
+        except Exception as exc:
+            raise ValueError(f"run {spec.name!r} has an invalid config: {exc}") from exc
+        if args.per_device_train_batch_size < 1:
+            raise ValueError(f"run {spec.name!r}: per_device_train_batch_size is {args.per_device_train_batch_size}")
+        config = {
+            "trainer_type": spec.trainer_type,
+            "model_name": mc.model_name,
+            "model_kwargs": mc.model_kwargs,
+            "peft_config": dict(mc.peft_config.kwargs),
+            "training_args": kwargs,
+            "compute_metrics": _stable_repr(mc.compute_metrics) if mc.compute_metrics else None,
+            "formatting_func": _stable_repr(mc.formatting_func) if mc.formatting_func else None,
+        }
+        return PreparedRun(run_id, spec, args, lora, config)
+
+    @staticmethod
+    def _check_num_chunks(prepared: list[Any], num_samples: int, num_chunks: int) -> None:
+        def per_epoch(run: Any) -> int:
+            a = run.args
+            return steps_per_epoch(
+                num_samples, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.dataloader_drop_last
+            )
+
+        smallest = min(prepared, key=per_epoch)
+        if num_chunks > per_epoch(smallest):
+            raise ValueError(
+                f"`num_chunks` is {num_chunks}, but run {smallest.spec.name!r} has only {per_epoch(smallest)} "
+                f"optimizer steps per epoch of {num_samples} rows; use num_chunks <= {per_epoch(smallest)}"
+            )
+
+    # -- watching ----------------------------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every run has finished, failed or been deleted. False if `timeout` ran out first."""
+        if self._engine is None:
+            return True
+        return self._store.wait_until(lambda runs: all(r.status.is_terminal for r in runs) or not self._engine.alive,
+                                      timeout)
+
+    def _all_ended(self) -> bool:
+        return all(r.status.is_terminal for r in self._store.runs())
+
+    def runs(self) -> list[RunRecord]:
+        """Every run: id, name, resolved config, status and progress (snapshots)."""
+        return self._store.runs()
+
+    def results(self):
+        """A pandas DataFrame, one row per (run, step, metric): run_id, run_name, step, chunk, metric, value, wall_time."""
+        import pandas as pd
+
+        names = {r.run_id: r.name for r in self._store.runs()}
+        rows = [
+            {"run_id": m.run_id, "run_name": names.get(m.run_id), "step": m.step, "chunk": m.chunk,
+             "metric": m.name, "value": m.value, "wall_time": m.wall_time}
+            for m in self._store.metrics()
+        ]
+        columns = ["run_id", "run_name", "step", "chunk", "metric", "value", "wall_time"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def leaderboard(self, metric: str = "eval_loss", mode: str = "min"):
+        """One row per run with its status, varying hyper-parameters and last value of every eval metric."""
+        import pandas as pd
+
+        from rf_notebook.configs import varying_params
+
+        runs = self._store.runs()
+        latest: dict[int, dict[str, float]] = {}
+        for m in self._store.metrics():
+            if m.name.startswith("eval_"):
+                latest.setdefault(m.run_id, {})[m.name] = m.value
+        rows = []
+        for r in runs:
+            rows.append({"run_id": r.run_id, "run": r.name, "status": r.status.value, "step": r.step,
+                         **latest.get(r.run_id, {})})
+        frame = pd.DataFrame(rows)
+        if metric in frame:
+            frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last")
+        del varying_params  # names already carry the varying hyper-parameters
+        return frame.reset_index(drop=True)
+
+    def best_run(self, metric: str = "eval_loss", mode: str = "min") -> RunRecord:
+        """The run whose latest `metric` is best (`mode` "min" or "max"), among runs that logged it."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
+        latest: dict[int, float] = {}
+        for m in self._store.metrics():
+            if m.name == metric:
+                latest[m.run_id] = m.value
+        if not latest:
+            known = sorted({m.name for m in self._store.metrics()})
+            raise ValueError(f"no run has logged metric {metric!r}; logged metrics: {known}")
+        pick = min if mode == "min" else max
+        return self._store.run(pick(latest, key=lambda rid: latest[rid]))
+
+    # -- taking results away -----------------------------------------------------------------------------------
+
+    def export(self, run_id: int, path: str | Path) -> Path:
+        """Write run `run_id`'s adapter as a PEFT folder (for `PeftModel.from_pretrained`) plus rf_config.json."""
+        self._store.run(run_id)  # unknown ids raise KeyError naming the known ones
+        if self._engine is None or not self._engine.alive:
+            raise RuntimeError(f"experiment {self.name!r} holds no models (not started, or end() was called)")
+        command = self._engine.submit(Export(run_id=run_id, path=str(path)))
+        return Path(command.reply.result())
+
+    def end(self) -> None:
+        """Stop training (if still running) and release every model, adapter and trainer."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            for r in self._store.runs():
+                if not r.status.is_terminal:
+                    self._store.update_run(r.run_id, status=RunStatus.STOPPED)
+
+
+def _default_args(trainer_type: str, kwargs: dict[str, Any]) -> Any:
+    from rf_notebook.configs import RFSFTConfig
+
+    specs = {"SFT": RFSFTConfig}
+    return specs[trainer_type](**kwargs).build(accelerator_config={"use_configured_state": True})

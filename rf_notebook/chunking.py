@@ -1,0 +1,91 @@
+"""Chunk plans: where each run pauses so that all runs can be compared at the same data position.
+
+Every epoch of the training set (in the trainer's own sample order for the seed) is cut into `num_chunks`
+contiguous pieces at the same *sample* positions for every run, `k * num_samples / num_chunks`, each rounded
+to the run's optimizer-step size (batch size x gradient accumulation). Runs with different batch sizes thus
+pause after (almost) the same examples. A chunk's end is a "rung": an (epoch, chunk) pair plus the global
+optimizer step where it falls. Pure: no torch.
+
+    plan = chunk_plan(num_samples=1024, batch_size=16, num_chunks=4, max_steps=64)
+    [r.step for r in plan.rungs]  # [16, 32, 48, 64]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["Rung", "ChunkPlan", "chunk_plan", "steps_per_epoch"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Rung:
+    epoch: int  # 0-based
+    chunk: int  # 1-based, within the epoch
+    step: int  # global optimizer step at the rung
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    num_chunks: int
+    steps_per_epoch: int
+    total_steps: int
+    rungs: tuple[Rung, ...]  # increasing; the last one is at total_steps
+
+    def next_rung(self, step: int) -> Rung | None:
+        """The first rung strictly after optimizer step `step`, or None when training is over."""
+        for rung in self.rungs:
+            if rung.step > step:
+                return rung
+        return None
+
+    def rungs_done(self, step: int) -> int:
+        return sum(rung.step <= step for rung in self.rungs)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, grad_accum: int = 1, drop_last: bool = False) -> int:
+    """Optimizer steps in one epoch, as `transformers.Trainer` counts them."""
+    batches = num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+    return max(math.ceil(batches / grad_accum), 1)
+
+
+def chunk_plan(
+    num_samples: int,
+    batch_size: int,
+    num_chunks: int,
+    *,
+    grad_accum: int = 1,
+    max_steps: int = -1,
+    num_train_epochs: float = 1.0,
+    drop_last: bool = False,
+) -> ChunkPlan:
+    """The rungs of one run. `max_steps > 0` wins over `num_train_epochs`, as in `transformers`."""
+    if num_samples < 1:
+        raise ValueError(f"the training set has {num_samples} rows, but must have at least 1")
+    if num_chunks < 1:
+        raise ValueError(f"`num_chunks` is {num_chunks}, but must be >= 1")
+    per_epoch = steps_per_epoch(num_samples, batch_size, grad_accum, drop_last)
+    if num_chunks > per_epoch:
+        raise ValueError(
+            f"`num_chunks` is {num_chunks}, but a run with batch size {batch_size} x {grad_accum} accumulation "
+            f"has only {per_epoch} optimizer steps per epoch of {num_samples} rows; use num_chunks <= {per_epoch}"
+        )
+    total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * per_epoch)
+    samples_per_step = batch_size * grad_accum
+    within: list[int] = []  # step offsets of the chunk ends inside one epoch
+    for k in range(1, num_chunks + 1):
+        step = per_epoch if k == num_chunks else math.floor(k * num_samples / num_chunks / samples_per_step + 0.5)
+        low = within[-1] + 1 if within else 1
+        high = per_epoch - (num_chunks - k)
+        within.append(min(max(step, low), high))
+    rungs: list[Rung] = []
+    epoch = 0
+    while not rungs or rungs[-1].step < total:
+        for k, offset in enumerate(within, start=1):
+            step = epoch * per_epoch + offset
+            if step >= total:
+                rungs.append(Rung(epoch, k, total))
+                break
+            rungs.append(Rung(epoch, k, step))
+        epoch += 1
+    return ChunkPlan(num_chunks, per_epoch, total, tuple(rungs))

@@ -1,0 +1,428 @@
+"""Search spaces over fine-tuning configs: `List`, `Range`, the `RF*Config` specs and grid / random expansion.
+
+A user writes the TRL / PEFT configs they know, with `List([...])` or `Range(lo, hi)` in place of any value:
+
+    lora = RFLoraConfig(r=List([8, 64]), lora_alpha=16, target_modules="all-linear")
+    args = RFSFTConfig(learning_rate=Range(1e-5, 1e-3, log=True), max_steps=200)
+    group = RFRandomSearch(RFModelConfig("Qwen/Qwen2.5-0.5B-Instruct", peft_config=lora, training_args=args),
+                           trainer_type="SFT", num_runs=8, seed=0)
+    group.expand()  # -> list[RunSpec], deterministic, each with a readable name such as "r=64, lr=2.1e-4"
+
+`RFSFTConfig` and `RFLoraConfig` are specs of `trl.SFTConfig` and `peft.LoraConfig`: they check field names
+against the real class when created (importing it lazily; `import rf_notebook` stays light) and build the
+real object, one per run, once every `List` / `Range` has been resolved. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "List",
+    "Range",
+    "RFModelConfig",
+    "RFLoraConfig",
+    "RFSFTConfig",
+    "RFGridSearch",
+    "RFRandomSearch",
+    "RunSpec",
+    "TRAINER_TYPES",
+]
+
+TRAINER_TYPES = ("SFT",)
+
+
+class List:
+    """A set of alternatives: a grid search tries each value, a random search picks one uniformly."""
+
+    def __init__(self, values: Sequence[Any]):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"List() takes a list of values, but got {values!r}")
+        if len(values) == 0:
+            raise ValueError("List([]) is empty, but must hold at least one value")
+        self.values = list(values)
+
+    def __repr__(self) -> str:
+        return f"List({self.values!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, List) and other.values == self.values
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Range:
+    """A continuous or integer interval for random search: uniform, or log-uniform with `log=True`.
+
+    `dtype` is "float" or "int"; left out, it is "int" when both ends are ints. Int ranges include `end`.
+    """
+
+    def __init__(self, start: float, end: float, *, dtype: str | None = None, log: bool = False):
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"Range {name} is {value!r}, but must be a finite number")
+        if dtype is None:
+            dtype = "int" if isinstance(start, int) and isinstance(end, int) else "float"
+        if dtype not in ("float", "int"):
+            raise ValueError(f"Range dtype is {dtype!r}, but must be 'float' or 'int'")
+        if not start < end:
+            raise ValueError(f"Range({start!r}, {end!r}) is empty: start must be < end")
+        if log and start <= 0:
+            raise ValueError(f"Range({start!r}, {end!r}, log=True) needs start > 0")
+        self.start, self.end, self.dtype, self.log = start, end, dtype, log
+
+    def sample(self, rng: random.Random) -> float | int:
+        if self.dtype == "int":
+            if self.log:
+                return min(int(round(math.exp(rng.uniform(math.log(self.start), math.log(self.end + 1)) - 0.5))),
+                           int(self.end))
+            return rng.randint(int(math.ceil(self.start)), int(math.floor(self.end)))
+        if self.log:
+            return math.exp(rng.uniform(math.log(self.start), math.log(self.end)))
+        return rng.uniform(self.start, self.end)
+
+    def __repr__(self) -> str:
+        return f"Range({self.start!r}, {self.end!r}, dtype={self.dtype!r}, log={self.log})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Specs of TRL / PEFT configs
+
+
+class _ConfigSpec:
+    """Keyword arguments for a TRL / PEFT config class, any of which may be a `List` or `Range`."""
+
+    _target_path: ClassVar[str]  # "module:Class"
+
+    def __init__(self, **kwargs: Any):
+        known = self.field_names()
+        for key in kwargs:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise TypeError(
+                    f"{type(self).__name__} got an unknown field {key!r}{did_you_mean}; "
+                    f"expected a field of {self._target_path.replace(':', '.')}"
+                )
+        self.kwargs = dict(kwargs)
+
+    @classmethod
+    def target(cls) -> type:
+        import importlib
+
+        module, name = cls._target_path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.target()) if f.init]
+
+    def replace(self, **kwargs: Any) -> _ConfigSpec:
+        new = object.__new__(type(self))
+        new.kwargs = {**self.kwargs, **kwargs}
+        return new
+
+    def build(self, **extra: Any) -> Any:
+        """The real config object. Every value must be concrete (no `List` / `Range` left)."""
+        kwargs = {**self.kwargs, **extra}
+        for key, value in kwargs.items():
+            if _has_search_space(value):
+                raise ValueError(f"{type(self).__name__}.{key} is still a search space ({value!r}); expand it first")
+        return self.target()(**kwargs)
+
+    def _children(self) -> dict[str, Any]:
+        return self.kwargs
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.kwargs == self.kwargs  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class RFLoraConfig(_ConfigSpec):
+    """`peft.LoraConfig` whose fields may be `List` / `Range`."""
+
+    _target_path = "peft:LoraConfig"
+
+
+class RFSFTConfig(_ConfigSpec):
+    """`trl.SFTConfig` whose fields may be `List` / `Range`."""
+
+    _target_path = "trl:SFTConfig"
+
+
+@dataclasses.dataclass(eq=True)
+class RFModelConfig:
+    """One model to fine-tune: the base, its adapter config and the trainer's arguments.
+
+    Any field may be a `List` (or `Range` for numbers) to search over.
+    """
+
+    model_name: Any = dataclasses.field(metadata={"help": "Hub id or local path of the base causal LM."})
+    peft_config: Any = dataclasses.field(default=None, metadata={"help": "An `RFLoraConfig` (LoRA adapter)."})
+    training_args: Any = dataclasses.field(default=None, metadata={"help": "An `RFSFTConfig` (trainer arguments)."})
+    model_type: Any = dataclasses.field(default="causal_lm", metadata={"help": "Only 'causal_lm'."})
+    model_kwargs: Any = dataclasses.field(
+        default=None, metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained`."}
+    )
+    tokenizer: Any = dataclasses.field(default=None, metadata={"help": "Tokenizer id or path; default model_name."})
+    tokenizer_kwargs: Any = dataclasses.field(
+        default=None, metadata={"help": "Keyword arguments for `AutoTokenizer.from_pretrained`."}
+    )
+    compute_metrics: Any = dataclasses.field(
+        default=None, metadata={"help": "`compute_metrics(EvalPrediction) -> dict` run at every evaluation."}
+    )
+    formatting_func: Any = dataclasses.field(
+        default=None, metadata={"help": "Maps a raw row to TRL's format; passed to the trainer."}
+    )
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._field_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **kwargs: Any) -> RFModelConfig:
+        return dataclasses.replace(self, **kwargs)
+
+    def _children(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._field_names()}
+
+    def base_key(self) -> tuple[str, str]:
+        """What identifies a distinct base model: the name and the loading kwargs."""
+        return (str(self.model_name), _stable_repr(self.model_kwargs))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Expansion
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One concrete configuration to train, as produced by a search's `expand()`."""
+
+    name: str
+    trainer_type: str
+    model_config: RFModelConfig
+    params: Mapping[str, Any]  # flattened concrete values, e.g. {"peft_config.r": 8, ...}
+
+
+class _Search:
+    def __init__(self, configs: Any, trainer_type: str):
+        if trainer_type not in TRAINER_TYPES:
+            raise ValueError(f"`trainer_type` is {trainer_type!r}, but must be one of {list(TRAINER_TYPES)}")
+        self.trainer_type = trainer_type
+        self.configs = configs
+        for config in _model_configs(configs):
+            _check_model_config(config, trainer_type)
+
+    def _concrete(self) -> list[RFModelConfig]:
+        raise NotImplementedError
+
+    def expand(self) -> list[RunSpec]:
+        concrete = self._concrete()
+        flats = [_flatten(c) for c in concrete]
+        names = _run_names(flats)
+        return [RunSpec(n, self.trainer_type, c, f) for n, c, f in zip(names, concrete, flats)]
+
+
+class RFGridSearch(_Search):
+    """Every combination of every `List`, at any depth, in a fixed order. `Range` is refused."""
+
+    def __init__(self, configs: Any, trainer_type: str = "SFT"):
+        super().__init__(configs, trainer_type)
+        for path, value in _walk(configs, ""):
+            if isinstance(value, Range):
+                raise ValueError(
+                    f"RFGridSearch cannot enumerate {path or 'configs'}={value!r}: a grid needs List values; "
+                    "use RFRandomSearch to sample a Range"
+                )
+
+    def _concrete(self) -> list[RFModelConfig]:
+        return list(_grid(self.configs))
+
+
+class RFRandomSearch(_Search):
+    """`num_runs` configs sampled from every `List` (uniformly) and `Range`, reproducible by `seed`."""
+
+    def __init__(self, configs: Any, trainer_type: str = "SFT", num_runs: int = 4, seed: int = 42):
+        super().__init__(configs, trainer_type)
+        if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
+            raise ValueError(f"`num_runs` is {num_runs!r}, but must be an int >= 1")
+        self.num_runs, self.seed = num_runs, seed
+
+    def _concrete(self) -> list[RFModelConfig]:
+        rng = random.Random(self.seed)
+        return [_sample(self.configs, rng) for _ in range(self.num_runs)]
+
+
+def _check_model_config(config: Any, trainer_type: str) -> None:
+    if not isinstance(config, RFModelConfig):
+        raise TypeError(f"a search takes RFModelConfig objects (or a List of them), but got {config!r}")
+    for name, expected in (("peft_config", RFLoraConfig), ("training_args", RFSFTConfig)):
+        for value in _alternatives(getattr(config, name)):
+            if value is not None and not isinstance(value, expected):
+                raise TypeError(
+                    f"RFModelConfig.{name} is {value!r}, but a {trainer_type} run needs an {expected.__name__}"
+                )
+    for value in _alternatives(config.model_type):
+        if value != "causal_lm":
+            raise ValueError(f"RFModelConfig.model_type is {value!r}, but only 'causal_lm' is supported")
+    for value in _alternatives(config.model_name):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"RFModelConfig.model_name is {value!r}, but must be a non-empty string")
+
+
+def _alternatives(value: Any) -> list[Any]:
+    return list(value.values) if isinstance(value, List) else [value]
+
+
+def _model_configs(configs: Any) -> Iterator[Any]:
+    """The model configs of a search: one, a list of them, or a List of them."""
+    if isinstance(configs, List):
+        for v in configs.values:
+            yield from _model_configs(v)
+    elif isinstance(configs, (list, tuple)):
+        if not configs:
+            raise ValueError("a search needs at least one RFModelConfig, but got an empty list")
+        for v in configs:
+            yield from _model_configs(v)
+    else:
+        yield configs
+
+
+def _has_search_space(value: Any) -> bool:
+    return any(isinstance(v, (List, Range)) for _, v in _walk(value, ""))
+
+
+def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Every node under `value` with a dotted path, descending into specs, Lists, dicts and sequences."""
+    yield path, value
+    if isinstance(value, List):
+        for v in value.values:
+            yield from _walk(v, path)
+    elif isinstance(value, (RFModelConfig, _ConfigSpec)):
+        for k, v in value._children().items():
+            yield from _walk(v, f"{path}.{k}" if path else k)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _walk(v, path)
+
+
+def _grid(value: Any) -> Iterator[Any]:
+    if isinstance(value, List):
+        for v in value.values:
+            yield from _grid(v)
+    elif isinstance(value, (RFModelConfig, _ConfigSpec)):
+        children = value._children()
+        for combo in itertools.product(*(list(_grid(v)) for v in children.values())):
+            yield value.replace(**dict(zip(children, combo)))
+    elif isinstance(value, dict):
+        for combo in itertools.product(*(list(_grid(v)) for v in value.values())):
+            yield dict(zip(value, combo))
+    elif isinstance(value, (list, tuple)):
+        for combo in itertools.product(*(list(_grid(v)) for v in value)):
+            yield type(value)(combo)
+    else:
+        yield value
+
+
+def _sample(value: Any, rng: random.Random) -> Any:
+    if isinstance(value, List):
+        return _sample(rng.choice(value.values), rng)
+    if isinstance(value, Range):
+        return value.sample(rng)
+    if isinstance(value, (RFModelConfig, _ConfigSpec)):
+        return value.replace(**{k: _sample(v, rng) for k, v in value._children().items()})
+    if isinstance(value, dict):
+        return {k: _sample(v, rng) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sample(v, rng) for v in value)
+    return value
+
+
+def _flatten(config: RFModelConfig) -> dict[str, Any]:
+    """Concrete values by dotted path, e.g. {"peft_config.r": 8, "training_args.learning_rate": 3e-4}."""
+    flat: dict[str, Any] = {}
+    for name, value in config._children().items():
+        if isinstance(value, _ConfigSpec):
+            for k, v in value.kwargs.items():
+                flat[f"{name}.{k}"] = v
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
+_ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "bs",
+    "gradient_accumulation_steps": "ga",
+    "lr_scheduler_type": "sched",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "num_train_epochs": "epochs",
+    "weight_decay": "wd",
+    "warmup_ratio": "warmup",
+    "model_name": "model",
+    "target_modules": "targets",
+}
+
+
+def format_value(value: Any) -> str:
+    """Short, readable rendering of a hyper-parameter value: 3e-4, 0.1, 16, cosine, f."""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            mantissa, exponent = f"{value:.2e}".split("e")
+            mantissa = mantissa.rstrip("0").rstrip(".")
+            return f"{mantissa}e{int(exponent)}"
+        return f"{value:.3g}"
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__)
+    return str(value)
+
+
+def varying_params(flats: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The dotted keys whose values differ between runs, in first-seen order."""
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    return [k for k in keys if len({_stable_repr(flat.get(k)) for flat in flats}) > 1]
+
+
+def _run_names(flats: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = varying_params(flats)
+    short = {k: _ALIASES.get(k.rsplit(".", 1)[-1], k.rsplit(".", 1)[-1]) for k in keys}
+    if len(set(short.values())) < len(short):  # two paths end the same: keep them apart
+        short = {k: k for k in keys}
+    names = []
+    for i, flat in enumerate(flats):
+        name = ", ".join(f"{short[k]}={format_value(flat.get(k))}" for k in keys) or f"run {i + 1}"
+        names.append(name)
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # random search may draw the same config twice
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name} #{seen[name]}"
+    return names
+
+
+def _stable_repr(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_stable_repr(v)}" for k, v in sorted(value.items(), key=str)) + "}"
+    if isinstance(value, Callable):  # type: ignore[arg-type]
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)

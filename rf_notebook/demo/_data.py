@@ -1,0 +1,80 @@
+"""The demo task: two-digit addition asked in chat form, with an exact-match metric.
+
+`arithmetic_dataset(split)` returns a `datasets.Dataset` in TRL's conversational prompt/completion format:
+
+    {"prompt": [{"role": "user", "content": "23+58"}], "completion": [{"role": "assistant", "content": "81"}]}
+
+The train and eval splits are drawn from disjoint sets of (a, b) pairs, so eval measures generalisation.
+`exact_match_metrics` is a `compute_metrics` for the SFT trainer: a completion counts as exact when the model's
+greedy choice is right at every completion token (teacher-forced argmax, which is exactly greedy decoding's
+answer, computed in one forward pass).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+__all__ = ["arithmetic_dataset", "arithmetic_pairs", "exact_match_metrics"]
+
+_PAIR_SEED = 1234
+_EVAL_POOL = 512  # the first pairs of the fixed shuffle are reserved for eval
+SPLIT_SIZES = {"train": 1024, "eval": 128}
+
+
+def arithmetic_pairs(split: str) -> list[tuple[int, int]]:
+    """All (a, b) pairs with 0 <= a, b < 100 of a split, in a fixed pseudo-random order."""
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(_PAIR_SEED).shuffle(pairs)
+    if split == "eval":
+        return pairs[:_EVAL_POOL]
+    if split == "train":
+        return pairs[_EVAL_POOL:]
+    raise ValueError(f"`split` is {split!r}, but must be 'train' or 'eval'")
+
+
+def arithmetic_dataset(split: str = "train", n: int | None = None):
+    """The demo SFT data set: `n` addition problems (default 1024 for train, 128 for eval)."""
+    import datasets
+
+    pairs = arithmetic_pairs(split)
+    n = SPLIT_SIZES[split] if n is None else n
+    if not 1 <= n <= len(pairs):
+        raise ValueError(f"`n` is {n}, but must be between 1 and {len(pairs)} for split {split!r}")
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"{a}+{b}"}],
+            "completion": [{"role": "assistant", "content": str(a + b)}],
+        }
+        for a, b in pairs[:n]
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def exact_match_metrics(eval_pred: Any) -> dict[str, float]:
+    """`compute_metrics` for SFT: share of completions whose every token is the model's greedy choice.
+
+    Takes the trainer's `EvalPrediction` (logits or token ids as predictions, unshifted labels with -100 on
+    prompt and padding positions) and returns `{"exact_match": ..., "token_accuracy": ...}`.
+    """
+    import numpy as np
+
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(predictions, tuple):
+        predictions = predictions[0]
+    predictions = np.asarray(predictions)
+    if predictions.ndim == 3:
+        predictions = predictions.argmax(-1)
+    labels = np.asarray(labels)
+    # position t predicts token t + 1
+    predicted, target = predictions[:, :-1], labels[:, 1:]
+    scored = target != -100
+    correct = (predicted == target) | ~scored
+    has_target = scored.any(axis=1)
+    exact = correct.all(axis=1) & has_target
+    n_rows = max(int(has_target.sum()), 1)
+    n_tokens = max(int(scored.sum()), 1)
+    return {
+        "exact_match": float(exact.sum()) / n_rows,
+        "token_accuracy": float(((predicted == target) & scored).sum()) / n_tokens,
+    }

@@ -1,0 +1,126 @@
+"""The experiment's single source of truth: runs and their metrics.
+
+The scheduler thread writes; notebook cells (and later the panel) read. Thread safety: every public method
+takes the one lock, and everything handed out is a frozen snapshot (`RunRecord`, `MetricRow`) or a fresh
+list, so readers never see a half-written update and never block training for longer than a copy.
+
+    store.add_run(RunRecord(run_id=1, name="r=8, lr=3e-4", ...))
+    store.log_metrics(1, step=16, chunk=1, values={"eval_loss": 0.91})
+    store.runs(); store.metrics(run_id=1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["RunStatus", "RunRecord", "MetricRow", "Store"]
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    TRAINING = "training"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.DELETED)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    run_id: int
+    name: str
+    trainer_type: str
+    config: Mapping[str, Any]  # resolved, JSON-friendly
+    status: RunStatus = RunStatus.QUEUED
+    step: int = 0
+    total_steps: int = 0
+    chunks_done: int = 0
+    chunks_total: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricRow:
+    run_id: int
+    step: int
+    chunk: int  # chunks completed by the run when the value was logged
+    name: str
+    value: float
+    wall_time: float
+
+
+class Store:
+    """In-memory store of runs and metrics. All methods are thread-safe; all results are snapshots."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[int, RunRecord] = {}
+        self._metrics: list[MetricRow] = []
+        self._changed = threading.Condition(self._lock)
+
+    def add_run(self, record: RunRecord) -> None:
+        with self._lock:
+            if record.run_id in self._runs:
+                raise ValueError(f"run id {record.run_id} is already in the store")
+            self._runs[record.run_id] = record
+            self._changed.notify_all()
+
+    def update_run(self, run_id: int, **changes: Any) -> RunRecord:
+        with self._lock:
+            record = dataclasses.replace(self._runs[run_id], **changes)
+            self._runs[run_id] = record
+            self._changed.notify_all()
+            return record
+
+    def run(self, run_id: int) -> RunRecord:
+        with self._lock:
+            if run_id not in self._runs:
+                raise KeyError(f"no run with id {run_id!r}; known ids: {sorted(self._runs)}")
+            return self._runs[run_id]
+
+    def runs(self) -> list[RunRecord]:
+        with self._lock:
+            return [self._runs[k] for k in sorted(self._runs)]
+
+    def next_run_id(self) -> int:
+        with self._lock:
+            return max(self._runs, default=0) + 1
+
+    def log_metrics(self, run_id: int, step: int, chunk: int, values: Mapping[str, float]) -> None:
+        now = time.time()
+        rows = [MetricRow(run_id, step, chunk, name, float(value), now) for name, value in values.items()]
+        with self._lock:
+            self._metrics.extend(rows)
+            self._changed.notify_all()
+
+    def metrics(self, run_id: int | None = None) -> list[MetricRow]:
+        with self._lock:
+            return [m for m in self._metrics if run_id is None or m.run_id == run_id]
+
+    def wait_until(self, predicate: Any, timeout: float | None) -> bool:
+        """Block until `predicate(runs)` is true for the current runs; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while not predicate(list(self._runs.values())):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._changed.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+def as_records(rows: Iterable[MetricRow]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(r) for r in rows]

@@ -1,0 +1,9 @@
+"""One small module per TRL trainer type; `TRAINERS` maps `trainer_type` to it. No registries, no factories."""
+
+from __future__ import annotations
+
+from rf_notebook.trainers import sft
+
+TRAINERS = {"SFT": sft}
+
+__all__ = ["TRAINERS"]

@@ -1,0 +1,100 @@
+"""The project's contract: a run trained in chunks, interleaved with other runs on one shared base model, ends
+with the same adapter weights and the same per-step losses as that config trained alone by plain TRL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import arithmetic_dataset, demo_model_fn, exact_match_metrics
+
+SEED = 7
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def _configs() -> List:
+    # Three runs that differ in rank, learning rate, batch size, accumulation, scheduler and dropout; with 192
+    # rows they have 12, 24 and 8 optimizer steps per epoch, and two of them cross an epoch boundary.
+    def model(r, dropout, **args):
+        return RFModelConfig(
+            model_name="rf-demo/tiny-arith",
+            peft_config=RFLoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS),
+            training_args=RFSFTConfig(**args),
+            compute_metrics=exact_match_metrics,
+        )
+
+    return List([
+        model(4, 0.1, learning_rate=3e-3, per_device_train_batch_size=16, max_steps=16, lr_scheduler_type="linear"),
+        model(8, 0.05, learning_rate=1e-3, per_device_train_batch_size=8, max_steps=20, lr_scheduler_type="cosine",
+              weight_decay=0.01),
+        model(16, 0.1, learning_rate=2e-3, per_device_train_batch_size=12, gradient_accumulation_steps=2,
+              num_train_epochs=2, lr_scheduler_type="constant_with_warmup", warmup_steps=3),
+    ])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return arithmetic_dataset("train", n=192), arithmetic_dataset("eval", n=24)
+
+
+def _train_alone(config: dict, train) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The same resolved config, trained by a plain SFTTrainer on a fresh copy of the base."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = demo_model_fn(None)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**config["training_args"]),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**config["peft_config"]),
+    )
+    trainer.train()
+    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return weights, losses
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Runs' resolved configs and their lone-trained results, computed once for every num_chunks."""
+    train, evl = data
+    exp = Experiment("probe", experiments_dir=tmp_path_factory.mktemp("probe"))
+    configs = [r.config for r in _plan(exp, train, evl)]
+    return [_train_alone(c, train) for c in configs], configs
+
+
+def _plan(exp: Experiment, train, evl):
+    exp.run_fit(RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=1, seed=SEED)
+    exp.end()
+    return exp.runs()
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 8])
+def test_interleaved_runs_equal_plain_trl(num_chunks, data, reference, tmp_path):
+    train, evl = data
+    expected, configs = reference
+    exp = Experiment(f"exact-{num_chunks}", experiments_dir=tmp_path)
+    exp.run_fit(RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=num_chunks,
+                seed=SEED)
+    assert exp.wait(timeout=600)
+    runs = exp.runs()
+    assert [r.status.value for r in runs] == ["finished"] * 3, [r.error for r in runs]
+    assert [r.chunks_done for r in runs] == [r.chunks_total for r in runs]
+    results = exp.results()
+    for run, config, (weights, losses) in zip(runs, configs, expected):
+        assert {**run.config["training_args"], "output_dir": ""} == {**config["training_args"], "output_dir": ""}
+        exported = load_file(exp.export(run.run_id, tmp_path / f"run{run.run_id}") / "adapter_model.safetensors")
+        assert exported.keys() == weights.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"{run.name}: {key}")
+        logged = results[(results.run_id == run.run_id) & (results.metric == "loss")].sort_values("step")
+        assert logged.step.tolist() == list(range(1, run.total_steps + 1))
+        torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+        evals = results[(results.run_id == run.run_id) & (results.metric == "eval_loss")]
+        assert len(evals) == run.chunks_total  # one evaluation at every rung
+    exp.end()

@@ -195,10 +195,8 @@ class Experiment:
         return pd.DataFrame(rows, columns=columns)
 
     def leaderboard(self, metric: str = "eval_loss", mode: str = "min"):
-        """One row per run with its status, varying hyper-parameters and last value of every eval metric."""
+        """One row per run (its name carries the varying hyper-parameters) with its latest eval metrics, best first."""
         import pandas as pd
-
-        from rf_notebook.configs import varying_params
 
         runs = self._store.runs()
         latest: dict[int, dict[str, float]] = {}
@@ -212,7 +210,6 @@ class Experiment:
         frame = pd.DataFrame(rows)
         if metric in frame:
             frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last")
-        del varying_params  # names already carry the varying hyper-parameters
         return frame.reset_index(drop=True)
 
     def best_run(self, metric: str = "eval_loss", mode: str = "min") -> RunRecord:

@@ -410,7 +410,8 @@ def _run_names(flats: Sequence[Mapping[str, Any]]) -> list[str]:
         short = {k: k for k in keys}
     names = []
     for i, flat in enumerate(flats):
-        name = ", ".join(f"{short[k]}={format_value(flat.get(k))}" for k in keys) or f"run {i + 1}"
+        name = ", ".join(f"{short[k]}={format_value(flat[k])}" for k in keys if flat.get(k) is not None)
+        name = name or f"run {i + 1}"
         names.append(name)
     seen: dict[str, int] = {}
     for i, name in enumerate(names):  # random search may draw the same config twice

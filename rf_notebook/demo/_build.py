@@ -40,15 +40,17 @@ def _chat(question: str, answer: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
 
 
-def corpus(n: int, seed: int) -> list[str]:
-    """Pretraining documents. Chat-formatted addition never appears, and eval pairs never appear at all."""
+def corpus(n: int, seed: int, chat_add_share: float = 0.0) -> list[str]:
+    """Pretraining documents; eval pairs never appear. Chat-formatted addition is `chat_add_share` of them."""
     rng = random.Random(seed)
     train_pairs = arithmetic_pairs("train")
     docs = []
     for _ in range(n):
         a, b = rng.choice(train_pairs)
         kind = rng.random()
-        if kind < 0.4:
+        if kind < chat_add_share:
+            docs.append(_chat(f"{a}+{b}", str(a + b)))
+        elif kind < 0.4:
             docs.append(f"{a}+{b}={a + b}\n")
         elif kind < 0.7:
             hi, lo = max(a, b), min(a, b)
@@ -136,12 +138,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--chat-add-share", type=float, default=0.02)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
 
-    docs = corpus(60_000, seed=args.seed)
+    docs = corpus(60_000, seed=args.seed, chat_add_share=args.chat_add_share)
     tokenizer = build_tokenizer(docs)
     torch.manual_seed(args.seed)
     model = build_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
 from rf_notebook import scheduler
 from rf_notebook.chunking import chunk_plan
 from rf_notebook.commands import Command, CommandQueue, Export, Shutdown
@@ -147,6 +149,17 @@ class Engine:
             self._release()
 
     def _setup(self) -> None:
+        import datasets
+
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bar()  # one set of bars per run's data preparation is noise
+        try:
+            self._build_all()
+        finally:
+            if bars:
+                datasets.enable_progress_bar()
+
+    def _build_all(self) -> None:
         for run in self.runs.values():
             key = run.spec.model_config.base_key()
             if key not in self._bases:
@@ -155,6 +168,7 @@ class Engine:
             self._slots[run.run_id] = self._build_slot(run)
 
     def _load_base(self, model_config: Any) -> _Base:
+        """Call `create_model_fn` once for a distinct base and check that it returned (model, tokenizer)."""
         loaded = self.create_model_fn(model_config)
         if not (isinstance(loaded, tuple) and len(loaded) == 2):
             raise TypeError(
@@ -194,6 +208,8 @@ class Engine:
             mc.formatting_func,
             slot.callbacks(self._record),
         )
+        for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
+            slot.trainer.remove_callback(noisy)
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
         args = run.args

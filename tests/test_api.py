@@ -1,0 +1,206 @@
+"""The Experiment facade on the demo model: what a user calls, sees and takes away."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import DEMO_MODEL, MODEL_DIR, arithmetic_dataset, demo_model_fn, exact_match_metrics
+from rf_notebook.store import RunStatus
+
+
+def sweep(max_steps=8, batch=8, model_name=DEMO_MODEL, **lora):
+    return RFGridSearch(
+        RFModelConfig(
+            model_name=model_name,
+            peft_config=RFLoraConfig(r=List([2, 4]), lora_alpha=8, target_modules="all-linear", **lora),
+            training_args=RFSFTConfig(learning_rate=3e-3, per_device_train_batch_size=batch, max_steps=max_steps),
+            compute_metrics=exact_match_metrics,
+        ),
+        trainer_type="SFT",
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    return arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=16)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """One small finished experiment shared by the read-only tests below."""
+    exp = Experiment("shared", experiments_dir=tmp_path_factory.mktemp("exp"))
+    exp.run_fit(sweep(), demo_model_fn, *data, num_chunks=2, seed=1)
+    assert exp.wait(timeout=300)
+    yield exp
+    exp.end()
+
+
+def test_run_fit_returns_while_training_goes_on_in_the_background(data, tmp_path):
+    exp = Experiment("bg", experiments_dir=tmp_path)
+    start = time.time()
+    exp.run_fit(sweep(max_steps=48), demo_model_fn, *data, num_chunks=4, seed=0)
+    returned = time.time() - start
+    statuses = {r.status for r in exp.runs()}
+    assert statuses & {RunStatus.QUEUED, RunStatus.TRAINING}, statuses  # not all done when run_fit returns
+    assert _schedulers() >= 1
+    assert exp.wait(timeout=300)
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
+    assert time.time() - start > returned
+    threads = _schedulers()
+    exp.end()
+    assert _schedulers() == threads - 1
+
+
+def test_runs_results_and_best_run(finished):
+    runs = finished.runs()
+    assert [(r.run_id, r.name, r.status) for r in runs] == [(1, "r=2", RunStatus.FINISHED),
+                                                           (2, "r=4", RunStatus.FINISHED)]
+    assert runs[0].config["peft_config"] == {"r": 2, "lora_alpha": 8, "target_modules": "all-linear"}
+    assert runs[0].config["training_args"]["seed"] == 1 and runs[0].chunks_done == runs[0].chunks_total == 2
+    results = finished.results()
+    assert list(results.columns) == ["run_id", "run_name", "step", "chunk", "metric", "value", "wall_time"]
+    evals = results[results.metric == "eval_exact_match"]
+    assert sorted(zip(evals.run_id, evals.step, evals.chunk)) == [(1, 4, 1), (1, 8, 2), (2, 4, 1), (2, 8, 2)]
+    losses = results[(results.metric == "loss") & (results.run_id == 1)]
+    assert losses.step.tolist() == list(range(1, 9)) and losses.chunk.tolist() == [1] * 4 + [2] * 4
+    best = finished.best_run("eval_loss", "min")
+    last = results[(results.metric == "eval_loss") & (results.step == 8)].set_index("run_id").value
+    assert best.run_id == last.idxmin()
+    assert finished.best_run("eval_exact_match", "max").run_id in (1, 2)
+    with pytest.raises(ValueError, match="no run has logged metric 'bleu'"):
+        finished.best_run("bleu")
+    board = finished.leaderboard()
+    assert board.eval_loss.is_monotonic_increasing and len(board) == 2
+
+
+def test_export_is_a_standard_peft_adapter(finished, tmp_path):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    out = finished.export(2, tmp_path / "winner")
+    saved = json.loads((out / "rf_config.json").read_text())
+    assert saved["name"] == "r=4" and saved["config"]["peft_config"]["r"] == 4
+    base, _ = demo_model_fn(None)
+    loaded = PeftModel.from_pretrained(base, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    assert loaded.peft_config["default"].r == 4
+    for key, value in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(value, weights[key])
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # trained, not the zero init
+    with pytest.raises(KeyError, match="no run with id 99"):
+        finished.export(99, tmp_path / "nope")
+
+
+def test_default_loader_reads_a_local_model_folder(data, tmp_path):
+    exp = Experiment("local", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=4, model_name=str(MODEL_DIR)), None, *data, num_chunks=1, seed=0)
+    assert exp.wait(timeout=300)
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
+    exp.end()
+
+
+def test_create_model_fn_is_called_once_per_distinct_base(data, tmp_path):
+    calls = []
+
+    def counting(config):
+        calls.append(config["model_name"])
+        return demo_model_fn(config)
+
+    exp = Experiment("once", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=4), counting, *data, num_chunks=1, seed=0)
+    exp.wait(timeout=300)
+    exp.end()
+    assert calls == [DEMO_MODEL]
+
+
+def test_a_failing_run_does_not_take_the_others_down(data, tmp_path):
+    def metrics_that_break_for_rank_2(eval_pred):
+        raise RuntimeError("metric exploded")
+
+    group = RFGridSearch(
+        List([
+            RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=2, target_modules="all-linear"),
+                          training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4),
+                          compute_metrics=metrics_that_break_for_rank_2),
+            RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+                          training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4)),
+        ]),
+        trainer_type="SFT",
+    )
+    exp = Experiment("isolation", experiments_dir=tmp_path)
+    exp.run_fit(group, demo_model_fn, *data, num_chunks=2, seed=0)
+    assert exp.wait(timeout=300)
+    failed, ok = exp.runs()
+    assert failed.status is RunStatus.FAILED and "metric exploded" in failed.error
+    assert ok.status is RunStatus.FINISHED and ok.step == 4
+    exp.end()
+
+
+# -- bad input: refused before any training, with the value named ------------------------------------------------
+
+
+def _schedulers() -> int:
+    return sum(t.name == "rf_notebook-scheduler" for t in threading.enumerate())
+
+
+def _rows(n, **columns):
+    import datasets
+
+    return datasets.Dataset.from_dict({k: [v] * n for k, v in columns.items()})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_chunks": 0}, ValueError, r"`num_chunks` is 0, but must be an int >= 1"),
+        ({"num_chunks": 9}, ValueError, r"`num_chunks` is 9, but run 'r=2' has only 8 optimizer steps per epoch of 64 rows"),
+        ({"train_dataset": _rows(8, question="1+1", answer="2")}, ValueError,
+         r"the train data set has columns \['question', 'answer'\], but SFT needs prompt\+completion or messages or text"),
+        ({"train_dataset": _rows(0, text="x")}, ValueError, "the train data set is empty"),
+        ({"eval_dataset": [1, 2, 3]}, TypeError, "the eval data set is a list, but must be a datasets.Dataset"),
+        ({"create_model_fn": lambda c: "model"}, TypeError, "create_model_fn returned str, but must return a"),
+        ({"create_model_fn": lambda c: (object(), None)}, TypeError,
+         "create_model_fn returned a object as the model, but must return a transformers PreTrainedModel"),
+        ({"create_model_fn": 42}, TypeError, "`create_model_fn` is 42, but must be callable or None"),
+        ({"seed": "0"}, TypeError, r"`seed` is '0', but must be an int"),
+        ({"param_config": "grid"}, TypeError, "run_fit takes an RFGridSearch or RFRandomSearch, but got str"),
+    ],
+)
+def test_bad_run_fit_arguments(kwargs, error, message, data, tmp_path):
+    args = {"param_config": sweep(), "create_model_fn": demo_model_fn, "train_dataset": data[0],
+            "eval_dataset": data[1], "num_chunks": 2, "seed": 0, **kwargs}
+    exp = Experiment("bad", experiments_dir=tmp_path)
+    before = _schedulers()
+    with pytest.raises(error, match=message):
+        exp.run_fit(**args)
+    assert _schedulers() == before  # no thread left behind
+    assert all(r.status is RunStatus.FAILED for r in exp.runs())  # nothing left looking alive
+
+
+def test_an_invalid_trl_value_names_the_run(data, tmp_path):
+    group = RFGridSearch(RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=2),
+                                       training_args=RFSFTConfig(lr_scheduler_type="bogus", max_steps=2)))
+    with pytest.raises(ValueError, match=r"run 'run 1' has an invalid config: .*bogus"):
+        Experiment("bad", experiments_dir=tmp_path).run_fit(group, demo_model_fn, *data, num_chunks=1)
+
+
+@pytest.mark.parametrize("name", ["", "../up", "a/b", "-lead", "x" * 101, "sp ace", None])
+def test_unsafe_experiment_names(name):
+    with pytest.raises(ValueError, match="is not a safe directory name"):
+        Experiment(name)
+
+
+def test_a_second_run_fit_while_one_is_active_is_refused(data, tmp_path):
+    exp = Experiment("busy", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=48), demo_model_fn, *data, num_chunks=4, seed=0)
+    with pytest.raises(RuntimeError, match="experiment 'busy' is already running a run_fit"):
+        exp.run_fit(sweep(), demo_model_fn, *data, num_chunks=2)
+    exp.end()
+    assert {r.status for r in exp.runs()} <= {RunStatus.FINISHED, RunStatus.STOPPED}

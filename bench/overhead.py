@@ -34,9 +34,17 @@ def llama512_fn(model_config=None):
 
     _, tokenizer = demo_model_fn(None)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config), tokenizer
 
 
@@ -48,8 +56,9 @@ def group(n_runs: int, max_steps: int, batch: int) -> RFGridSearch:
         RFModelConfig(
             model_name=DEMO_MODEL,
             peft_config=RFLoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
-            training_args=RFSFTConfig(learning_rate=List(LEARNING_RATES[:n_runs]), per_device_train_batch_size=batch,
-                                      max_steps=max_steps),
+            training_args=RFSFTConfig(
+                learning_rate=List(LEARNING_RATES[:n_runs]), per_device_train_batch_size=batch, max_steps=max_steps
+            ),
         ),
         trainer_type="SFT",
     )
@@ -74,8 +83,13 @@ def sequential(model_fn, configs, train) -> float:
     start = time.perf_counter()
     for config in configs:
         model, tokenizer = model_fn(None)
-        trainer = SFTTrainer(model=model, args=SFTConfig(**config["training_args"]), train_dataset=train,
-                             processing_class=tokenizer, peft_config=LoraConfig(**config["peft_config"]))
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**config["training_args"]),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**config["peft_config"]),
+        )
         trainer.train()
     return time.perf_counter() - start
 
@@ -100,8 +114,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         interleaved(model_fn, 1, 4, args.batch_size, 1, train, workdir)  # warm-up: imports, kernels, caches
         for _ in range(args.repeats):
-            a, configs = interleaved(model_fn, args.runs, args.max_steps, args.batch_size, args.num_chunks, train,
-                                     workdir)
+            a, configs = interleaved(
+                model_fn, args.runs, args.max_steps, args.batch_size, args.num_chunks, train, workdir
+            )
             b = sequential(model_fn, configs, train)
             a_times.append(a)
             b_times.append(b)
@@ -111,7 +126,7 @@ def main(argv=None) -> dict:
         "benchmark": "overhead",
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
         "command": "python -m bench.overhead " + " ".join(argv or []),
         "model": args.model,
         "runs": args.runs,
@@ -137,13 +152,15 @@ def write_table() -> None:
     """Regenerate the overhead section of BENCHMARKS.md from every bench/results/overhead-*.json."""
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("overhead-*.json"))]
     lines = [
-        "| date | machine | model | runs x steps (batch) | chunks | interleaved (s) | sequential (s) | ratio a/b median [min, max] | overhead / switch (ms) | command |",
+        "| date | machine | model | runs x steps (batch) | chunks | interleaved (s) | sequential (s) "
+        "| ratio a/b median [min, max] | overhead / switch (ms) | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['date']} | {r['machine']} | {r['model']} | {r['runs']} x {r['max_steps']} ({r['batch_size']}) | "
-            f"{r['num_chunks']} | {statistics.median(r['interleaved_s']):.1f} | {statistics.median(r['sequential_s']):.1f} | "
+            f"{r['num_chunks']} | {statistics.median(r['interleaved_s']):.1f} | "
+            f"{statistics.median(r['sequential_s']):.1f} | "
             f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] | "
             f"{r['overhead_per_switch_ms']:.0f} | `{r['command'].strip()}` |"
         )
@@ -152,7 +169,7 @@ def write_table() -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n" + "\n".join(lines) + f"\n{end}"
     if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text += (
             "\n## Interleaving overhead\n\nN SFT configs trained interleaved in chunks by rf_notebook (a) vs. one "

@@ -23,7 +23,16 @@ _EXPORTS = {
     "RFRandomSearch": "rf_notebook.configs",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "Experiment",
+    "List",
+    "Range",
+    "RFModelConfig",
+    "RFLoraConfig",
+    "RFSFTConfig",
+    "RFGridSearch",
+    "RFRandomSearch",
+]
 
 if TYPE_CHECKING:
     from rf_notebook.api import Experiment

@@ -77,9 +77,7 @@ class Experiment:
                 f"experiment {self.name!r} is already running a run_fit; wait() for it or end() it first"
             )
         if not isinstance(param_config, _Search):
-            raise TypeError(
-                f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}"
-            )
+            raise TypeError(f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}")
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
             raise ValueError(f"`num_chunks` is {num_chunks!r}, but must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -91,10 +89,11 @@ class Experiment:
         from rf_notebook.trainers import TRAINERS
 
         trainer = TRAINERS[param_config.trainer_type]
-        for spec in specs:
-            trainer.check_dataset(train_dataset, "train", spec.model_config.formatting_func)
+        formatting_funcs = {id(s.model_config.formatting_func): s.model_config.formatting_func for s in specs}
+        for formatting_func in formatting_funcs.values():
+            trainer.check_dataset(train_dataset, "train", formatting_func)
             if eval_dataset is not None:
-                trainer.check_dataset(eval_dataset, "eval", spec.model_config.formatting_func)
+                trainer.check_dataset(eval_dataset, "eval", formatting_func)
         first_id = self._store.next_run_id()
         prepared = [self._prepare(first_id + i, spec, seed) for i, spec in enumerate(specs)]
         self._check_num_chunks(prepared, len(train_dataset), num_chunks)
@@ -115,30 +114,32 @@ class Experiment:
         logger.info("experiment %r: %d runs training in the background", self.name, len(prepared))
 
     def _prepare(self, run_id: int, spec: RunSpec, seed: int) -> Any:
+        """Resolve one run's arguments and build its real TRL / PEFT configs (TRL validates values here)."""
         import torch
         from accelerate import PartialState
 
         from rf_notebook.engine import PreparedRun
         from rf_notebook.trainers import TRAINERS
 
-        on_gpu = torch.cuda.is_available()
-        PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
         mc = spec.model_config
-        user_args = dict(mc.training_args.kwargs) if mc.training_args is not None else {}
-        kwargs = TRAINERS[spec.trainer_type].resolve_args(
-            user_args, output_dir=str(self.path / "runs" / str(run_id)), seed=seed, on_gpu=on_gpu
-        )
         if mc.peft_config is None:
             raise ValueError(f"run {spec.name!r} has no peft_config; rf_notebook trains LoRA adapters (RFLoraConfig)")
+        on_gpu = torch.cuda.is_available()
+        PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
+        trainer = TRAINERS[spec.trainer_type]
+        kwargs = trainer.resolve_args(
+            mc.training_args.kwargs if mc.training_args is not None else {},
+            output_dir=str(self.path / "runs" / str(run_id)),
+            seed=seed,
+            on_gpu=on_gpu,
+        )
+        # Building a TRL config would otherwise reset Accelerate's process-wide state under the other runs.
+        accelerator_config = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
         try:
-            args = mc.training_args.build(**kwargs, accelerator_config={"use_configured_state": True}) if (
-                mc.training_args is not None
-            ) else _default_args(spec.trainer_type, kwargs)
+            args = trainer.CONFIG(**kwargs).build(accelerator_config=accelerator_config)
             lora = mc.peft_config.build()
         except Exception as exc:
             raise ValueError(f"run {spec.name!r} has an invalid config: {exc}") from exc
-        if args.per_device_train_batch_size < 1:
-            raise ValueError(f"run {spec.name!r}: per_device_train_batch_size is {args.per_device_train_batch_size}")
         config = {
             "trainer_type": spec.trainer_type,
             "model_name": mc.model_name,
@@ -171,8 +172,9 @@ class Experiment:
         """Block until every run has finished, failed or been deleted. False if `timeout` ran out first."""
         if self._engine is None:
             return True
-        return self._store.wait_until(lambda runs: all(r.status.is_terminal for r in runs) or not self._engine.alive,
-                                      timeout)
+        return self._store.wait_until(
+            lambda runs: all(r.status.is_terminal for r in runs) or not self._engine.alive, timeout
+        )
 
     def _all_ended(self) -> bool:
         return all(r.status.is_terminal for r in self._store.runs())
@@ -182,13 +184,23 @@ class Experiment:
         return self._store.runs()
 
     def results(self):
-        """A pandas DataFrame, one row per (run, step, metric): run_id, run_name, step, chunk, metric, value, wall_time."""
+        """A pandas DataFrame, one row per (run, step, metric).
+
+        Columns: run_id, run_name, step, chunk, metric, value, wall_time.
+        """
         import pandas as pd
 
         names = {r.run_id: r.name for r in self._store.runs()}
         rows = [
-            {"run_id": m.run_id, "run_name": names.get(m.run_id), "step": m.step, "chunk": m.chunk,
-             "metric": m.name, "value": m.value, "wall_time": m.wall_time}
+            {
+                "run_id": m.run_id,
+                "run_name": names.get(m.run_id),
+                "step": m.step,
+                "chunk": m.chunk,
+                "metric": m.name,
+                "value": m.value,
+                "wall_time": m.wall_time,
+            }
             for m in self._store.metrics()
         ]
         columns = ["run_id", "run_name", "step", "chunk", "metric", "value", "wall_time"]
@@ -205,8 +217,15 @@ class Experiment:
                 latest.setdefault(m.run_id, {})[m.name] = m.value
         rows = []
         for r in runs:
-            rows.append({"run_id": r.run_id, "run": r.name, "status": r.status.value, "step": r.step,
-                         **latest.get(r.run_id, {})})
+            rows.append(
+                {
+                    "run_id": r.run_id,
+                    "run": r.name,
+                    "status": r.status.value,
+                    "step": r.step,
+                    **latest.get(r.run_id, {}),
+                }
+            )
         frame = pd.DataFrame(rows)
         if metric in frame:
             frame = frame.sort_values(metric, ascending=(mode == "min"), na_position="last")
@@ -243,10 +262,3 @@ class Experiment:
             for r in self._store.runs():
                 if not r.status.is_terminal:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
-
-
-def _default_args(trainer_type: str, kwargs: dict[str, Any]) -> Any:
-    from rf_notebook.configs import RFSFTConfig
-
-    specs = {"SFT": RFSFTConfig}
-    return specs[trainer_type](**kwargs).build(accelerator_config={"use_configured_state": True})

@@ -79,9 +79,9 @@ class Range:
 
     def sample(self, rng: random.Random) -> float | int:
         if self.dtype == "int":
-            if self.log:
-                return min(int(round(math.exp(rng.uniform(math.log(self.start), math.log(self.end + 1)) - 0.5))),
-                           int(self.end))
+            if self.log:  # log-uniform over [start, end + 1), floored: each int gets its share of the log axis
+                draw = math.exp(rng.uniform(math.log(self.start), math.log(self.end + 1)))
+                return min(int(draw), int(self.end))
             return rng.randint(int(math.ceil(self.start)), int(math.floor(self.end)))
         if self.log:
             return math.exp(rng.uniform(math.log(self.start), math.log(self.end)))

@@ -59,8 +59,10 @@ def test_run_fit_returns_while_training_goes_on_in_the_background(data, tmp_path
 
 def test_runs_results_and_best_run(finished):
     runs = finished.runs()
-    assert [(r.run_id, r.name, r.status) for r in runs] == [(1, "r=2", RunStatus.FINISHED),
-                                                           (2, "r=4", RunStatus.FINISHED)]
+    assert [(r.run_id, r.name, r.status) for r in runs] == [
+        (1, "r=2", RunStatus.FINISHED),
+        (2, "r=4", RunStatus.FINISHED),
+    ]
     assert runs[0].config["peft_config"] == {"r": 2, "lora_alpha": 8, "target_modules": "all-linear"}
     assert runs[0].config["training_args"]["seed"] == 1 and runs[0].chunks_done == runs[0].chunks_total == 2
     results = finished.results()
@@ -125,13 +127,21 @@ def test_a_failing_run_does_not_take_the_others_down(data, tmp_path):
         raise RuntimeError("metric exploded")
 
     group = RFGridSearch(
-        List([
-            RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=2, target_modules="all-linear"),
-                          training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4),
-                          compute_metrics=metrics_that_break_for_rank_2),
-            RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
-                          training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4)),
-        ]),
+        List(
+            [
+                RFModelConfig(
+                    DEMO_MODEL,
+                    peft_config=RFLoraConfig(r=2, target_modules="all-linear"),
+                    training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4),
+                    compute_metrics=metrics_that_break_for_rank_2,
+                ),
+                RFModelConfig(
+                    DEMO_MODEL,
+                    peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+                    training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4),
+                ),
+            ]
+        ),
         trainer_type="SFT",
     )
     exp = Experiment("isolation", experiments_dir=tmp_path)
@@ -160,22 +170,39 @@ def _rows(n, **columns):
     "kwargs, error, message",
     [
         ({"num_chunks": 0}, ValueError, r"`num_chunks` is 0, but must be an int >= 1"),
-        ({"num_chunks": 9}, ValueError, r"`num_chunks` is 9, but run 'r=2' has only 8 optimizer steps per epoch of 64 rows"),
-        ({"train_dataset": _rows(8, question="1+1", answer="2")}, ValueError,
-         r"the train data set has columns \['question', 'answer'\], but SFT needs prompt\+completion or messages or text"),
+        (
+            {"num_chunks": 9},
+            ValueError,
+            r"`num_chunks` is 9, but run 'r=2' has only 8 optimizer steps per epoch of 64 rows",
+        ),
+        (
+            {"train_dataset": _rows(8, question="1+1", answer="2")},
+            ValueError,
+            r"the train data set has columns \['question', 'answer'\], but SFT needs prompt\+completion or messages or text",
+        ),
         ({"train_dataset": _rows(0, text="x")}, ValueError, "the train data set is empty"),
         ({"eval_dataset": [1, 2, 3]}, TypeError, "the eval data set is a list, but must be a datasets.Dataset"),
         ({"create_model_fn": lambda c: "model"}, TypeError, "create_model_fn returned str, but must return a"),
-        ({"create_model_fn": lambda c: (object(), None)}, TypeError,
-         "create_model_fn returned a object as the model, but must return a transformers PreTrainedModel"),
+        (
+            {"create_model_fn": lambda c: (object(), None)},
+            TypeError,
+            "create_model_fn returned a object as the model, but must return a transformers PreTrainedModel",
+        ),
         ({"create_model_fn": 42}, TypeError, "`create_model_fn` is 42, but must be callable or None"),
         ({"seed": "0"}, TypeError, r"`seed` is '0', but must be an int"),
         ({"param_config": "grid"}, TypeError, "run_fit takes an RFGridSearch or RFRandomSearch, but got str"),
     ],
 )
 def test_bad_run_fit_arguments(kwargs, error, message, data, tmp_path):
-    args = {"param_config": sweep(), "create_model_fn": demo_model_fn, "train_dataset": data[0],
-            "eval_dataset": data[1], "num_chunks": 2, "seed": 0, **kwargs}
+    args = {
+        "param_config": sweep(),
+        "create_model_fn": demo_model_fn,
+        "train_dataset": data[0],
+        "eval_dataset": data[1],
+        "num_chunks": 2,
+        "seed": 0,
+        **kwargs,
+    }
     exp = Experiment("bad", experiments_dir=tmp_path)
     before = _schedulers()
     with pytest.raises(error, match=message):
@@ -185,8 +212,11 @@ def test_bad_run_fit_arguments(kwargs, error, message, data, tmp_path):
 
 
 def test_an_invalid_trl_value_names_the_run(data, tmp_path):
-    group = RFGridSearch(RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=2),
-                                       training_args=RFSFTConfig(lr_scheduler_type="bogus", max_steps=2)))
+    group = RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL, peft_config=RFLoraConfig(r=2), training_args=RFSFTConfig(lr_scheduler_type="bogus", max_steps=2)
+        )
+    )
     with pytest.raises(ValueError, match=r"run 'run 1' has an invalid config: .*bogus"):
         Experiment("bad", experiments_dir=tmp_path).run_fit(group, demo_model_fn, *data, num_chunks=1)
 

@@ -24,7 +24,15 @@ def test_rungs_repeat_every_epoch_and_end_at_max_steps():
     plan = chunk_plan(1000, 12, 3, max_steps=200)
     assert plan.steps_per_epoch == 84
     assert [(r.epoch, r.chunk, r.step) for r in plan.rungs] == [
-        (0, 1, 28), (0, 2, 56), (0, 3, 84), (1, 1, 112), (1, 2, 140), (1, 3, 168), (2, 1, 196), (2, 2, 200)]
+        (0, 1, 28),
+        (0, 2, 56),
+        (0, 3, 84),
+        (1, 1, 112),
+        (1, 2, 140),
+        (1, 3, 168),
+        (2, 1, 196),
+        (2, 2, 200),
+    ]
 
 
 def test_fractional_epochs_and_accumulation_and_drop_last():
@@ -40,8 +48,10 @@ def test_every_chunk_has_at_least_one_step():
     assert [r.step for r in plan.rungs] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("num_chunks, message", [(0, "`num_chunks` is 0, but must be >= 1"),
-                                                 (5, "`num_chunks` is 5, but a run with batch size 4")])
+@pytest.mark.parametrize(
+    "num_chunks, message",
+    [(0, "`num_chunks` is 0, but must be >= 1"), (5, "`num_chunks` is 5, but a run with batch size 4")],
+)
 def test_bad_chunk_counts(num_chunks, message):
     with pytest.raises(ValueError, match=message):
         chunk_plan(16, 4, num_chunks)

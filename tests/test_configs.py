@@ -29,25 +29,34 @@ def model(**kw):
 
 def test_grid_is_the_cartesian_product_in_a_fixed_order_with_readable_names():
     group = RFGridSearch(
-        model(peft_config=RFLoraConfig(r=List([4, 16]), lora_alpha=16),
-              training_args=RFSFTConfig(learning_rate=List([3e-3, 3e-4]), max_steps=64)),
+        model(
+            peft_config=RFLoraConfig(r=List([4, 16]), lora_alpha=16),
+            training_args=RFSFTConfig(learning_rate=List([3e-3, 3e-4]), max_steps=64),
+        ),
         trainer_type="SFT",
     )
     specs = group.expand()
     assert [s.name for s in specs] == ["r=4, lr=3e-3", "r=4, lr=3e-4", "r=16, lr=3e-3", "r=16, lr=3e-4"]
     assert [s.model_config.peft_config.kwargs["r"] for s in specs] == [4, 4, 16, 16]
-    assert specs[1].params == {"model_name": "m", "model_type": "causal_lm", "peft_config.r": 4,
-                               "peft_config.lora_alpha": 16, "training_args.learning_rate": 3e-4,
-                               "training_args.max_steps": 64}
+    assert specs[1].params == {
+        "model_name": "m",
+        "model_type": "causal_lm",
+        "peft_config.r": 4,
+        "peft_config.lora_alpha": 16,
+        "training_args.learning_rate": 3e-4,
+        "training_args.max_steps": 64,
+    }
     assert [s.name for s in group.expand()] == [s.name for s in specs]  # deterministic
 
 
 def test_grid_expands_lists_of_whole_configs_at_any_depth():
     group = RFGridSearch(
-        List([
-            model(peft_config=List([RFLoraConfig(r=8), RFLoraConfig(r=32, lora_dropout=List([0.0, 0.1]))])),
-            model(model_name="other"),
-        ]),
+        List(
+            [
+                model(peft_config=List([RFLoraConfig(r=8), RFLoraConfig(r=32, lora_dropout=List([0.0, 0.1]))])),
+                model(model_name="other"),
+            ]
+        ),
         trainer_type="SFT",
     )
     specs = group.expand()
@@ -86,6 +95,9 @@ def test_log_range_covers_orders_of_magnitude_evenly():
     assert 0.45 < below < 0.55  # half the log-interval lies below 1e-4
     ints = {Range(1, 4).sample(rng) for _ in range(200)}
     assert ints == {1, 2, 3, 4}
+    log_ints = [Range(1, 1023, log=True).sample(rng) for _ in range(4000)]
+    assert min(log_ints) >= 1 and max(log_ints) <= 1023
+    assert 0.45 < sum(v < 32 for v in log_ints) / len(log_ints) < 0.55
 
 
 @pytest.mark.parametrize(
@@ -98,10 +110,17 @@ def test_log_range_covers_orders_of_magnitude_evenly():
         (lambda: Range(0, 1, log=True), ValueError, "needs start > 0"),
         (lambda: Range(0, float("nan")), TypeError, "Range end is nan"),
         (lambda: Range(0, 1, dtype="complex"), ValueError, "dtype is 'complex'"),
-        (lambda: RFSFTConfig(learnin_rate=1e-3), TypeError,
-         r"RFSFTConfig got an unknown field 'learnin_rate' \(did you mean 'learning_rate'\?\); expected a field of trl.SFTConfig"),
+        (
+            lambda: RFSFTConfig(learnin_rate=1e-3),
+            TypeError,
+            r"RFSFTConfig got an unknown field 'learnin_rate' \(did you mean 'learning_rate'\?\); expected a field of trl.SFTConfig",
+        ),
         (lambda: RFLoraConfig(rank=8), TypeError, r"RFLoraConfig got an unknown field 'rank'.*peft.LoraConfig"),
-        (lambda: RFGridSearch(model(), trainer_type="PPO"), ValueError, r"`trainer_type` is 'PPO', but must be one of \['SFT'\]"),
+        (
+            lambda: RFGridSearch(model(), trainer_type="PPO"),
+            ValueError,
+            r"`trainer_type` is 'PPO', but must be one of \['SFT'\]",
+        ),
         (lambda: RFGridSearch("not a config"), TypeError, "takes RFModelConfig objects"),
         (lambda: RFGridSearch([]), ValueError, "at least one RFModelConfig"),
         (lambda: RFGridSearch(model(training_args=RFLoraConfig(r=4))), TypeError, "needs an RFSFTConfig"),
@@ -116,7 +135,13 @@ def test_bad_search_spaces_are_refused_with_the_value_named(make, error, message
 
 def test_values_are_formatted_short():
     assert [format_value(v) for v in (3e-4, 2.5e-5, 0.1, 16, "cosine", 1e-2)] == [
-        "3e-4", "2.5e-5", "0.1", "16", "cosine", "0.01"]
+        "3e-4",
+        "2.5e-5",
+        "0.1",
+        "16",
+        "cosine",
+        "0.01",
+    ]
 
 
 def test_model_config_supports_item_access_for_create_model_fn():

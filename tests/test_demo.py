@@ -50,10 +50,37 @@ def test_exact_match_needs_every_completion_token_right():
     labels = np.array([[-100, 5, 6, 7], [-100, -100, 5, 6]])
     right = np.array([[5, 6, 7, 0], [0, 5, 6, 0]])  # position t predicts token t + 1
     assert exact_match_metrics(EvalPrediction(predictions=right, label_ids=labels)) == {
-        "exact_match": 1.0, "token_accuracy": 1.0}
+        "exact_match": 1.0,
+        "token_accuracy": 1.0,
+    }
     wrong = right.copy()
     wrong[0, 1] = 9
     assert exact_match_metrics(EvalPrediction(predictions=wrong, label_ids=labels)) == {
-        "exact_match": 0.5, "token_accuracy": 0.8}
+        "exact_match": 0.5,
+        "token_accuracy": 0.8,
+    }
     logits = np.eye(10)[right]  # logits are reduced by argmax
     assert exact_match_metrics(EvalPrediction(predictions=logits, label_ids=labels))["exact_match"] == 1.0
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding(tmp_path):
+    """The one-forward-pass metric and slow greedy generation agree on the base model."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rf_notebook.demo import greedy_exact_match
+
+    evl = arithmetic_dataset("eval", n=48)
+    model, tokenizer = demo_model_fn(None)
+    greedy = greedy_exact_match(model, tokenizer, evl)
+    args = SFTConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_eval_batch_size=16
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=evl,
+        eval_dataset=evl,
+        processing_class=tokenizer,
+        compute_metrics=exact_match_metrics,
+    )
+    assert trainer.evaluate()["eval_exact_match"] == greedy

@@ -25,13 +25,30 @@ def _configs() -> List:
             compute_metrics=exact_match_metrics,
         )
 
-    return List([
-        model(4, 0.1, learning_rate=3e-3, per_device_train_batch_size=16, max_steps=16, lr_scheduler_type="linear"),
-        model(8, 0.05, learning_rate=1e-3, per_device_train_batch_size=8, max_steps=20, lr_scheduler_type="cosine",
-              weight_decay=0.01),
-        model(16, 0.1, learning_rate=2e-3, per_device_train_batch_size=12, gradient_accumulation_steps=2,
-              num_train_epochs=2, lr_scheduler_type="constant_with_warmup", warmup_steps=3),
-    ])
+    return List(
+        [
+            model(4, 0.1, learning_rate=3e-3, per_device_train_batch_size=16, max_steps=16, lr_scheduler_type="linear"),
+            model(
+                8,
+                0.05,
+                learning_rate=1e-3,
+                per_device_train_batch_size=8,
+                max_steps=20,
+                lr_scheduler_type="cosine",
+                weight_decay=0.01,
+            ),
+            model(
+                16,
+                0.1,
+                learning_rate=2e-3,
+                per_device_train_batch_size=12,
+                gradient_accumulation_steps=2,
+                num_train_epochs=2,
+                lr_scheduler_type="constant_with_warmup",
+                warmup_steps=3,
+            ),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +96,9 @@ def test_interleaved_runs_equal_plain_trl(num_chunks, data, reference, tmp_path)
     train, evl = data
     expected, configs = reference
     exp = Experiment(f"exact-{num_chunks}", experiments_dir=tmp_path)
-    exp.run_fit(RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=num_chunks,
-                seed=SEED)
+    exp.run_fit(
+        RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=num_chunks, seed=SEED
+    )
     assert exp.wait(timeout=600)
     runs = exp.runs()
     assert [r.status.value for r in runs] == ["finished"] * 3, [r.error for r in runs]

@@ -14,9 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rf_notebook.demo._data import arithmetic_dataset, exact_match_metrics
+from rf_notebook.demo._data import arithmetic_dataset, exact_match_metrics, greedy_exact_match
 
-__all__ = ["DEMO_MODEL", "MODEL_DIR", "demo_model_fn", "arithmetic_dataset", "exact_match_metrics"]
+__all__ = [
+    "DEMO_MODEL",
+    "MODEL_DIR",
+    "demo_model_fn",
+    "arithmetic_dataset",
+    "exact_match_metrics",
+    "greedy_exact_match",
+]
 
 DEMO_MODEL = "rf-demo/tiny-arith"
 MODEL_DIR = Path(__file__).with_name("tiny-arith")

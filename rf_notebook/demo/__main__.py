@@ -11,7 +11,7 @@ import logging
 import time
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
-from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, exact_match_metrics
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, exact_match_metrics, greedy_exact_match
 
 
 def sweep(max_steps: int) -> RFGridSearch:
@@ -30,7 +30,7 @@ def sweep(max_steps: int) -> RFGridSearch:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-steps", type=int, default=128, help="optimizer steps per run (default 128)")
+    parser.add_argument("--max-steps", type=int, default=256, help="optimizer steps per run (default 256)")
     parser.add_argument("--num-chunks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--experiments-dir", default="rf_experiments")
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     start = time.time()
+    evl = arithmetic_dataset("eval")
+    base = greedy_exact_match(*demo_model_fn(None), evl)
     exp = Experiment("demo-sweep", experiments_dir=args.experiments_dir)
     exp.run_fit(
         sweep(args.max_steps),
         demo_model_fn,
         arithmetic_dataset("train"),
-        arithmetic_dataset("eval"),
+        evl,
         num_chunks=args.num_chunks,
         seed=args.seed,
     )
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{i + 1:<5} {row['run']:<16} {row['status']:<9} {row.get('eval_loss', float('nan')):>9.4f} "
             f"{row.get('eval_exact_match', float('nan')):>11.1%}"
         )
+    print(f"{'-':<5} {'base model':<16} {'':<9} {'':>9} {base:>11.1%}   (no adapter, greedy decoding)")
     exp.end()
 
 

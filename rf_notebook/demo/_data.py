@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-__all__ = ["arithmetic_dataset", "arithmetic_pairs", "exact_match_metrics"]
+__all__ = ["arithmetic_dataset", "arithmetic_pairs", "exact_match_metrics", "greedy_exact_match"]
 
 _PAIR_SEED = 1234
 _EVAL_POOL = 512  # the first pairs of the fixed shuffle are reserved for eval
@@ -78,3 +78,25 @@ def exact_match_metrics(eval_pred: Any) -> dict[str, float]:
         "exact_match": float(exact.sum()) / n_rows,
         "token_accuracy": float(((predicted == target) & scored).sum()) / n_tokens,
     }
+
+
+def greedy_exact_match(model: Any, tokenizer: Any, dataset: Any, max_new_tokens: int = 6) -> float:
+    """Share of rows whose greedy generation is exactly the completion followed by the end-of-turn token.
+
+    The slow, obvious way to score a model; `exact_match_metrics` gives the same number from one forward pass.
+    """
+    import torch
+
+    hits = 0
+    model.eval()
+    for row in dataset:
+        ids = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=False
+        )
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :])
+        hits += answer.startswith(row["completion"][0]["content"] + tokenizer.eos_token)
+    return hits / len(dataset)

@@ -145,6 +145,11 @@ class Engine:
         self._ready.set()
         try:
             self._loop()
+        except BaseException as exc:  # a bug in the loop itself: no run may be left looking alive
+            logger.exception("the scheduler thread failed")
+            for record in self.store.runs():
+                if record.run_id in self.runs and not record.status.is_terminal:
+                    self.store.update_run(record.run_id, status=RunStatus.FAILED, error=_describe(exc))
         finally:
             self._release()
 
@@ -194,10 +199,9 @@ class Engine:
     def _build_slot(self, run: PreparedRun) -> RunSlot:
         base = self._bases[run.spec.model_config.base_key()]
         base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
-        if len(base.peft.peft_config) > 1:
-            base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
+        base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
         mc = run.spec.model_config
-        slot = RunSlot(run.run_id, run.adapter, plan=None)  # type: ignore[arg-type]
+        slot = RunSlot(run.run_id, run.adapter)
         slot.trainer = TRAINERS[run.spec.trainer_type].build_trainer(
             base.peft,
             base.tokenizer,
@@ -222,9 +226,7 @@ class Engine:
             num_train_epochs=args.num_train_epochs,
             drop_last=args.dataloader_drop_last,
         )
-        self.store.update_run(
-            run.run_id, total_steps=slot.plan.total_steps, chunks_total=len(slot.plan.rungs)
-        )
+        self.store.update_run(run.run_id, total_steps=slot.plan.total_steps, chunks_total=len(slot.plan.rungs))
         return slot
 
     def _activate(self, slot: RunSlot) -> None:
@@ -305,7 +307,8 @@ class Engine:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         weights = get_peft_model_state_dict(base.peft, adapter_name=run.adapter)
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, os.fspath(out / "adapter_model.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
         config = base.peft.peft_config[run.adapter]
         config.base_model_name_or_path = str(run.spec.model_config.model_name)
         config.save_pretrained(os.fspath(out))

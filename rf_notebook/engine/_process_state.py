@@ -31,9 +31,7 @@ def capture() -> ProcessState:
     from accelerate.state import GradientState
 
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    gradient_state = {
-        k: list(v) if isinstance(v, list) else v for k, v in GradientState._shared_state.items()
-    }
+    gradient_state = {k: list(v) if isinstance(v, list) else v for k, v in GradientState._shared_state.items()}
     return ProcessState(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda, gradient_state)
 
 

@@ -75,8 +75,9 @@ class Patches:
 class RunSlot:
     """One run's trainer, greenlet, random state and chunk plan. Used only from the scheduler thread."""
 
-    def __init__(self, run_id: int, adapter: str, plan: ChunkPlan):
-        self.run_id, self.adapter, self.plan = run_id, adapter, plan
+    def __init__(self, run_id: int, adapter: str):
+        self.run_id, self.adapter = run_id, adapter
+        self.plan: ChunkPlan | None = None  # known once the trainer has prepared its data set
         self.trainer: Any = None
         self.patches: Patches | None = None
         self.state: _process_state.ProcessState | None = None

@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_dataset", "resolve_args", "build_trainer", "DATASET_FORMATS"]
+from rf_notebook.configs import RFSFTConfig
+
+__all__ = ["CONFIG", "check_dataset", "resolve_args", "build_trainer", "DATASET_FORMATS"]
+
+CONFIG = RFSFTConfig  # the spec of this trainer's arguments
 
 # Any one of these column sets is a data set SFTTrainer can train on without a formatting function.
 DATASET_FORMATS: tuple[tuple[str, ...], ...] = (("prompt", "completion"), ("messages",), ("text",))

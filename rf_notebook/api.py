@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["Experiment", "default_model_fn"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Experiments of this process. Runs share process-wide state (random generators, Accelerate's singletons) that
+# the one scheduler thread swaps per run, so only one experiment may train at a time.
+_EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
 
 
 def default_model_fn(model_config: RFModelConfig) -> tuple[Any, Any]:
@@ -54,6 +59,7 @@ class Experiment:
         self.path = Path(experiments_dir) / experiment_name
         self._store = Store()
         self._engine: Any = None
+        _EXPERIMENTS.add(self)
 
     # -- starting ----------------------------------------------------------------------------------------------
 
@@ -72,10 +78,16 @@ class Experiment:
         """
         from rf_notebook.engine import Engine
 
-        if self._engine is not None and self._engine.alive and not self._all_ended():
+        if self._training():
             raise RuntimeError(
                 f"experiment {self.name!r} is already running a run_fit; wait() for it or end() it first"
             )
+        for other in list(_EXPERIMENTS):
+            if other is not self and other._training():
+                raise RuntimeError(
+                    f"experiment {other.name!r} is still training in this process; one experiment trains at a "
+                    "time: wait() for it or end() it first"
+                )
         if not isinstance(param_config, _Search):
             raise TypeError(f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}")
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
@@ -107,9 +119,9 @@ class Experiment:
         )
         try:
             self._engine.start()
-        except BaseException:
+        except BaseException as exc:
             for run in prepared:
-                self._store.update_run(run.run_id, status=RunStatus.FAILED, error="setup failed")
+                self._store.update_run(run.run_id, status=RunStatus.FAILED, error=f"setup failed: {exc!r}")
             raise
         logger.info("experiment %r: %d runs training in the background", self.name, len(prepared))
 
@@ -176,8 +188,9 @@ class Experiment:
             lambda runs: all(r.status.is_terminal for r in runs) or not self._engine.alive, timeout
         )
 
-    def _all_ended(self) -> bool:
-        return all(r.status.is_terminal for r in self._store.runs())
+    def _training(self) -> bool:
+        alive = self._engine is not None and self._engine.alive
+        return alive and not all(r.status.is_terminal for r in self._store.runs())
 
     def runs(self) -> list[RunRecord]:
         """Every run: id, name, resolved config, status and progress (snapshots)."""
@@ -244,6 +257,14 @@ class Experiment:
             raise ValueError(f"no run has logged metric {metric!r}; logged metrics: {known}")
         pick = min if mode == "min" else max
         return self._store.run(pick(latest, key=lambda rid: latest[rid]))
+
+    def stats(self) -> dict[str, float]:
+        """Where the training thread's time went: setup_s, train_s, eval_s, switch_s and the number of switches.
+
+        A switch is one run handing the model to another at a chunk end; switch_s is the scheduler's own time
+        for it (activating the run's adapter and state, recording progress), not training or evaluation.
+        """
+        return dict(self._engine.stats) if self._engine is not None else {}
 
     # -- taking results away -----------------------------------------------------------------------------------
 

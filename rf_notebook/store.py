@@ -98,9 +98,8 @@ class Store:
     def log_metrics(self, run_id: int, step: int, chunk: int, values: Mapping[str, float]) -> None:
         now = time.time()
         rows = [MetricRow(run_id, step, chunk, name, float(value), now) for name, value in values.items()]
-        with self._lock:
+        with self._lock:  # no notify: waiters watch run statuses, and a wake-up per step costs the trainer
             self._metrics.extend(rows)
-            self._changed.notify_all()
 
     def metrics(self, run_id: int | None = None) -> list[MetricRow]:
         with self._lock:

@@ -232,5 +232,34 @@ def test_a_second_run_fit_while_one_is_active_is_refused(data, tmp_path):
     exp.run_fit(sweep(max_steps=48), demo_model_fn, *data, num_chunks=4, seed=0)
     with pytest.raises(RuntimeError, match="experiment 'busy' is already running a run_fit"):
         exp.run_fit(sweep(), demo_model_fn, *data, num_chunks=2)
+    other = Experiment("other", experiments_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="experiment 'busy' is still training in this process"):
+        other.run_fit(sweep(), demo_model_fn, *data, num_chunks=2)
     exp.end()
     assert {r.status for r in exp.runs()} <= {RunStatus.FINISHED, RunStatus.STOPPED}
+
+
+def test_formatting_func_turns_raw_rows_into_training_text(tmp_path):
+    import datasets
+
+    raw = datasets.Dataset.from_dict({"a": list(range(32)), "b": list(range(32, 64))})
+
+    def as_text(row):
+        return f"{row['a']}+{row['b']}={row['a'] + row['b']}\n"
+
+    group = RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=2, target_modules="all-linear"),
+            training_args=RFSFTConfig(per_device_train_batch_size=8, max_steps=4),
+            formatting_func=as_text,
+        ),
+    )
+    exp = Experiment("formatted", experiments_dir=tmp_path)
+    exp.run_fit(group, demo_model_fn, raw, raw, num_chunks=2, seed=0)
+    assert exp.wait(timeout=300)
+    (run,) = exp.runs()
+    assert run.status is RunStatus.FINISHED, run.error
+    assert run.config["formatting_func"].endswith("as_text")
+    assert len(exp.results().query("metric == 'eval_loss'")) == 2
+    exp.end()

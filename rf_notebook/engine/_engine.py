@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,6 +104,9 @@ class Engine:
         self._setup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Where the scheduler thread's time went: setup, training, evaluation, and switching between runs
+        # (activating a run's adapter, patches and process state; recording its progress).
+        self.stats = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "switches": 0}
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -135,8 +139,10 @@ class Engine:
     # -- scheduler thread --------------------------------------------------------------------------------------
 
     def _main(self) -> None:
+        start = time.perf_counter()
         try:
             self._setup()
+            self.stats["setup_s"] = time.perf_counter() - start
         except BaseException as exc:  # reported to the caller of start()
             self._setup_error = exc
             self._release()
@@ -229,11 +235,13 @@ class Engine:
         self.store.update_run(run.run_id, total_steps=slot.plan.total_steps, chunks_total=len(slot.plan.rungs))
         return slot
 
-    def _activate(self, slot: RunSlot) -> None:
+    def _activate(self, slot: RunSlot) -> _Base:
+        """Put back what this run's trainer expects of the shared model and the process; return its base."""
         base = self._bases[self.runs[slot.run_id].spec.model_config.base_key()]
         base.peft.set_adapter(slot.adapter)
         slot.patches.apply(base.modules)
         _process_state.restore(slot.state)
+        return base
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -251,28 +259,36 @@ class Engine:
         return not self.store.run(run_id).status.is_terminal and self._slots[run_id].trainer is not None
 
     def _train_chunk(self, slot: RunSlot) -> None:
+        t0 = time.perf_counter()
         rung = slot.plan.next_rung(slot.step)
         self.store.update_run(slot.run_id, status=RunStatus.TRAINING)
         try:
-            self._activate(slot)
+            base = self._activate(slot)
+            t1 = time.perf_counter()
             slot.advance(rung.step)
+            t2 = time.perf_counter()
+            # train() may patch forwards itself (Accelerate's autocast wrapper under mixed precision): keep them
+            slot.patches = Patches.capture(base.modules)
             if self.eval_dataset is not None:
                 slot.trainer.evaluate()
+            t3 = time.perf_counter()
         except Exception as exc:
             logger.exception("run %d failed", slot.run_id)
             self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=_describe(exc))
             slot.close()
             return
-        done = slot.plan.rungs_done(slot.step)
-        finished = slot.finished
         self.store.update_run(
             slot.run_id,
             step=slot.step,
-            chunks_done=done,
-            status=RunStatus.FINISHED if finished else RunStatus.QUEUED,
+            chunks_done=slot.plan.rungs_done(slot.step),
+            status=RunStatus.FINISHED if slot.finished else RunStatus.QUEUED,
         )
-        if finished:
-            slot.trainer = None  # frees the optimizer; the adapter stays for export
+        if slot.finished:
+            slot.close()  # frees the trainer and its optimizer; the adapter stays on the base for export
+        self.stats["switches"] += 1
+        self.stats["train_s"] += t2 - t1
+        self.stats["eval_s"] += t3 - t2
+        self.stats["switch_s"] += (t1 - t0) + (time.perf_counter() - t3)
 
     def _record(self, slot: RunSlot, step: int, values: dict[str, float]) -> None:
         chunk = slot.plan.rungs_done(step - 1) + 1 if slot.plan is not None else 0

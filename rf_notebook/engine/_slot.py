@@ -82,18 +82,12 @@ class RunSlot:
         self.patches: Patches | None = None
         self.state: _process_state.ProcessState | None = None
         self.pause_at = 0
+        self.step = 0  # optimizer steps done, as of the last suspension
+        self.finished = False  # train() has returned
         self._greenlet: greenlet.greenlet | None = None
 
     def callbacks(self, sink: Any) -> list[TrainerCallback]:
         return [_Suspend(self), _Record(self, sink)]
-
-    @property
-    def step(self) -> int:
-        return self.trainer.state.global_step if self._greenlet is not None else 0
-
-    @property
-    def finished(self) -> bool:
-        return self._greenlet is not None and self._greenlet.dead
 
     def advance(self, pause_at: int) -> None:
         """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state."""
@@ -104,6 +98,8 @@ class RunSlot:
             self._greenlet.switch()
         finally:
             self.state = _process_state.capture()
+            self.step = self.trainer.state.global_step
+            self.finished = self._greenlet.dead
 
     def suspend(self) -> None:
         """Called inside the run's greenlet: hand control back to the scheduler until `advance` is called."""

@@ -54,7 +54,7 @@ def resolve_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu:
         "dataloader_num_workers": 0,
     }
     if not on_gpu:
-        args.update(bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True)
+        args.update(bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True)
     args.update(user)
     args.setdefault("data_seed", args["seed"])
     return args

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from rf_notebook.chunking import steps_per_epoch
-from rf_notebook.commands import Export
+from rf_notebook.commands import Delete, Export, Resume, Stop
 from rf_notebook.configs import RFModelConfig, RunSpec, _Search, _stable_repr
-from rf_notebook.store import RunRecord, RunStatus, Store
+from rf_notebook.store import ICRecord, RunRecord, RunStatus, Store
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Experiment:
 
         Training continues in a background thread; use `wait()` to block until every run has ended.
         """
-        from rf_notebook.engine import Engine
+        from rf_notebook.engine import Engine, TorchBackend
 
         if self._training():
             raise RuntimeError(
@@ -106,17 +106,16 @@ class Experiment:
             trainer.check_dataset(train_dataset, "train", formatting_func)
             if eval_dataset is not None:
                 trainer.check_dataset(eval_dataset, "eval", formatting_func)
-        first_id = self._store.next_run_id()
-        prepared = [self._prepare(first_id + i, spec, seed) for i, spec in enumerate(specs)]
+        ids = self._store.reserve_run_ids(len(specs))
+        prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
         self._check_num_chunks(prepared, len(train_dataset), num_chunks)
 
         if self._engine is not None:
             self._engine.shutdown()
         for run in prepared:
             self._store.add_run(RunRecord(run.run_id, run.spec.name, run.spec.trainer_type, run.config))
-        self._engine = Engine(
-            self._store, prepared, create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks
-        )
+        backend = TorchBackend(create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks)
+        self._engine = Engine(self._store, prepared, backend)
         try:
             self._engine.start()
         except BaseException as exc:
@@ -181,16 +180,17 @@ class Experiment:
     # -- watching ----------------------------------------------------------------------------------------------
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every run has finished, failed or been deleted. False if `timeout` ran out first."""
+        """Block until no run is left to train: every run finished, failed, deleted or stopped.
+
+        Returns False if `timeout` (seconds) ran out first.
+        """
         if self._engine is None:
             return True
-        return self._store.wait_until(
-            lambda runs: all(r.status.is_terminal for r in runs) or not self._engine.alive, timeout
-        )
+        engine = self._engine
+        return self._store.wait_until(lambda runs: not _trainable(runs) or not engine.alive, timeout)
 
     def _training(self) -> bool:
-        alive = self._engine is not None and self._engine.alive
-        return alive and not all(r.status.is_terminal for r in self._store.runs())
+        return self._engine is not None and self._engine.alive and _trainable(self._store.runs())
 
     def runs(self) -> list[RunRecord]:
         """Every run: id, name, resolved config, status and progress (snapshots)."""
@@ -266,6 +266,95 @@ class Experiment:
         """
         return dict(self._engine.stats) if self._engine is not None else {}
 
+    # -- IC ops: steer the running experiment -----------------------------------------------------------------
+
+    def stop(self, run_id: int) -> int:
+        """Pause a run at its next optimizer step; it keeps its exact state. Returns the op's id in `ic_log()`."""
+        return self._submit_op(Stop, "stop", run_id)
+
+    def resume(self, run_id: int) -> int:
+        """Let a stopped run rejoin the schedule; it continues as though it had never stopped."""
+        return self._submit_op(Resume, "resume", run_id)
+
+    def delete(self, run_id: int) -> int:
+        """End a run and free its adapter, optimizer and trainer; its metrics stay (marked deleted)."""
+        return self._submit_op(Delete, "delete", run_id)
+
+    def clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool = False) -> int:
+        """Start a new run from `run_id`'s config with `overrides` (field name -> JSON value); return its id.
+
+        From scratch by default; with `warm_start=True` the clone starts from the parent's current adapter
+        weights, optimizer moments, step and data position, and the overrides apply from its next step on.
+        """
+        from rf_notebook.commands import CloneModify
+        from rf_notebook.configs import RFLoraConfig, RFSFTConfig
+        from rf_notebook.overrides import split_overrides
+
+        new_id = self._store.reserve_run_ids(1)[0]
+        args = {"overrides": overrides, "warm_start": warm_start}
+        op = self._store.log_op("api", "clone_modify", run_id, args, new_run_id=new_id)
+        try:
+            self._precheck("clone_modify", run_id, warm_start)
+            parent = self._engine.runs[run_id]
+            split = split_overrides(
+                overrides,
+                current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
+                fields={"training_args": RFSFTConfig.field_names(), "peft_config": RFLoraConfig.field_names()},
+                warm_start=bool(warm_start),
+            )
+            spec = _clone_spec(parent.spec, split, warm_start)
+            prepared = self._prepare(new_id, spec, parent.args.seed)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._store.settle_op(op.op_id, "refused", str(exc))
+            raise
+        self._engine.submit(
+            CloneModify(
+                op_id=op.op_id,
+                run_id=run_id,
+                new_run_id=new_id,
+                prepared=prepared,
+                warm_start=bool(warm_start),
+                overrides=dict(overrides),
+            )
+        )
+        return new_id
+
+    def ic_log(self):
+        """Every IC op as a pandas DataFrame: op_id, time, origin, op, run_id, args, outcome, reason, step,
+        new_run_id. `step` is the run's optimizer step when the op took effect."""
+        import dataclasses
+
+        import pandas as pd
+
+        columns = [f.name for f in dataclasses.fields(ICRecord)]
+        return pd.DataFrame([dataclasses.asdict(r) for r in self._store.ic_log()], columns=columns)
+
+    def _submit_op(self, command_type: type, op: str, run_id: int) -> int:
+        record = self._store.log_op("api", op, run_id, {})
+        try:
+            self._precheck(op, run_id)
+        except ValueError as exc:
+            self._store.settle_op(record.op_id, "refused", str(exc))
+            raise
+        self._engine.submit(command_type(op_id=record.op_id, run_id=run_id))
+        return record.op_id
+
+    def _precheck(self, op: str, run_id: int, warm_start: bool = False) -> None:
+        """Refuse at once what cannot apply now (the scheduler checks again when it applies the op)."""
+        from rf_notebook.scheduler import refusal
+
+        if self._engine is None or not self._engine.alive:
+            raise ValueError(f"experiment {self.name!r} is not running (not started, or end() was called)")
+        try:
+            status = self._store.run(run_id).status
+        except KeyError:
+            status = None
+        reason = refusal(op, run_id, status, warm_start=warm_start)
+        if reason is None and op == "clone_modify" and run_id not in self._engine.runs:
+            reason = f"run {run_id} belongs to an earlier run_fit whose models were released"
+        if reason is not None:
+            raise ValueError(reason)
+
     # -- taking results away -----------------------------------------------------------------------------------
 
     def export(self, run_id: int, path: str | Path) -> Path:
@@ -283,3 +372,26 @@ class Experiment:
             for r in self._store.runs():
                 if not r.status.is_terminal:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
+
+
+def _trainable(runs: list[RunRecord]) -> bool:
+    return any(r.status in (RunStatus.QUEUED, RunStatus.TRAINING) for r in runs)
+
+
+def _clone_spec(parent: RunSpec, overrides: dict[str, dict[str, Any]], warm_start: bool) -> RunSpec:
+    """The parent's spec with overrides applied, named after the parent and what changed."""
+    from rf_notebook.configs import _ALIASES, RFSFTConfig, format_value
+
+    mc = parent.model_config
+    training_args = (mc.training_args or RFSFTConfig()).replace(**overrides["training_args"])
+    peft_config = mc.peft_config.replace(**overrides["peft_config"])
+    changes = {**overrides["peft_config"], **overrides["training_args"]}
+    label = ", ".join(f"{_ALIASES.get(k, k)}={format_value(v)}" for k, v in changes.items()) or "same config"
+    name = f"{parent.name} > {label}{' (warm)' if warm_start else ''}"
+    params = {
+        **parent.params,
+        **{f"training_args.{k}": v for k, v in overrides["training_args"].items()},
+        **{f"peft_config.{k}": v for k, v in overrides["peft_config"].items()},
+    }
+    model_config = mc.replace(training_args=training_args, peft_config=peft_config)
+    return RunSpec(name, parent.trainer_type, model_config, params)

@@ -1,16 +1,19 @@
 """Commands for the scheduler thread: small frozen objects put on one queue, drained between optimizer steps.
 
 Any thread may validate and enqueue; only the scheduler thread acts on them. A command that needs an answer
-carries a `concurrent.futures.Future` that the scheduler thread resolves. Pure: no torch.
+carries a `concurrent.futures.Future` that the scheduler thread resolves. IC ops carry the id of their entry in
+the store's op log, where the scheduler records the outcome. Pure: no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import queue
+from collections.abc import Mapping
 from concurrent.futures import Future
+from typing import Any
 
-__all__ = ["Command", "Export", "Shutdown", "CommandQueue"]
+__all__ = ["Command", "Export", "Shutdown", "ICOp", "Stop", "Resume", "Delete", "CloneModify", "CommandQueue"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,40 @@ class Export(Command):
 @dataclasses.dataclass(frozen=True)
 class Shutdown(Command):
     """Stop the scheduler thread; suspended runs are unwound and every model is released."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ICOp(Command):
+    """An interactive-control op on run `run_id`, logged in the store as op `op_id`."""
+
+    op_id: int = 0
+    run_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop(ICOp):
+    """Pause the run at its next optimizer step; its exact state is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume(ICOp):
+    """A stopped run rejoins the schedule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete(ICOp):
+    """End the run and free its adapter, optimizer and trainer; its metrics stay."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CloneModify(ICOp):
+    """Start run `new_run_id` from `run_id`'s config with validated overrides; `warm_start` continues from the
+    parent's current weights, optimizer state, step and data position instead of from scratch."""
+
+    new_run_id: int = 0
+    prepared: Any = None  # the new run's validated spec and configs, built on the caller's thread
+    warm_start: bool = False
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class CommandQueue(queue.Queue):

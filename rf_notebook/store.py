@@ -1,4 +1,4 @@
-"""The experiment's single source of truth: runs and their metrics.
+"""The experiment's single source of truth: runs, their metrics and the log of IC ops.
 
 The scheduler thread writes; notebook cells (and later the panel) read. Thread safety: every public method
 takes the one lock, and everything handed out is a frozen snapshot (`RunRecord`, `MetricRow`) or a fresh
@@ -7,6 +7,7 @@ list, so readers never see a half-written update and never block training for lo
     store.add_run(RunRecord(run_id=1, name="r=8, lr=3e-4", ...))
     store.log_metrics(1, step=16, chunk=1, values={"eval_loss": 0.91})
     store.runs(); store.metrics(run_id=1)
+    op = store.log_op("api", "stop", run_id=1); store.settle_op(op.op_id, "applied", step=17)
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import dataclasses
 import enum
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["RunStatus", "RunRecord", "MetricRow", "Store"]
+__all__ = ["RunStatus", "RunRecord", "MetricRow", "ICRecord", "Store"]
 
 
 class RunStatus(str, enum.Enum):
@@ -58,6 +59,22 @@ class MetricRow:
     wall_time: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ICRecord:
+    """One interactive-control op, human or automatic, and what became of it."""
+
+    op_id: int
+    time: float
+    origin: str  # "api", "panel" or "policy"
+    op: str  # "stop", "resume", "delete", "clone_modify"
+    run_id: int | None
+    args: Mapping[str, Any]
+    outcome: str = "pending"  # then "applied" or "refused"
+    reason: str | None = None
+    step: int | None = None  # the run's optimizer step when the op took effect
+    new_run_id: int | None = None
+
+
 class Store:
     """In-memory store of runs and metrics. All methods are thread-safe; all results are snapshots."""
 
@@ -65,6 +82,8 @@ class Store:
         self._lock = threading.Lock()
         self._runs: dict[int, RunRecord] = {}
         self._metrics: list[MetricRow] = []
+        self._ops: list[ICRecord] = []
+        self._next_id = 1
         self._changed = threading.Condition(self._lock)
 
     def add_run(self, record: RunRecord) -> None:
@@ -72,6 +91,7 @@ class Store:
             if record.run_id in self._runs:
                 raise ValueError(f"run id {record.run_id} is already in the store")
             self._runs[record.run_id] = record
+            self._next_id = max(self._next_id, record.run_id + 1)
             self._changed.notify_all()
 
     def update_run(self, run_id: int, **changes: Any) -> RunRecord:
@@ -91,9 +111,12 @@ class Store:
         with self._lock:
             return [self._runs[k] for k in sorted(self._runs)]
 
-    def next_run_id(self) -> int:
+    def reserve_run_ids(self, count: int) -> list[int]:
+        """Fresh run ids, never handed out twice (a clone's id is known before its run is built)."""
         with self._lock:
-            return max(self._runs, default=0) + 1
+            ids = list(range(self._next_id, self._next_id + count))
+            self._next_id += count
+            return ids
 
     def log_metrics(self, run_id: int, step: int, chunk: int, values: Mapping[str, float]) -> None:
         now = time.time()
@@ -104,6 +127,36 @@ class Store:
     def metrics(self, run_id: int | None = None) -> list[MetricRow]:
         with self._lock:
             return [m for m in self._metrics if run_id is None or m.run_id == run_id]
+
+    def log_op(
+        self,
+        origin: str,
+        op: str,
+        run_id: int | None,
+        args: Mapping[str, Any] | None = None,
+        new_run_id: int | None = None,
+    ) -> ICRecord:
+        with self._lock:
+            record = ICRecord(
+                len(self._ops) + 1, time.time(), origin, op, run_id, dict(args or {}), new_run_id=new_run_id
+            )
+            self._ops.append(record)
+            return record
+
+    def settle_op(self, op_id: int, outcome: str, reason: str | None = None, step: int | None = None) -> ICRecord:
+        """Record an op's outcome ("applied" or "refused"), once."""
+        with self._lock:
+            record = self._ops[op_id - 1]
+            if record.outcome != "pending":
+                raise ValueError(f"op {op_id} is already {record.outcome}")
+            record = dataclasses.replace(record, outcome=outcome, reason=reason, step=step)
+            self._ops[op_id - 1] = record
+            self._changed.notify_all()
+            return record
+
+    def ic_log(self) -> list[ICRecord]:
+        with self._lock:
+            return list(self._ops)
 
     def wait_until(self, predicate: Any, timeout: float | None) -> bool:
         """Block until `predicate(runs)` is true for the current runs; False on timeout."""
@@ -119,7 +172,3 @@ class Store:
     def notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
-
-
-def as_records(rows: Iterable[MetricRow]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(r) for r in rows]

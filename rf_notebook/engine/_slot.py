@@ -10,6 +10,7 @@ the forward patch its constructor installed, random state) is put back before it
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import greenlet
@@ -22,13 +23,14 @@ __all__ = ["RunSlot"]
 
 
 class _Suspend(TrainerCallback):
-    """Switches to the scheduler when the run reaches its pause step (or the scheduler asks it to yield)."""
+    """Switches to the scheduler when the run reaches its pause step, or when commands wait for the scheduler
+    (so that IC ops take effect between two optimizer steps, not at the end of a chunk)."""
 
     def __init__(self, slot: RunSlot):
         self.slot = slot
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step >= self.slot.pause_at:
+        if state.global_step >= self.slot.pause_at or self.slot.should_yield():
             self.slot.suspend()
 
 
@@ -75,8 +77,9 @@ class Patches:
 class RunSlot:
     """One run's trainer, greenlet, random state and chunk plan. Used only from the scheduler thread."""
 
-    def __init__(self, run_id: int, adapter: str):
-        self.run_id, self.adapter = run_id, adapter
+    def __init__(self, run_id: int, adapter: str, should_yield: Callable[[], bool] = lambda: False):
+        self.run_id, self.adapter, self.should_yield = run_id, adapter, should_yield
+        self.resume_from: str | None = None  # a checkpoint folder to start train() from (warm start)
         self.plan: ChunkPlan | None = None  # known once the trainer has prepared its data set
         self.trainer: Any = None
         self.patches: Patches | None = None
@@ -93,7 +96,7 @@ class RunSlot:
         """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state."""
         self.pause_at = pause_at
         if self._greenlet is None:
-            self._greenlet = greenlet.greenlet(self.trainer.train)
+            self._greenlet = greenlet.greenlet(lambda: self.trainer.train(resume_from_checkpoint=self.resume_from))
         try:
             self._greenlet.switch()
         finally:

@@ -1,0 +1,294 @@
+"""The engine's torch side: shared base models, one LoRA adapter and one TRL trainer per run.
+
+`TorchBackend` does what the scheduler loop (`_engine.Engine`) asks, always on the scheduler thread: build a
+run (adapter + trainer, or a warm-started clone of another run), put back a run's state before it trains,
+evaluate it, discard it, export its adapter. The loop itself knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from rf_notebook.chunking import chunk_plan
+from rf_notebook.configs import RunSpec
+from rf_notebook.engine import _process_state
+from rf_notebook.engine._slot import Patches, RunSlot
+from rf_notebook.trainers import TRAINERS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreparedRun", "TorchBackend"]
+
+# Overrides a warm start cannot take: they would change what "the parent's data position" means.
+_WARM_FIXED = ("per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last", "data_seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run validated on the caller's thread: its spec and real TRL / PEFT config objects."""
+
+    run_id: int
+    spec: RunSpec
+    args: Any  # trl.SFTConfig
+    lora: Any  # peft.LoraConfig
+    config: Mapping[str, Any]  # JSON-friendly resolved config, as stored
+
+    @property
+    def adapter(self) -> str:
+        return f"run{self.run_id}"
+
+
+class _Base:
+    """One resident base model and the PEFT wrapper that carries every run's adapter."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self.peft: Any = None
+        self.pristine: Patches | None = None
+
+    @property
+    def modules(self) -> list[Any]:
+        return [self.peft, self.peft.base_model, self.peft.get_base_model()]
+
+    def add_adapter(self, name: str, lora: Any, seed: int) -> None:
+        """Add a freshly initialised adapter, seeded as `SFTTrainer(peft_config=...)` seeds its own."""
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(seed)
+        if self.peft is None:
+            self.peft = get_peft_model(self.model, lora, adapter_name=name)
+            self.pristine = Patches.capture(self.modules)
+        else:
+            self.peft.add_adapter(name, lora)
+        self.peft.set_adapter(name)
+
+
+class _ApplyOverrides(TrainerCallback):
+    """For a warm start: once the parent's optimizer and LR schedule are loaded, put the clone's own learning
+    rate and weight decay in them, so that they apply from the next step on."""
+
+    def __init__(self, learning_rate: float | None, weight_decay: float | None):
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        groups = optimizer.param_groups
+        if self.weight_decay is not None:
+            for group in groups:
+                if group.get("weight_decay", 0.0) != 0.0:
+                    group["weight_decay"] = self.weight_decay
+        if self.learning_rate is None:
+            return
+        for group in groups:
+            group["initial_lr"] = self.learning_rate
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # Accelerate wraps it
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [self.learning_rate] * len(groups)
+        if hasattr(scheduler, "lr_lambdas"):  # the schedules transformers builds: lr = base_lr x factor(step)
+            for group, factor in zip(groups, scheduler.lr_lambdas):
+                group["lr"] = self.learning_rate * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]
+        else:
+            for group in groups:
+                group["lr"] = self.learning_rate
+
+
+class TorchBackend:
+    """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
+
+    def __init__(
+        self,
+        create_model_fn: Callable[[Any], tuple[Any, Any]],
+        train_dataset: Any,
+        eval_dataset: Any,
+        num_chunks: int,
+    ):
+        self.create_model_fn = create_model_fn
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.num_chunks = num_chunks
+        self.should_yield: Callable[[], bool] = lambda: False
+        self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
+        self._bases: dict[tuple[str, str], _Base] = {}
+        self._runs: dict[int, PreparedRun] = {}
+
+    def connect(self, should_yield: Callable[[], bool], record: Callable[[RunSlot, int, dict], None]) -> None:
+        """Called by the engine: how a training run asks whether to yield, and where its metrics go."""
+        self.should_yield, self.record = should_yield, record
+
+    # -- building ----------------------------------------------------------------------------------------------
+
+    def setup(self, runs: list[PreparedRun]) -> dict[int, RunSlot]:
+        """Load each distinct base once, then build every run."""
+        import datasets
+
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bar()  # one set of bars per run's data preparation is noise
+        try:
+            for run in runs:
+                key = run.spec.model_config.base_key()
+                if key not in self._bases:
+                    self._bases[key] = self._load_base(run.spec.model_config)
+            return {run.run_id: self.build(run) for run in runs}
+        finally:
+            if bars:
+                datasets.enable_progress_bar()
+
+    def _load_base(self, model_config: Any) -> _Base:
+        """Call `create_model_fn` once for a distinct base and check that it returned (model, tokenizer)."""
+        loaded = self.create_model_fn(model_config)
+        if not (isinstance(loaded, tuple) and len(loaded) == 2):
+            raise TypeError(
+                f"create_model_fn returned {type(loaded).__name__}, but must return a (model, tokenizer) tuple"
+            )
+        model, tokenizer = loaded
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"create_model_fn returned a {type(model).__name__} as the model, but must return a "
+                "transformers PreTrainedModel (e.g. from AutoModelForCausalLM.from_pretrained)"
+            )
+        if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
+            raise TypeError(
+                f"create_model_fn returned a {type(tokenizer).__name__} as the tokenizer, but must return a "
+                "transformers tokenizer (e.g. from AutoTokenizer.from_pretrained)"
+            )
+        if getattr(model, "peft_config", None):
+            raise TypeError("create_model_fn returned a model with PEFT adapters; return the plain base model")
+        return _Base(model, tokenizer)
+
+    def base_of(self, run_id: int) -> _Base:
+        return self._bases[self._runs[run_id].spec.model_config.base_key()]
+
+    def build(self, run: PreparedRun, warm_from: RunSlot | None = None) -> RunSlot:
+        """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state."""
+        key = run.spec.model_config.base_key()
+        if key not in self._bases:
+            self._bases[key] = self._load_base(run.spec.model_config)
+        base = self._bases[key]
+        self._runs[run.run_id] = run
+        base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
+        base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
+        slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
+        callbacks = slot.callbacks(self.record)
+        if warm_from is not None:
+            callbacks.append(_ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
+        mc = run.spec.model_config
+        slot.trainer = TRAINERS[run.spec.trainer_type].build_trainer(
+            base.peft,
+            base.tokenizer,
+            run.args,
+            self.train_dataset,
+            self.eval_dataset,
+            mc.compute_metrics,
+            mc.formatting_func,
+            callbacks,
+        )
+        for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
+            slot.trainer.remove_callback(noisy)
+        slot.patches = Patches.capture(base.modules)
+        slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
+        args = run.args
+        slot.plan = chunk_plan(
+            len(slot.trainer.train_dataset),
+            args.per_device_train_batch_size,
+            self.num_chunks,
+            grad_accum=args.gradient_accumulation_steps,
+            max_steps=args.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            drop_last=args.dataloader_drop_last,
+        )
+        if warm_from is not None:
+            slot.resume_from = self._checkpoint(warm_from, run)
+            slot.state = warm_from.state
+            slot.step = warm_from.step
+        return slot
+
+    def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str:
+        """Write the parent's adapter, optimizer, LR schedule, trainer state and random state where the clone's
+        `train(resume_from_checkpoint=...)` reads them (transformers' own checkpoint layout)."""
+        import torch
+
+        path = Path(run.args.output_dir) / "warm-start"
+        self._write_adapter(parent.run_id, path)
+        torch.save(parent.trainer.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(parent.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
+        parent.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
+        state = parent.state
+        rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
+        if state.torch_cuda is not None:
+            rng["cuda"] = state.torch_cuda
+        torch.save(rng, path / "rng_state.pth")
+        return os.fspath(path)
+
+    # -- driving -----------------------------------------------------------------------------------------------
+
+    def activate(self, slot: RunSlot) -> None:
+        """Put back what this run's trainer expects of the shared model and the process."""
+        base = self.base_of(slot.run_id)
+        base.peft.set_adapter(slot.adapter)
+        slot.patches.apply(base.modules)
+        _process_state.restore(slot.state)
+
+    def suspended(self, slot: RunSlot) -> None:
+        """After the run hands back control: keep the forward patches its train() may have installed
+        (Accelerate's autocast wrapper under mixed precision)."""
+        slot.patches = Patches.capture(self.base_of(slot.run_id).modules)
+
+    def evaluate(self, slot: RunSlot) -> None:
+        if self.eval_dataset is not None and slot.trainer is not None:
+            slot.trainer.evaluate()
+
+    def discard(self, slot: RunSlot, keep_adapter: bool) -> None:
+        """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too."""
+        slot.close()
+        if not keep_adapter:
+            base = self.base_of(slot.run_id)
+            base.peft.delete_adapter(slot.adapter)
+            del self._runs[slot.run_id]
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    # -- taking results away -----------------------------------------------------------------------------------
+
+    def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
+        out = Path(path)
+        self._write_adapter(run_id, out)
+        (out / "rf_config.json").write_text(json.dumps(record, indent=2, default=str))
+        return os.fspath(out)
+
+    def _write_adapter(self, run_id: int, out: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if run_id not in self._runs:
+            raise ValueError(f"run {run_id} has no adapter any more (deleted)")
+        run, base = self._runs[run_id], self.base_of(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(base.peft, adapter_name=run.adapter)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
+        config = dataclasses.replace(base.peft.peft_config[run.adapter])
+        config.base_model_name_or_path = str(run.spec.model_config.model_name)
+        config.save_pretrained(os.fspath(out))
+
+    def release(self) -> None:
+        self._bases.clear()
+        self._runs.clear()
+        gc.collect()

@@ -180,14 +180,19 @@ class Experiment:
     # -- watching ----------------------------------------------------------------------------------------------
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until no run is left to train: every run finished, failed, deleted or stopped.
+        """Block until no run is left to train (every run finished, failed, deleted or stopped) and every IC op
+        submitted so far has been applied or refused.
 
         Returns False if `timeout` (seconds) ran out first.
         """
         if self._engine is None:
             return True
         engine = self._engine
-        return self._store.wait_until(lambda runs: not _trainable(runs) or not engine.alive, timeout)
+
+        def done(runs: list[RunRecord], ops: list[ICRecord]) -> bool:
+            return not engine.alive or not (_trainable(runs) or any(op.outcome == "pending" for op in ops))
+
+        return self._store.wait_until(done, timeout)
 
     def _training(self) -> bool:
         return self._engine is not None and self._engine.alive and _trainable(self._store.runs())

@@ -159,14 +159,14 @@ class Store:
             return list(self._ops)
 
     def wait_until(self, predicate: Any, timeout: float | None) -> bool:
-        """Block until `predicate(runs)` is true for the current runs; False on timeout."""
+        """Block until `predicate(runs, ops)` holds for the current runs and op log; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            while not predicate(list(self._runs.values())):
+            while not predicate(list(self._runs.values()), list(self._ops)):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._changed.wait(remaining if remaining is not None else 1.0)
+                self._changed.wait(min(remaining, 1.0) if remaining is not None else 1.0)
             return True
 
     def notify(self) -> None:

@@ -47,5 +47,5 @@ def test_wait_until_wakes_on_update():
     store.add_run(RunRecord(1, "a", "SFT", {}))
     timer = threading.Timer(0.05, lambda: store.update_run(1, status=RunStatus.FINISHED))
     timer.start()
-    assert store.wait_until(lambda runs: all(r.status.is_terminal for r in runs), timeout=5)
-    assert not store.wait_until(lambda runs: False, timeout=0.05)
+    assert store.wait_until(lambda runs, ops: all(r.status.is_terminal for r in runs), timeout=5)
+    assert not store.wait_until(lambda runs, ops: False, timeout=0.05)

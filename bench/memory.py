@@ -46,7 +46,8 @@ def child(model: str, runs: int) -> dict:
     del base
     with tempfile.TemporaryDirectory() as workdir:
         exp = Experiment("memory", experiments_dir=workdir)
-        exp.run_fit(sweep(runs, 4, 8), model_fn, arithmetic_dataset("train", n=64), None, num_chunks=1, seed=0)
+        # two chunks: every run is alive (adapter, trainer, optimizer state) at the same time
+        exp.run_fit(sweep(runs, 4, 8), model_fn, arithmetic_dataset("train", n=32), None, num_chunks=2, seed=0)
         exp.wait()
         assert all(r.status.value == "finished" for r in exp.runs())
         out = exp.export(1, Path(workdir) / "adapter")

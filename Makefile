@@ -19,4 +19,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
-	$(PY) -m bench.overhead
+	$(PY) -m bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from datetime import date
@@ -12,8 +13,10 @@ from typing import Any
 from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import DEMO_MODEL, MODEL_DIR, demo_model_fn
 
-RESULTS = Path(__file__).with_name("results")
-BENCHMARKS_MD = Path(__file__).parents[1] / "BENCHMARKS.md"
+# RF_BENCH_OUT redirects results and tables (the test suite's smoke run writes to a temporary folder).
+_OUT = os.environ.get("RF_BENCH_OUT")
+RESULTS = Path(_OUT) / "results" if _OUT else Path(__file__).with_name("results")
+BENCHMARKS_MD = Path(_OUT) / "BENCHMARKS.md" if _OUT else Path(__file__).parents[1] / "BENCHMARKS.md"
 LEARNING_RATES = [3e-3, 1e-3, 3e-4, 1e-4, 2e-3, 5e-4, 2e-4, 5e-5, 4e-3, 8e-4, 4e-4, 8e-5, 6e-3, 6e-4, 6e-5, 1e-5]
 
 
@@ -96,7 +99,7 @@ def header(name: str, argv: list[str] | None) -> dict[str, Any]:
 
 def save(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """Write bench/results/<name>.json; return every result of that benchmark (for its table)."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     prefix = name.split("-")[0]
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}*.json"))]

@@ -13,5 +13,4 @@ done
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d .whl trl==1.16.0 transformers==5.24.0 peft==0.21.2 datasets==5.2.0 tokenizers==0.23.3 \
   dill==0.4.0 multiprocess==0.70.18 greenlet==3.5.6
-python3 -m pip wheel --quiet --no-deps -w .whl .   # rf_notebook itself
 ls -la .whl

@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     ratios1 = [a / b for a, b in zip(times["a1"], times["b"])]
     switches = args.runs * (args.num_chunks - 1)
     result = {
-        **header(f"overhead-{args.model}", argv),
+        **header(f"overhead-{args.model}-n{args.runs}", argv),
         "model": args.model,
         "runs": args.runs,
         "num_chunks": args.num_chunks,
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         "scheduler_ms_per_switch": statistics.median(switch_ms),
         "ms_per_switch": statistics.median((a - a1) / switches * 1000 for a, a1 in zip(times["a"], times["a1"])),
     }
-    write_table(save(f"overhead-{args.model}", result))
+    write_table(save(f"overhead-{args.model}-n{args.runs}", result))
     print(result)
     return result
 

@@ -46,9 +46,9 @@ class Engine:
         self._setup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Where the scheduler thread's time went: setup, training, evaluation, and switching between runs
-        # (activating a run's adapter, patches and process state; recording its progress).
-        self.stats = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "switches": 0}
+        # Where the scheduler thread's time went: setup, training, evaluation, switching between runs
+        # (activating a run's adapter, patches and process state; recording its progress) and freeing finished runs.
+        self.stats = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "cleanup_s": 0.0, "switches": 0}
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -147,12 +147,14 @@ class Engine:
             return
         self._current = None if at_rung else slot.run_id
         self._progress(slot.run_id, slot)
+        t4 = time.perf_counter()
         if slot.finished:
             self.backend.discard(slot, keep_adapter=True)  # frees trainer and optimizer; the adapter stays
         self.stats["switches"] += 1
         self.stats["train_s"] += t2 - t1
         self.stats["eval_s"] += t3 - t2
-        self.stats["switch_s"] += (t1 - t0) + (time.perf_counter() - t3)
+        self.stats["switch_s"] += (t1 - t0) + (t4 - t3)
+        self.stats["cleanup_s"] += time.perf_counter() - t4
 
     def _progress(self, run_id: int, slot: Any) -> None:
         status = self.store.run(run_id).status

@@ -1,0 +1,23 @@
+"""`python -m bench` (or `make bench`): every CPU benchmark, one after another, on a quiet machine (~25 min).
+
+Each writes bench/results/<name>.json and regenerates its table in BENCHMARKS.md. Run them one at a time: a
+benchmark sharing the CPU with anything else measures the other thing. bench/gpu.sh is the GPU counterpart.
+"""
+
+from __future__ import annotations
+
+from bench import first_comparison, ic_ops, memory, overhead, thread
+
+RUNS = [
+    (overhead.main, ["--model", "llama512", "--runs", "4", "--repeats", "3"]),
+    (overhead.main, ["--model", "llama512", "--runs", "8", "--max-steps", "32", "--repeats", "3"]),
+    (overhead.main, ["--model", "demo", "--repeats", "5"]),
+    (first_comparison.main, ["--model", "llama512", "--repeats", "3"]),
+    (memory.main, ["--model", "llama512"]),
+    (thread.main, ["--model", "llama512", "--repeats", "4"]),
+    (ic_ops.main, ["--trials", "5"]),
+]
+
+if __name__ == "__main__":
+    for main, argv in RUNS:
+        main(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -82,6 +83,22 @@ def sweep(n_runs: int, max_steps: int, batch: int, **training_args: Any) -> RFGr
         ),
         trainer_type="SFT",
     )
+
+
+def parse_args(doc: str, argv: list[str] | None, *, runs: bool = True, repeats: int = 3) -> argparse.Namespace:
+    """The arguments every training benchmark takes; also quiets transformers' logging."""
+    import transformers
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    if runs:
+        parser.add_argument("--runs", type=int, default=4)
+        parser.add_argument("--num-chunks", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    transformers.logging.set_verbosity_error()
+    return parser.parse_args(argv)
 
 
 def header(name: str, argv: list[str] | None) -> dict[str, Any]:

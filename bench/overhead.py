@@ -14,12 +14,11 @@ Writes bench/results/overhead-<model>.json and the table in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, header, save, sweep, write_section
+from bench._common import MODELS, header, parse_args, save, sweep, write_section
 from rf_notebook import Experiment
 from rf_notebook.demo import arithmetic_dataset
 
@@ -58,18 +57,7 @@ def sequential(model_fn, configs, train) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
-    parser.add_argument("--runs", type=int, default=4)
-    parser.add_argument("--num-chunks", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    args = parse_args(__doc__, argv, repeats=3)
     model_fn = MODELS[args.model]
     train = arithmetic_dataset("train", n=args.max_steps * args.batch_size)
     times: dict[str, list[float]] = {"a": [], "a1": [], "b": []}

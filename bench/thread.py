@@ -11,13 +11,12 @@ the table in BENCHMARKS.md. Target: <= 1.05.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import threading
 import time
 
-from bench._common import MODELS, header, save, write_section
+from bench._common import MODELS, header, parse_args, save, write_section
 from rf_notebook.demo import arithmetic_dataset
 
 
@@ -66,16 +65,7 @@ def train_once(model_fn, train, max_steps: int, batch: int, workdir: str, in_thr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
-    parser.add_argument("--max-steps", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    args = parse_args(__doc__, argv, runs=False, repeats=5)
     model_fn = MODELS[args.model]
     train = arithmetic_dataset("train", n=args.max_steps * args.batch_size)
     main_s, thread_s = [], []

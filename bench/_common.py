@@ -68,6 +68,33 @@ def qwen05_fn(model_config: Any = None) -> tuple[Any, Any]:
 MODELS = {"demo": demo_model_fn, "llama512": llama512_fn, "qwen05": qwen05_fn}
 
 
+def plain_trainer(
+    model_fn: Any,
+    training_args: dict[str, Any],
+    peft_config: dict[str, Any],
+    train: Any,
+    evl: Any = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The baseline: a plain TRL `SFTTrainer` on a fresh base, quiet like rf_notebook's (no PrinterCallback)."""
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = model_fn(None)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**training_args),
+        train_dataset=train,
+        eval_dataset=evl,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**peft_config),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # rf_notebook removes it too: printing is not training
+    return trainer
+
+
 def sweep(n_runs: int, max_steps: int, batch: int, **training_args: Any) -> RFGridSearch:
     """`n_runs` SFT configs that differ only in learning rate (same compute per run)."""
     return RFGridSearch(

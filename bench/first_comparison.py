@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, header, parse_args, save, sweep, write_section
+from bench._common import MODELS, header, parse_args, plain_trainer, save, sweep, write_section
 from rf_notebook import Experiment
 from rf_notebook.demo import arithmetic_dataset
 
@@ -38,10 +38,7 @@ def interleaved(model_fn, args, train, evl, workdir) -> tuple[float, float, list
 
 
 def sequential(model_fn, configs, first_steps, train, evl) -> tuple[float, float]:
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
 
     first_evals: list[float] = []
 
@@ -58,19 +55,8 @@ def sequential(model_fn, configs, first_steps, train, evl) -> tuple[float, float
 
     start = time.perf_counter()
     for config, every in zip(configs, first_steps):
-        model, tokenizer = model_fn(None)
-        args = SFTConfig(**{**config["training_args"], "eval_strategy": "steps", "eval_steps": every})
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=evl,
-            processing_class=tokenizer,
-            peft_config=LoraConfig(**config["peft_config"]),
-            callbacks=[FirstEval()],
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        args = {**config["training_args"], "eval_strategy": "steps", "eval_steps": every}
+        plain_trainer(model_fn, args, config["peft_config"], train, evl, callbacks=[FirstEval()]).train()
     return first_evals[-1] - start, time.perf_counter() - start
 
 

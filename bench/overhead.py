@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, header, parse_args, save, sweep, write_section
+from bench._common import MODELS, header, parse_args, plain_trainer, save, sweep, write_section
 from rf_notebook import Experiment
 from rf_notebook.demo import arithmetic_dataset
 
@@ -37,22 +37,9 @@ def interleaved(model_fn, n_runs, max_steps, batch, num_chunks, train, workdir) 
 
 
 def sequential(model_fn, configs, train) -> float:
-    from peft import LoraConfig
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
     start = time.perf_counter()
     for config in configs:
-        model, tokenizer = model_fn(None)
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**config["training_args"]),
-            train_dataset=train,
-            processing_class=tokenizer,
-            peft_config=LoraConfig(**config["peft_config"]),
-        )
-        trainer.remove_callback(PrinterCallback)  # rf_notebook removes it too: printing is not training
-        trainer.train()
+        plain_trainer(model_fn, config["training_args"], config["peft_config"], train).train()
     return time.perf_counter() - start
 
 

@@ -16,38 +16,26 @@ import tempfile
 import threading
 import time
 
-from bench._common import MODELS, header, parse_args, save, write_section
+from bench._common import MODELS, header, parse_args, plain_trainer, save, write_section
 from rf_notebook.demo import arithmetic_dataset
 
 
 def train_once(model_fn, train, max_steps: int, batch: int, workdir: str, in_thread: bool) -> float:
-    from peft import LoraConfig
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    model, tokenizer = model_fn(None)
-    args = SFTConfig(
-        output_dir=workdir,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
-    )
-    trainer.remove_callback(PrinterCallback)
+    args = {
+        "output_dir": workdir,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": batch,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "activation_checkpointing": False,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    trainer = plain_trainer(model_fn, args, {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}, train)
     elapsed: list[float] = []
 
     def run() -> None:

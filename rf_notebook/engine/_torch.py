@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PreparedRun", "TorchBackend"]
 
-# Overrides a warm start cannot take: they would change what "the parent's data position" means.
-_WARM_FIXED = ("per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last", "data_seed")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["PreparedRun", "TorchBackend"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PreparedRun:
     """A run validated on the caller's thread: its spec and real TRL / PEFT config objects."""

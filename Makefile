@@ -9,13 +9,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench
+# The panel's JavaScript: shipped built in rf_notebook/static/, rebuilt from js/src by `make js` (and by `make test`).
+js/node_modules/.installed: js/package.json js/package-lock.json
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+.PHONY: install js demo test bench
 install: $(VENV)/.installed
+
+js: js/node_modules/.installed
+	cd js && npm run build --silent
 
 demo: $(VENV)/.installed
 	$(PY) -m rf_notebook.demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed js
+	cd js && npm test --silent
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ class Experiment:
         self.path = Path(experiments_dir) / experiment_name
         self._store = Store()
         self._engine: Any = None
+        self._panel: Any = None
         _EXPERIMENTS.add(self)
 
     # -- starting ----------------------------------------------------------------------------------------------
@@ -71,10 +73,13 @@ class Experiment:
         eval_dataset: Any = None,
         num_chunks: int = 4,
         seed: int = 42,
+        display: bool | None = None,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
-        Training continues in a background thread; use `wait()` to block until every run has ended.
+        Training continues in a background thread; use `wait()` to block until every run has ended. In a
+        notebook the live panel appears in the cell's output (`display=False` keeps it hidden; `exp.panel()`
+        shows it anywhere later).
         """
         from rf_notebook.engine import Engine, TorchBackend
 
@@ -96,6 +101,8 @@ class Experiment:
             raise TypeError(f"`seed` is {seed!r}, but must be an int")
         if create_model_fn is not None and not callable(create_model_fn):
             raise TypeError(f"`create_model_fn` is {create_model_fn!r}, but must be callable or None")
+        if display is not None and not isinstance(display, bool):
+            raise TypeError(f"`display` is {display!r}, but must be True, False or None (show it in a notebook)")
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
@@ -113,9 +120,13 @@ class Experiment:
         if self._engine is not None:
             self._engine.shutdown()
         for run in prepared:
-            self._store.add_run(RunRecord(run.run_id, run.spec.name, run.spec.trainer_type, run.config))
+            self._store.add_run(run.record())
         backend = TorchBackend(create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks)
         self._engine = Engine(self._store, prepared, backend)
+        if display if display is not None else _in_kernel():
+            self.panel()
+        if self._panel is not None:
+            self._panel.training_started()
         try:
             self._engine.start()
         except BaseException as exc:
@@ -276,15 +287,15 @@ class Experiment:
 
     def stop(self, run_id: int) -> int:
         """Pause a run at its next optimizer step; it keeps its exact state. Returns the op's id in `ic_log()`."""
-        return self._submit_op(Stop, "stop", run_id)
+        return self._submit_op("stop", run_id)
 
     def resume(self, run_id: int) -> int:
         """Let a stopped run rejoin the schedule; it continues as though it had never stopped."""
-        return self._submit_op(Resume, "resume", run_id)
+        return self._submit_op("resume", run_id)
 
     def delete(self, run_id: int) -> int:
         """End a run and free its adapter, optimizer and trainer; its metrics stay (marked deleted)."""
-        return self._submit_op(Delete, "delete", run_id)
+        return self._submit_op("delete", run_id)
 
     def clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool = False) -> int:
         """Start a new run from `run_id`'s config with `overrides` (field name -> JSON value); return its id.
@@ -292,13 +303,16 @@ class Experiment:
         From scratch by default; with `warm_start=True` the clone starts from the parent's current adapter
         weights, optimizer moments, step and data position, and the overrides apply from its next step on.
         """
+        return self._clone_modify(run_id, overrides, warm_start, origin="api")
+
+    def _clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str) -> int:
         from rf_notebook.commands import CloneModify
         from rf_notebook.configs import RFLoraConfig, RFSFTConfig
         from rf_notebook.overrides import split_overrides
 
         new_id = self._store.reserve_run_ids(1)[0]
         args = {"overrides": overrides, "warm_start": warm_start}
-        op = self._store.log_op("api", "clone_modify", run_id, args, new_run_id=new_id)
+        op = self._store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id)
         try:
             self._precheck("clone_modify", run_id, warm_start)
             parent = self._engine.runs[run_id]
@@ -335,15 +349,18 @@ class Experiment:
         columns = [f.name for f in dataclasses.fields(ICRecord)]
         return pd.DataFrame([dataclasses.asdict(r) for r in self._store.ic_log()], columns=columns)
 
-    def _submit_op(self, command_type: type, op: str, run_id: int) -> int:
-        record = self._store.log_op("api", op, run_id, {})
+    def _submit_op(self, op: str, run_id: int, origin: str = "api") -> int:
+        record = self._store.log_op(origin, op, run_id, {})
         try:
             self._precheck(op, run_id)
         except ValueError as exc:
             self._store.settle_op(record.op_id, "refused", str(exc))
             raise
-        self._engine.submit(command_type(op_id=record.op_id, run_id=run_id))
+        self._engine.submit(_COMMANDS[op](op_id=record.op_id, run_id=run_id))
         return record.op_id
+
+    def _stoppable(self) -> list[int]:
+        return [r.run_id for r in self._store.runs() if r.status in (RunStatus.QUEUED, RunStatus.TRAINING)]
 
     def _precheck(self, op: str, run_id: int, warm_start: bool = False) -> None:
         """Refuse at once what cannot apply now (the scheduler checks again when it applies the op)."""
@@ -360,6 +377,14 @@ class Experiment:
             reason = f"run {run_id} belongs to an earlier run_fit whose models were released"
         if reason is not None:
             raise ValueError(reason)
+
+    def panel(self) -> None:
+        """Show the experiment's live panel in this cell's output (the same panel each time it is shown)."""
+        from rf_notebook.widget import Panel
+
+        if self._panel is None:
+            self._panel = Panel(self)
+        self._panel.show()
 
     # -- taking results away -----------------------------------------------------------------------------------
 
@@ -378,6 +403,18 @@ class Experiment:
             for r in self._store.runs():
                 if not r.status.is_terminal:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
+        if self._panel is not None:
+            self._panel.stop_writer()
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (where a widget can be shown), False in scripts and plain IPython."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+_COMMANDS = {"stop": Stop, "resume": Resume, "delete": Delete}
 
 
 def _trainable(runs: list[RunRecord]) -> bool:

@@ -47,6 +47,8 @@ class RunRecord:
     chunks_done: int = 0
     chunks_total: int = 0
     error: str | None = None
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # flattened values, "peft_config.r": 8
+    rungs: tuple[int, ...] = ()  # the optimizer steps at which the run's chunks end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,12 @@ class Store:
         self._ops: list[ICRecord] = []
         self._next_id = 1
         self._changed = threading.Condition(self._lock)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """A counter that grows with every change (runs, metrics, ops): cheap polling for readers."""
+        return self._version
 
     def add_run(self, record: RunRecord) -> None:
         with self._lock:
@@ -92,12 +100,14 @@ class Store:
                 raise ValueError(f"run id {record.run_id} is already in the store")
             self._runs[record.run_id] = record
             self._next_id = max(self._next_id, record.run_id + 1)
+            self._version += 1
             self._changed.notify_all()
 
     def update_run(self, run_id: int, **changes: Any) -> RunRecord:
         with self._lock:
             record = dataclasses.replace(self._runs[run_id], **changes)
             self._runs[run_id] = record
+            self._version += 1
             self._changed.notify_all()
             return record
 
@@ -123,10 +133,16 @@ class Store:
         rows = [MetricRow(run_id, step, chunk, name, float(value), now) for name, value in values.items()]
         with self._lock:  # no notify: waiters watch run statuses, and a wake-up per step costs the trainer
             self._metrics.extend(rows)
+            self._version += 1
 
     def metrics(self, run_id: int | None = None) -> list[MetricRow]:
         with self._lock:
             return [m for m in self._metrics if run_id is None or m.run_id == run_id]
+
+    def metrics_since(self, cursor: int) -> tuple[list[MetricRow], int]:
+        """The rows logged after the first `cursor` rows, and the cursor that follows them."""
+        with self._lock:
+            return self._metrics[cursor:], len(self._metrics)
 
     def log_op(
         self,
@@ -141,6 +157,7 @@ class Store:
                 len(self._ops) + 1, time.time(), origin, op, run_id, dict(args or {}), new_run_id=new_run_id
             )
             self._ops.append(record)
+            self._version += 1
             return record
 
     def settle_op(self, op_id: int, outcome: str, reason: str | None = None, step: int | None = None) -> ICRecord:
@@ -151,6 +168,7 @@ class Store:
                 raise ValueError(f"op {op_id} is already {record.outcome}")
             record = dataclasses.replace(record, outcome=outcome, reason=reason, step=step)
             self._ops[op_id - 1] = record
+            self._version += 1
             self._changed.notify_all()
             return record
 

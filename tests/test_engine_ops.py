@@ -37,6 +37,9 @@ class FakeRun:
     def config(self):
         return {"total_steps": self.total_steps}
 
+    def record(self):
+        return RunRecord(self.run_id, self.spec.name, "SFT", self.config)
+
 
 class FakeSlot:
     """Trains one step at a time, checking before each step whether the scheduler wants control back."""

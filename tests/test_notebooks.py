@@ -20,3 +20,8 @@ def test_notebook_runs(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert (tmp_path / "quickstart-winner" / "adapter_model.safetensors").exists() or path.stem != "quickstart"
+    panels = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "text/html" in o.get("data", {})]
+    panels = [o for o in panels if "application/vnd.jupyter.widget-view+json" in o.data]
+    assert panels, "the notebook shows no panel"
+    final = panels[-1].data["text/html"]  # what GitHub / nbconvert show: the finished curves and the run table
+    assert "<svg" in final and final.count("<polyline") >= 4 and "finished" in final

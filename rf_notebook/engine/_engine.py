@@ -23,7 +23,7 @@ from typing import Any
 
 from rf_notebook import scheduler
 from rf_notebook.commands import CloneModify, Command, CommandQueue, Delete, Export, ICOp, Resume, Shutdown, Stop
-from rf_notebook.store import RunRecord, RunStatus, Store
+from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class Engine:
             total_steps=slot.plan.total_steps,
             chunks_done=slot.plan.rungs_done(slot.step),
             chunks_total=len(slot.plan.rungs),
+            rungs=tuple(r.step for r in slot.plan.rungs),
         )
 
     def record(self, slot: Any, step: int, values: dict[str, float]) -> None:
@@ -228,7 +229,7 @@ class Engine:
             run = op.prepared
             new = self.backend.build(run, warm_from=slot if warm else None)
             self.runs[run.run_id] = run
-            self.store.add_run(RunRecord(run.run_id, run.spec.name, run.spec.trainer_type, run.config))
+            self.store.add_run(run.record())
             self._slots[run.run_id] = new
             self._progress(run.run_id, new)
         if self._current == op.run_id and isinstance(op, (Stop, Delete)):

@@ -23,6 +23,7 @@ from rf_notebook.chunking import chunk_plan
 from rf_notebook.configs import RunSpec
 from rf_notebook.engine import _process_state
 from rf_notebook.engine._slot import Patches, RunSlot
+from rf_notebook.store import RunRecord
 from rf_notebook.trainers import TRAINERS
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ class PreparedRun:
     @property
     def adapter(self) -> str:
         return f"run{self.run_id}"
+
+    def record(self) -> RunRecord:
+        """The store's first record of this run (queued)."""
+        return RunRecord(
+            self.run_id, self.spec.name, self.spec.trainer_type, self.config, params=dict(self.spec.params)
+        )
 
 
 class _Base:

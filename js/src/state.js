@@ -1,0 +1,135 @@
+// The panel's state: the kernel's snapshot plus the deltas that followed it (protocol: js/README.md).
+// Pure data, no DOM and no Bokeh, so it can be tested on its own.
+
+export const MAX_POINTS = 2000; // per curve in the browser; older points are thinned beyond this
+const KEEP_RECENT = 500; // the newest points are never thinned
+
+export function emptyState() {
+  return {
+    experiment: "",
+    cursor: 0,
+    header: { elapsed_s: 0, eta_s: null, progress: 0, done: false, counts: {} },
+    params: [],
+    runs: [],
+    series: {},
+    boundaries: {},
+    ops: [],
+  };
+}
+
+/** A state from a complete snapshot (the synced trait, or a `snapshot` message). */
+export function fromSnapshot(snapshot) {
+  const state = emptyState();
+  if (!snapshot || typeof snapshot !== "object" || !Array.isArray(snapshot.runs)) return state;
+  Object.assign(state, {
+    experiment: String(snapshot.experiment ?? ""),
+    cursor: Number(snapshot.cursor) || 0,
+    header: snapshot.header ?? state.header,
+    params: snapshot.params ?? [],
+    runs: snapshot.runs,
+    boundaries: snapshot.boundaries ?? {},
+    ops: snapshot.ops ?? [],
+  });
+  for (const [runId, curves] of Object.entries(snapshot.series ?? {})) {
+    for (const [metric, points] of Object.entries(curves)) appendPoints(state, runId, metric, points);
+  }
+  return state;
+}
+
+/**
+ * Apply a delta in place. Returns false (and changes nothing) when the delta does not start at this state's
+ * cursor: the caller then asks the kernel for a snapshot.
+ */
+export function applyDelta(state, delta) {
+  if (delta.from !== state.cursor) {
+    if (delta.to <= state.cursor) return true; // points already here (a pull answered twice)
+    return false;
+  }
+  state.cursor = delta.to;
+  state.header = delta.header;
+  state.params = delta.params;
+  state.runs = delta.runs;
+  state.boundaries = delta.boundaries;
+  state.ops = delta.ops;
+  for (const [runId, curves] of Object.entries(delta.series ?? {})) {
+    for (const [metric, points] of Object.entries(curves)) appendPoints(state, runId, metric, points);
+  }
+  return true;
+}
+
+function appendPoints(state, runId, metric, points) {
+  const curves = (state.series[runId] ??= {});
+  const curve = (curves[metric] ??= []);
+  for (const point of points) curve.push(point);
+  if (curve.length > MAX_POINTS) curves[metric] = thin(curve);
+}
+
+/** Every other point of the older part of a curve: the payload stays bounded however long a run trains. */
+export function thin(curve) {
+  const old = curve.length - KEEP_RECENT;
+  const kept = [];
+  for (let i = 0; i < old; i += 2) kept.push(curve[i]);
+  return kept.concat(curve.slice(old));
+}
+
+/** Every metric name logged by any run, train loss first, then train metrics, then eval metrics. */
+export function metricNames(state) {
+  const names = new Set();
+  for (const curves of Object.values(state.series)) for (const name of Object.keys(curves)) names.add(name);
+  const rank = (n) => (n === "loss" ? 0 : n === "eval_loss" ? 2 : n.startsWith("eval_") ? 3 : 1);
+  return [...names].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+}
+
+/** Exponential moving average as in TensorBoard (`weight` 0 = raw); null values stay gaps. */
+export function smooth(values, weight) {
+  if (!(weight > 0)) return values.slice();
+  const out = [];
+  let last = null;
+  let debias = 0;
+  for (const v of values) {
+    if (v === null || !Number.isFinite(v)) {
+      out.push(null);
+      continue;
+    }
+    last = last === null ? (1 - weight) * v : weight * last + (1 - weight) * v;
+    debias = weight * debias + (1 - weight);
+    out.push(last / debias);
+  }
+  return out;
+}
+
+/** One run's curve for the plot: x in steps or samples seen, y smoothed. */
+export function curveFor(state, run, metric, { xAxis = "step", smoothing = 0 } = {}) {
+  const points = state.series[String(run.id)]?.[metric] ?? [];
+  const scale = xAxis === "samples" ? run.samples_per_step || 1 : 1;
+  const steps = points.map((p) => p[0]);
+  return { x: steps.map((s) => s * scale), y: smooth(points.map((p) => p[1]), smoothing), steps, raw: points.map((p) => p[1]) };
+}
+
+/** The value of a hyper-parameter for display: 3e-4, 0.1, 16, "cosine", [q, v]. */
+export function formatValue(value) {
+  if (typeof value === "number") {
+    if (Number.isInteger(value)) return String(value);
+    const a = Math.abs(value);
+    if (a !== 0 && (a < 1e-2 || a >= 1e5)) return value.toExponential(2).replace(/\.?0+e/, "e").replace("e+", "e");
+    return String(Number(value.toPrecision(3)));
+  }
+  if (value === null || value === undefined) return "";
+  if (Array.isArray(value)) return value.map(formatValue).join(", ");
+  return String(value);
+}
+
+/** A duration as h:mm:ss or m:ss. */
+export function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const ss = String(s % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
+}
+
+/** The last part of a dotted parameter path: "training_args.learning_rate" -> "learning_rate". */
+export function shortName(path) {
+  return path.slice(path.lastIndexOf(".") + 1);
+}

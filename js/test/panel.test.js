@@ -1,0 +1,255 @@
+import { describe, expect, it, vi } from "vitest";
+import { Panel } from "../src/panel.js";
+import { MAX_POINTS, applyDelta, formatValue, fromSnapshot, smooth } from "../src/state.js";
+
+/** An anywidget model stand-in: traits, custom messages both ways. */
+function fakeModel(traits = {}) {
+  const handlers = {};
+  return {
+    traits: { snapshot: {}, mode: "push", ...traits },
+    sent: [],
+    get(name) {
+      return this.traits[name];
+    },
+    on(event, fn) {
+      (handlers[event] ??= []).push(fn);
+    },
+    off(event, fn) {
+      handlers[event] = (handlers[event] ?? []).filter((f) => f !== fn);
+    },
+    send(msg) {
+      this.sent.push(msg);
+    },
+    emit(msg) {
+      for (const fn of handlers["msg:custom"] ?? []) fn(msg);
+    },
+  };
+}
+
+function run(id, extra = {}) {
+  return {
+    id,
+    name: `run ${id}`,
+    status: "training",
+    trainer_type: "SFT",
+    step: 2,
+    total_steps: 8,
+    chunks_done: 1,
+    chunks_total: 4,
+    error: null,
+    params: { "training_args.learning_rate": id * 1e-3, "peft_config.r": 8 },
+    samples_per_step: 16,
+    latest: { loss: 1.5 },
+    color: "#1f77b4",
+    ...extra,
+  };
+}
+
+function snapshot(runs, series = {}, cursor = 0) {
+  return {
+    v: 1,
+    experiment: "demo",
+    cursor,
+    header: { elapsed_s: 3, eta_s: 9, progress: 0.25, done: false, counts: { training: runs.length } },
+    params: ["training_args.learning_rate"],
+    runs,
+    series,
+    boundaries: {},
+    ops: [],
+  };
+}
+
+function delta(from, to, runs, series) {
+  const { header, params, boundaries, ops } = snapshot(runs);
+  return { type: "delta", from, to, header, params, runs, boundaries, ops, series };
+}
+
+function fakePlot() {
+  const plot = { updates: [], update: (spec) => plot.updates.push(spec) };
+  return plot;
+}
+
+function mount(model, plotFactory = () => fakePlot()) {
+  const el = document.createElement("div");
+  document.body.append(el);
+  const panel = new Panel(model, el, { plotFactory, setTimeout: () => {} });
+  return { el, panel };
+}
+
+const row = (el, id) => el.querySelector(`tr[data-run="${id}"]`);
+const lastOp = (model) => model.sent.filter((m) => m.type === "op").at(-1);
+
+describe("panel", () => {
+  it("asks for a snapshot at start and replaces its state with the answer", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    expect(model.sent[0].type).toBe("sync");
+    model.emit({ type: "snapshot", id: model.sent[0].id, state: snapshot([run(1), run(2)]) });
+    expect(el.querySelectorAll("tbody tr")).toHaveLength(2);
+    expect(el.querySelector(".rfnb-title").textContent).toBe("demo");
+  });
+
+  it("buffers messages that arrive before Bokeh is ready and draws them all once it is", async () => {
+    const model = fakeModel();
+    let ready;
+    const plot = fakePlot();
+    const { panel } = mount(model, () => new Promise((resolve) => (ready = resolve)));
+    model.emit({ type: "snapshot", state: snapshot([run(1)], { 1: { loss: [[1, 2.0]] } }, 1) });
+    model.emit(delta(1, 3, [run(1)], { 1: { loss: [[2, 1.5], [3, 1.2]] } }));
+    expect(plot.updates).toHaveLength(0);
+    ready(plot);
+    await panel.plotReady;
+    const last = plot.updates.at(-1);
+    expect(last.metric).toBe("loss");
+    expect(last.runs[0].steps).toEqual([1, 2, 3]);
+    expect(last.runs[0].y).toEqual([2.0, 1.5, 1.2]);
+  });
+
+  it("asks for a snapshot when a delta does not continue its state", () => {
+    const model = fakeModel();
+    mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1)], {}, 5) });
+    const before = model.sent.length;
+    model.emit(delta(7, 9, [run(1)], {}));
+    expect(model.sent.slice(before).map((m) => m.type)).toEqual(["sync"]);
+    model.emit(delta(8, 10, [run(1)], {})); // a second gap while syncing: no second request
+    expect(model.sent.slice(before)).toHaveLength(1);
+  });
+
+  it("sends stop, resume and (after confirmation) delete for the row's run", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1), run(2, { status: "stopped" })]) });
+    row(el, 1).querySelector("button.rfnb-stop").click();
+    expect(lastOp(model)).toMatchObject({ type: "op", op: "stop", run_id: 1 });
+    row(el, 2).querySelector("button.rfnb-resume").click();
+    expect(lastOp(model)).toMatchObject({ op: "resume", run_id: 2 });
+    const ops = model.sent.length;
+    row(el, 1).querySelector("button.rfnb-delete").click();
+    expect(model.sent).toHaveLength(ops); // nothing sent before the confirmation
+    row(el, 1).querySelector("button.rfnb-confirm").click();
+    expect(lastOp(model)).toMatchObject({ op: "delete", run_id: 1 });
+  });
+
+  it("keeps a row's buttons across updates, so a click is never lost to a redraw", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1)], {}, 0) });
+    const button = row(el, 1).querySelector("button.rfnb-stop");
+    model.emit(delta(0, 1, [run(1, { step: 3 })], { 1: { loss: [[3, 1.0]] } }));
+    expect(row(el, 1).querySelector("button.rfnb-stop")).toBe(button);
+    model.emit(delta(1, 1, [run(1, { status: "stopped" })], {}));
+    expect(button.textContent).toBe("Resume");
+    expect(row(el, 1).querySelector(".rfnb-status").textContent).toBe("stopped");
+  });
+
+  it("shows a refusal from the kernel", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1)]) });
+    row(el, 1).querySelector("button.rfnb-stop").click();
+    model.emit({ type: "reply", id: lastOp(model).id, ok: false, message: "run 1 is already stopped" });
+    expect(el.querySelector(".rfnb-message").textContent).toBe("run 1 is already stopped");
+  });
+
+  it("clone-modify: a form pre-filled with the varying values, sends only what changed, shows errors", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1), run(2)]) });
+    row(el, 2).querySelector("button.rfnb-clone").click();
+    const dialog = el.querySelector(".rfnb-dialog");
+    const [name] = dialog.querySelectorAll(".rfnb-field-name");
+    const [value] = dialog.querySelectorAll(".rfnb-field-value");
+    expect(name.value).toBe("learning_rate");
+    expect(JSON.parse(value.value)).toBeCloseTo(0.002);
+    value.value = "1e-4";
+    dialog.querySelector(".rfnb-add-field").click();
+    const names = dialog.querySelectorAll(".rfnb-field-name");
+    const values = dialog.querySelectorAll(".rfnb-field-value");
+    names[1].value = "lr_scheduler_type";
+    values[1].value = "cosine";
+    dialog.querySelector(".rfnb-warm").checked = true;
+    dialog.querySelector(".rfnb-submit").click();
+    const request = lastOp(model);
+    expect(request).toMatchObject({
+      op: "clone_modify",
+      run_id: 2,
+      overrides: { learning_rate: 1e-4, lr_scheduler_type: "cosine" },
+      warm_start: true,
+    });
+    model.emit({ type: "reply", id: request.id, ok: false, message: "warm start cannot change r" });
+    expect(el.querySelector(".rfnb-dialog-error").textContent).toBe("warm start cannot change r");
+    dialog.querySelector(".rfnb-submit").click();
+    model.emit({ type: "reply", id: lastOp(model).id, ok: true, run_id: 3 });
+    expect(el.querySelector(".rfnb-dialog")).toBeNull();
+  });
+
+  it("renders run names, errors and op reasons as text, never as HTML", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const evil = "<img src=x onerror=alert(1)>";
+    const state = snapshot([run(1, { name: evil, status: "failed", error: `Traceback\nValueError: ${evil}` })]);
+    state.experiment = evil;
+    state.ops = [{ op_id: 1, time: 0, origin: "panel", op: "stop", run_id: 1, args: {}, outcome: "refused", reason: evil }];
+    model.emit({ type: "snapshot", state });
+    expect(el.querySelector("img")).toBeNull();
+    expect(el.querySelector(".rfnb-title").textContent).toBe(evil);
+    expect(row(el, 1).textContent).toContain(evil);
+    expect(el.querySelector(".rfnb-log").textContent).toContain(evil);
+  });
+
+  it("highlights a run from its legend entry or its table row", async () => {
+    const model = fakeModel();
+    const plot = fakePlot();
+    const { el, panel } = mount(model, () => plot);
+    model.emit({ type: "snapshot", state: snapshot([run(1), run(2)]) });
+    await panel.plotReady;
+    el.querySelector('.rfnb-chip[data-run="2"]').click();
+    expect(plot.updates.at(-1).highlight).toBe(2);
+    row(el, 1).querySelector("td").click();
+    expect(plot.updates.at(-1).highlight).toBe(1);
+  });
+
+  it("polls the kernel in pull mode", () => {
+    const model = fakeModel({ mode: "pull" });
+    const timers = [];
+    const el = document.createElement("div");
+    new Panel(model, el, { plotFactory: () => fakePlot(), setTimeout: (fn) => timers.push(fn) });
+    expect(model.sent.map((m) => m.type)).toEqual(["sync", "pull"]);
+    timers.shift()();
+    expect(model.sent.at(-1)).toMatchObject({ type: "pull", since: 0 });
+  });
+});
+
+describe("state", () => {
+  it("keeps a long curve bounded, newest points intact", () => {
+    const state = fromSnapshot(snapshot([run(1)], {}, 0));
+    let cursor = 0;
+    for (let i = 0; i < 20; i++) {
+      const points = Array.from({ length: 500 }, (_, j) => [cursor + j + 1, 1]);
+      expect(applyDelta(state, delta(cursor, cursor + 500, [run(1)], { 1: { loss: points } }))).toBe(true);
+      cursor += 500;
+    }
+    const curve = state.series[1].loss;
+    expect(curve.length).toBeLessThanOrEqual(MAX_POINTS);
+    expect(curve.at(-1)[0]).toBe(10000);
+    expect(curve.slice(-500).map((p) => p[0])).toEqual(Array.from({ length: 500 }, (_, j) => 9501 + j));
+  });
+
+  it("smooths like TensorBoard and keeps gaps", () => {
+    expect(smooth([1, 1, 1], 0.9)).toEqual([1, 1, 1].map(() => expect.closeTo(1, 10)));
+    const s = smooth([0, 10, null, 10], 0.5);
+    expect(s[2]).toBeNull();
+    expect(s[1]).toBeGreaterThan(0);
+    expect(s[1]).toBeLessThan(10);
+    expect(smooth([3, 4], 0)).toEqual([3, 4]);
+  });
+
+  it("formats values briefly", () => {
+    expect(formatValue(3e-4)).toBe("3e-4");
+    expect(formatValue(0.1)).toBe("0.1");
+    expect(formatValue(16)).toBe("16");
+    expect(formatValue("cosine")).toBe("cosine");
+    expect(formatValue(null)).toBe("");
+  });
+});

@@ -1,0 +1,184 @@
+"""The live panel: an anywidget in the cell's output with every run's curves, a run table and IC-op buttons.
+
+`Experiment.run_fit` shows it in a notebook; `exp.panel()` shows the same panel again in another cell. One panel
+model per experiment; the protocol with the JavaScript side (js/src) is written down in js/README.md.
+
+Threads: the panel is created and displayed on the kernel's main thread. One writer thread sends deltas (at most
+5 a second, only when the store changed) and, when the experiment ends or pauses, writes the complete state into
+the synced `snapshot` trait and refreshes the static HTML of every display, so a saved notebook shows the result.
+Button clicks arrive as custom messages on the main thread; the handler validates, enqueues the op through the
+experiment (origin "panel") and replies accepted / refused. It never touches a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anywidget
+import traitlets
+
+from rf_notebook._feed import Feed
+
+if TYPE_CHECKING:
+    from rf_notebook.api import Experiment
+
+__all__ = ["Panel"]
+
+logger = logging.getLogger(__name__)
+
+_STATIC = Path(__file__).parent / "static"
+PUSH_INTERVAL_S = 0.2  # at most 5 deltas a second
+
+
+def _default_mode() -> str:
+    """Pull in Colab (pushes from a background thread stall there until another cell runs), push elsewhere."""
+    forced = os.environ.get("RF_NOTEBOOK_PANEL_MODE")
+    if forced in ("push", "pull"):
+        return forced
+    return "pull" if "google.colab" in sys.modules else "push"
+
+
+class Panel(anywidget.AnyWidget):
+    """The panel of one experiment. Create it with `Experiment.panel()`, not directly."""
+
+    _esm = _STATIC / "widget.js"
+    _css = _STATIC / "widget.css"
+
+    snapshot = traitlets.Dict().tag(sync=True)  # the complete state when the experiment last ended or paused
+    mode = traitlets.Unicode("push").tag(sync=True)  # "push": deltas from the writer; "pull": the view polls
+
+    def __init__(self, experiment: Experiment, mode: str | None = None):
+        super().__init__(mode=mode or _default_mode())
+        self._experiment = experiment
+        self._feed = Feed(experiment._store, experiment.name)
+        self.snapshot = self._feed.snapshot()
+        self._display_ids: list[str] = []
+        self._final_version: int | None = None  # store version of the last final snapshot written
+        self._lock = threading.Lock()  # one writer at a time: the thread and the message handler
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.on_msg(self._on_message)
+
+    # -- showing -----------------------------------------------------------------------------------------------
+
+    def show(self) -> None:
+        """Display the panel in the current cell's output (main thread only)."""
+        from IPython.display import display
+
+        display_id = uuid.uuid4().hex
+        self._display_ids.append(display_id)
+        display(self, display_id=display_id)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """The widget, plus a static HTML rendering for places that run no widget JavaScript."""
+        from rf_notebook._static_html import render_html
+
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
+        data = {**data, "text/html": render_html(self.snapshot)}
+        return data, metadata
+
+    def training_started(self) -> None:
+        """Called by `run_fit` (main thread): restart the clock and make sure the writer runs."""
+        self._feed.restart_clock()
+        self._final_version = None
+        if self._writer is None or not self._writer.is_alive():
+            self._stop.clear()
+            self._writer = threading.Thread(target=self._write_loop, name="rf-notebook-panel", daemon=True)
+            self._writer.start()
+
+    def stop_writer(self) -> None:
+        """Write the final state and stop the writer thread (`Experiment.end`)."""
+        self._stop.set()
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join(timeout=5)
+        self._write_final()
+
+    # -- the one writer ----------------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        cursor, sent_version = self.snapshot.get("cursor", 0), -1
+        while not self._stop.wait(PUSH_INTERVAL_S):
+            try:
+                version = self._experiment._store.version
+                if version == sent_version:
+                    continue
+                sent_version = version
+                if self.mode == "push":
+                    delta = self._feed.delta(since=cursor)
+                    cursor = delta["to"]
+                    self._push(delta)
+                if self._feed.done():
+                    self._write_final()
+            except Exception:  # the panel must never take training down
+                logger.exception("panel update failed")
+
+    def _push(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            super().send(message)
+
+    def _write_final(self) -> None:
+        """The complete state into the synced trait, and the static HTML of every display refreshed."""
+        version = self._experiment._store.version
+        if version == self._final_version:
+            return
+        self._final_version = version
+        with self._lock:
+            self.snapshot = self._feed.snapshot()
+        for display_id in list(self._display_ids):
+            try:
+                from IPython.display import update_display
+
+                update_display(self, display_id=display_id)
+            except Exception:  # outside a kernel there is nothing to update
+                logger.debug("could not refresh display %s", display_id, exc_info=True)
+
+    # -- messages from the view --------------------------------------------------------------------------------
+
+    def _on_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        if not isinstance(content, dict):
+            return
+        kind, request_id = content.get("type"), content.get("id")
+        if kind == "sync":
+            self._push({"type": "snapshot", "id": request_id, "state": self._feed.snapshot()})
+        elif kind == "pull":
+            since = content.get("since")
+            if isinstance(since, int) and not isinstance(since, bool) and 0 <= since:
+                self._push({**self._feed.delta(since=since), "id": request_id})
+            else:
+                self._push({"type": "snapshot", "id": request_id, "state": self._feed.snapshot()})
+            if self._feed.done():
+                self._write_final()
+        elif kind == "op":
+            self._push({"type": "reply", "id": request_id, **self.handle_op(content)})
+
+    def handle_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Validate and enqueue one op from the view; the answer says accepted or refused, and why."""
+        exp = self._experiment
+        op, run_id = request.get("op"), request.get("run_id")
+        try:
+            if op == "stop_all":
+                op_ids = [exp._submit_op(op="stop", run_id=r, origin="panel") for r in exp._stoppable()]
+                return {"ok": True, "message": f"stopping {len(op_ids)} runs", "op_ids": op_ids}
+            if isinstance(run_id, bool) or not isinstance(run_id, int):
+                raise ValueError(f"run_id is {run_id!r}, but must be an int")
+            if op in ("stop", "resume", "delete"):
+                return {"ok": True, "op_id": exp._submit_op(op=op, run_id=run_id, origin="panel")}
+            if op == "clone_modify":
+                overrides, warm_start = request.get("overrides", {}), request.get("warm_start", False)
+                if not isinstance(overrides, dict):
+                    raise ValueError(f"overrides is {overrides!r}, but must be an object of field name -> value")
+                if not isinstance(warm_start, bool):
+                    raise ValueError(f"warm_start is {warm_start!r}, but must be true or false")
+                new_id = exp._clone_modify(run_id, overrides, warm_start, origin="panel")
+                return {"ok": True, "run_id": new_id}
+            raise ValueError(f"unknown op {op!r}; expected stop, resume, delete, clone_modify or stop_all")
+        except (KeyError, TypeError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return {"ok": False, "message": str(message)}

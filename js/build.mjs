@@ -4,6 +4,20 @@ import * as esbuild from "esbuild";
 import { statSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 import { readFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+
+// BokehJS's compiled modules declare class fields that its constructors have already set (`active_changed;`);
+// with JavaScript's define semantics those declarations reset them to undefined. Loading them as TypeScript
+// with useDefineForClassFields=false drops the bare declarations, as BokehJS's own build does.
+const bokehAsTypeScript = {
+  name: "bokeh-as-typescript",
+  setup(build) {
+    build.onLoad({ filter: /@bokeh[\\/]bokehjs[\\/].*\.js$/ }, async (args) => ({
+      contents: await readFile(args.path, "utf8"),
+      loader: "ts",
+    }));
+  },
+};
 
 const stubMathJax = {
   name: "stub-mathjax",
@@ -27,7 +41,8 @@ await esbuild.build({
   outfile,
   legalComments: "none",
   define: { "define.amd": "false" }, // pages that load require.js must not capture Bokeh's modules
-  plugins: [stubMathJax],
+  tsconfigRaw: { compilerOptions: { useDefineForClassFields: false } },
+  plugins: [stubMathJax, bokehAsTypeScript],
   logLevel: "warning",
 });
 await esbuild.build({

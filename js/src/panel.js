@@ -34,7 +34,7 @@ export function h(tag, attrs = {}, ...children) {
 }
 
 export class Panel {
-  constructor(model, el, { plotFactory, setTimeout: later = globalThis.setTimeout } = {}) {
+  constructor(model, el, { plotFactory, setTimeout: later = (fn, ms) => globalThis.setTimeout(fn, ms) } = {}) {
     this.model = model;
     this.el = el;
     this.later = later;
@@ -48,6 +48,7 @@ export class Panel {
     this.plot = null;
     this.syncing = false;
     this.disposed = false;
+    this.updates = 0; // messages with new state received
 
     this.onMessage = (msg) => this.receive(msg);
     model.on("msg:custom", this.onMessage); // subscribe before anything async: nothing is missed
@@ -101,6 +102,8 @@ export class Panel {
       callback?.(msg);
       return;
     }
+    this.updates += 1;
+    this.dom.root.dataset.updates = String(this.updates); // read by the browser tests to measure the update rate
     if (msg.type === "snapshot") {
       this.syncing = false;
       this.replace(fromSnapshot(msg.state));

@@ -32,12 +32,19 @@ MODEL_DIR = Path(__file__).with_name("tiny-arith")
 def demo_model_fn(model_config: Any = None) -> tuple[Any, Any]:
     """`create_model_fn` for the demo: loads the shipped model and tokenizer from the package (float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     name = _get(model_config, "model_name", DEMO_MODEL)
     if name not in (DEMO_MODEL, str(MODEL_DIR)):
         raise ValueError(f"demo_model_fn loads only {DEMO_MODEL!r}, but model_name is {name!r}")
     kwargs = _get(model_config, "model_kwargs", None) or {}
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, **kwargs)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 215k-parameter model loads in milliseconds: no bar in the cell
+    try:
+        model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, **kwargs)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     return model, tokenizer
 

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from rf_notebook.store import RunRecord
 from rf_notebook.trainers import TRAINERS
 
 logger = logging.getLogger(__name__)
+
+# TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 __all__ = ["PreparedRun", "TorchBackend"]
 

@@ -39,7 +39,7 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 @pytest.mark.parametrize("mode", ["push", "pull"])
-def test_panel_steers_a_running_experiment(notebook, jupyter, shots, mode):
+def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_messages, mode):
     if jupyter.kind == "notebook" and mode == "pull":
         pytest.skip("pull mode (Colab's) is exercised once, in JupyterLab")
     nb = nbformat.read(QUICKSTART, as_version=4)
@@ -107,6 +107,16 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, mode):
     log = panel.locator(".rfnb-log")
     expect(log).to_contain_text("clone_modify run 2 → run 5 (panel) applied")
 
+    # other views of the curves: eval loss (one point per chunk end) on a log scale, smoothed train loss
+    panel.locator("select.rfnb-metric").select_option("eval_loss")
+    panel.locator("input.rfnb-logy").check()
+    wait_until(lambda: points(panel).get(1, 0) >= 1 and sum(points(panel).values()) < 200, 10, "eval-loss points")
+    shots("eval-loss-log")
+    panel.locator("input.rfnb-logy").uncheck()
+    panel.locator("select.rfnb-metric").select_option("loss")
+    panel.locator("input.rfnb-smoothing").fill("0.9")
+    wait_until(lambda: points(panel).get(1, 0) > frozen, 10, "train-loss points again")
+
     # 5. Stop all, then the rest of the notebook: wait (returns: nothing left to train), results, the panel, export
     panel.locator("button.rfnb-stop-all").click()
     for run_id in range(1, 6):
@@ -118,6 +128,8 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, mode):
             assert notebook.run_cell_and_wait(i, timeout=300) == "ok", f"cell {i} failed"
     expect(panel.locator(".rfnb-timing")).to_contain_text("done", timeout=10_000)
     shots("done")
+    errors = [m for m in console_messages if "[pageerror]" in m and "reading 'schema'" not in m]  # Notebook 7's own
+    assert not errors, errors
     saved = notebook.save()
     html = [
         o.data["text/html"]

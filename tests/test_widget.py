@@ -4,6 +4,7 @@ snapshot trait, the static HTML fallback, and button messages -> IC ops on a rea
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 
@@ -259,3 +260,16 @@ def test_panel_is_one_model_per_experiment(tmp_path, monkeypatch):
     exp.panel()
     exp.panel()
     assert len(shown) == 2 and shown[0] is shown[1]
+
+
+def test_colab_gets_pull_mode(monkeypatch):
+    import types
+
+    from rf_notebook.widget import _default_mode
+
+    monkeypatch.delenv("RF_NOTEBOOK_PANEL_MODE", raising=False)
+    assert _default_mode() == "push"
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert _default_mode() == "pull"
+    monkeypatch.setenv("RF_NOTEBOOK_PANEL_MODE", "push")
+    assert _default_mode() == "push"

@@ -19,6 +19,9 @@ _EXPORTS = {
     "RFModelConfig": "rf_notebook.configs",
     "RFLoraConfig": "rf_notebook.configs",
     "RFSFTConfig": "rf_notebook.configs",
+    "RFDPOConfig": "rf_notebook.configs",
+    "RFGRPOConfig": "rf_notebook.configs",
+    "RFRLOOConfig": "rf_notebook.configs",
     "RFGridSearch": "rf_notebook.configs",
     "RFRandomSearch": "rf_notebook.configs",
 }
@@ -30,13 +33,27 @@ __all__ = [
     "RFModelConfig",
     "RFLoraConfig",
     "RFSFTConfig",
+    "RFDPOConfig",
+    "RFGRPOConfig",
+    "RFRLOOConfig",
     "RFGridSearch",
     "RFRandomSearch",
 ]
 
 if TYPE_CHECKING:
     from rf_notebook.api import Experiment
-    from rf_notebook.configs import List, Range, RFGridSearch, RFLoraConfig, RFModelConfig, RFRandomSearch, RFSFTConfig
+    from rf_notebook.configs import (
+        List,
+        Range,
+        RFDPOConfig,
+        RFGridSearch,
+        RFGRPOConfig,
+        RFLoraConfig,
+        RFModelConfig,
+        RFRandomSearch,
+        RFRLOOConfig,
+        RFSFTConfig,
+    )
 
 
 def __getattr__(name: str) -> Any:

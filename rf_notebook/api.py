@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rf_notebook.chunking import steps_per_epoch
 from rf_notebook.commands import Delete, Export, Resume, Stop
 from rf_notebook.configs import RFModelConfig, RunSpec, _Search, _stable_repr
 from rf_notebook.store import ICRecord, RunRecord, RunStatus, Store
@@ -149,15 +148,15 @@ class Experiment:
         on_gpu = torch.cuda.is_available()
         PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
         trainer = TRAINERS[spec.trainer_type]
-        kwargs = trainer.resolve_args(
-            mc.training_args.kwargs if mc.training_args is not None else {},
-            output_dir=str(self.path / "runs" / str(run_id)),
-            seed=seed,
-            on_gpu=on_gpu,
-        )
-        # Building a TRL config would otherwise reset Accelerate's process-wide state under the other runs.
-        accelerator_config = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
         try:
+            kwargs = trainer.resolve_args(
+                mc.training_args.kwargs if mc.training_args is not None else {},
+                output_dir=str(self.path / "runs" / str(run_id)),
+                seed=seed,
+                on_gpu=on_gpu,
+            )
+            # Building a TRL config would otherwise reset Accelerate's process-wide state under the other runs.
+            accelerator_config = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
             args = trainer.CONFIG(**kwargs).build(accelerator_config=accelerator_config)
             lora = mc.peft_config.build()
         except Exception as exc:
@@ -175,11 +174,10 @@ class Experiment:
 
     @staticmethod
     def _check_num_chunks(prepared: list[Any], num_samples: int, num_chunks: int) -> None:
+        from rf_notebook.trainers import TRAINERS
+
         def per_epoch(run: Any) -> int:
-            a = run.args
-            return steps_per_epoch(
-                num_samples, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.dataloader_drop_last
-            )
+            return TRAINERS[run.spec.trainer_type].steps_per_epoch(num_samples, run.args)
 
         smallest = min(prepared, key=per_epoch)
         if num_chunks > per_epoch(smallest):
@@ -307,7 +305,7 @@ class Experiment:
 
     def _clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str) -> int:
         from rf_notebook.commands import CloneModify
-        from rf_notebook.configs import RFLoraConfig, RFSFTConfig
+        from rf_notebook.configs import TRAINING_ARGS, RFLoraConfig
         from rf_notebook.overrides import split_overrides
 
         new_id = self._store.reserve_run_ids(1)[0]
@@ -319,7 +317,10 @@ class Experiment:
             split = split_overrides(
                 overrides,
                 current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
-                fields={"training_args": RFSFTConfig.field_names(), "peft_config": RFLoraConfig.field_names()},
+                fields={
+                    "training_args": TRAINING_ARGS[parent.spec.trainer_type].field_names(),
+                    "peft_config": RFLoraConfig.field_names(),
+                },
                 warm_start=bool(warm_start),
             )
             spec = _clone_spec(parent.spec, split, warm_start)
@@ -423,10 +424,10 @@ def _trainable(runs: list[RunRecord]) -> bool:
 
 def _clone_spec(parent: RunSpec, overrides: dict[str, dict[str, Any]], warm_start: bool) -> RunSpec:
     """The parent's spec with overrides applied, named after the parent and what changed."""
-    from rf_notebook.configs import _ALIASES, RFSFTConfig, format_value
+    from rf_notebook.configs import _ALIASES, TRAINING_ARGS, format_value
 
     mc = parent.model_config
-    training_args = (mc.training_args or RFSFTConfig()).replace(**overrides["training_args"])
+    training_args = (mc.training_args or TRAINING_ARGS[parent.trainer_type]()).replace(**overrides["training_args"])
     peft_config = mc.peft_config.replace(**overrides["peft_config"])
     changes = {**overrides["peft_config"], **overrides["training_args"]}
     label = ", ".join(f"{_ALIASES.get(k, k)}={format_value(v)}" for k, v in changes.items()) or "same config"

@@ -58,20 +58,27 @@ def chunk_plan(
     max_steps: int = -1,
     num_train_epochs: float = 1.0,
     drop_last: bool = False,
+    per_epoch: int | None = None,
+    rows_per_step: float | None = None,
 ) -> ChunkPlan:
-    """The rungs of one run. `max_steps > 0` wins over `num_train_epochs`, as in `transformers`."""
+    """The rungs of one run. `max_steps > 0` wins over `num_train_epochs`, as in `transformers`.
+
+    `per_epoch` and `rows_per_step` replace what batch size, accumulation and drop_last imply, for trainers
+    whose optimizer step is not a plain batch of rows (GRPO / RLOO: groups of completions per prompt).
+    """
     if num_samples < 1:
         raise ValueError(f"the training set has {num_samples} rows, but must have at least 1")
     if num_chunks < 1:
         raise ValueError(f"`num_chunks` is {num_chunks}, but must be >= 1")
-    per_epoch = steps_per_epoch(num_samples, batch_size, grad_accum, drop_last)
+    if per_epoch is None:
+        per_epoch = steps_per_epoch(num_samples, batch_size, grad_accum, drop_last)
     if num_chunks > per_epoch:
         raise ValueError(
             f"`num_chunks` is {num_chunks}, but a run with batch size {batch_size} x {grad_accum} accumulation "
             f"has only {per_epoch} optimizer steps per epoch of {num_samples} rows; use num_chunks <= {per_epoch}"
         )
     total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * per_epoch)
-    samples_per_step = batch_size * grad_accum
+    samples_per_step = rows_per_step if rows_per_step is not None else batch_size * grad_accum
     within: list[int] = []  # step offsets of the chunk ends inside one epoch
     for k in range(1, num_chunks + 1):
         step = per_epoch if k == num_chunks else math.floor(k * num_samples / num_chunks / samples_per_step + 0.5)

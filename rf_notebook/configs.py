@@ -29,13 +29,16 @@ __all__ = [
     "RFModelConfig",
     "RFLoraConfig",
     "RFSFTConfig",
+    "RFDPOConfig",
+    "RFGRPOConfig",
+    "RFRLOOConfig",
     "RFGridSearch",
     "RFRandomSearch",
     "RunSpec",
     "TRAINER_TYPES",
 ]
 
-TRAINER_TYPES = ("SFT",)
+TRAINER_TYPES = ("SFT", "DPO", "GRPO", "RLOO")
 
 
 class List:
@@ -161,6 +164,33 @@ class RFSFTConfig(_ConfigSpec):
     _target_path = "trl:SFTConfig"
 
 
+class RFDPOConfig(_ConfigSpec):
+    """`trl.DPOConfig` whose fields may be `List` / `Range` (e.g. `beta`, `learning_rate`, `loss_type`)."""
+
+    _target_path = "trl:DPOConfig"
+
+
+class RFGRPOConfig(_ConfigSpec):
+    """`trl.GRPOConfig` whose fields may be `List` / `Range` (e.g. `num_generations`, `beta`, `learning_rate`)."""
+
+    _target_path = "trl:GRPOConfig"
+
+
+class RFRLOOConfig(_ConfigSpec):
+    """`trl.RLOOConfig` whose fields may be `List` / `Range` (e.g. `num_generations`, `beta`, `learning_rate`)."""
+
+    _target_path = "trl:RLOOConfig"
+
+
+# The trainer arguments each trainer type takes. One run_fit trains one trainer type (its search's).
+TRAINING_ARGS: dict[str, type[_ConfigSpec]] = {
+    "SFT": RFSFTConfig,
+    "DPO": RFDPOConfig,
+    "GRPO": RFGRPOConfig,
+    "RLOO": RFRLOOConfig,
+}
+
+
 @dataclasses.dataclass(eq=True)
 class RFModelConfig:
     """One model to fine-tune: the base, its adapter config and the trainer's arguments.
@@ -170,7 +200,9 @@ class RFModelConfig:
 
     model_name: Any = dataclasses.field(metadata={"help": "Hub id or local path of the base causal LM."})
     peft_config: Any = dataclasses.field(default=None, metadata={"help": "An `RFLoraConfig` (LoRA adapter)."})
-    training_args: Any = dataclasses.field(default=None, metadata={"help": "An `RFSFTConfig` (trainer arguments)."})
+    training_args: Any = dataclasses.field(
+        default=None, metadata={"help": "Trainer arguments: RFSFTConfig, RFDPOConfig, RFGRPOConfig or RFRLOOConfig."}
+    )
     model_type: Any = dataclasses.field(default="causal_lm", metadata={"help": "Only 'causal_lm'."})
     model_kwargs: Any = dataclasses.field(
         default=None, metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained`."}
@@ -184,6 +216,13 @@ class RFModelConfig:
     )
     formatting_func: Any = dataclasses.field(
         default=None, metadata={"help": "Maps a raw row to TRL's format; passed to the trainer."}
+    )
+    reward_funcs: Any = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "GRPO / RLOO: a reward function or a list of them, with TRL's signature "
+            "`f(prompts, completions, **columns) -> list[float]`; weight them with the config's `reward_weights`."
+        },
     )
 
     def __getitem__(self, key: str) -> Any:
@@ -272,12 +311,23 @@ class RFRandomSearch(_Search):
 def _check_model_config(config: Any, trainer_type: str) -> None:
     if not isinstance(config, RFModelConfig):
         raise TypeError(f"a search takes RFModelConfig objects (or a List of them), but got {config!r}")
-    for name, expected in (("peft_config", RFLoraConfig), ("training_args", RFSFTConfig)):
+    for name, expected in (("peft_config", RFLoraConfig), ("training_args", TRAINING_ARGS[trainer_type])):
         for value in _alternatives(getattr(config, name)):
             if value is not None and not isinstance(value, expected):
                 raise TypeError(
                     f"RFModelConfig.{name} is {value!r}, but a {trainer_type} run needs an {expected.__name__}"
+                    + (" (one run_fit trains one trainer type)" if isinstance(value, _ConfigSpec) else "")
                 )
+    for value in _alternatives(config.reward_funcs):
+        funcs = value if isinstance(value, (list, tuple)) else [value]
+        if trainer_type in ("GRPO", "RLOO"):
+            if value is None or not funcs or not all(callable(f) for f in funcs):
+                raise TypeError(
+                    f"RFModelConfig.reward_funcs is {value!r}, but a {trainer_type} run needs a reward function or "
+                    "a non-empty list of them: f(prompts, completions, **columns) -> list[float]"
+                )
+        elif value is not None:
+            raise ValueError(f"RFModelConfig.reward_funcs is set, but {trainer_type} runs take no reward functions")
     for value in _alternatives(config.model_type):
         if value != "causal_lm":
             raise ValueError(f"RFModelConfig.model_type is {value!r}, but only 'causal_lm' is supported")

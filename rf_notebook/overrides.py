@@ -33,7 +33,18 @@ SHAPE_FIELDS = frozenset(
     }
 )
 DATA_POSITION_FIELDS = frozenset(
-    {"per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last", "data_seed", "seed"}
+    {
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "dataloader_drop_last",
+        "data_seed",
+        "seed",
+        # GRPO / RLOO: how prompts are grouped into generation batches
+        "num_generations",
+        "generation_batch_size",
+        "steps_per_generation",
+        "num_iterations",
+    }
 )
 
 _POSITIVE = {
@@ -44,8 +55,10 @@ _POSITIVE = {
     "gradient_accumulation_steps",
     "num_train_epochs",
     "per_device_eval_batch_size",
+    "num_generations",
+    "max_completion_length",
 }
-_NON_NEGATIVE = {"weight_decay", "warmup_steps", "warmup_ratio", "max_grad_norm", "adam_epsilon"}
+_NON_NEGATIVE = {"weight_decay", "warmup_steps", "warmup_ratio", "max_grad_norm", "adam_epsilon", "beta"}
 _UNIT_INTERVAL = {"lora_dropout", "adam_beta1", "adam_beta2"}
 
 

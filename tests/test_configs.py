@@ -119,7 +119,7 @@ def test_log_range_covers_orders_of_magnitude_evenly():
         (
             lambda: RFGridSearch(model(), trainer_type="PPO"),
             ValueError,
-            r"`trainer_type` is 'PPO', but must be one of \['SFT'\]",
+            r"`trainer_type` is 'PPO', but must be one of \['SFT', 'DPO', 'GRPO', 'RLOO'\]",
         ),
         (lambda: RFGridSearch("not a config"), TypeError, "takes RFModelConfig objects"),
         (lambda: RFGridSearch([]), ValueError, "at least one RFModelConfig"),

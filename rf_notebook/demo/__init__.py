@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rf_notebook.demo._data import arithmetic_dataset, exact_match_metrics, greedy_exact_match
+from rf_notebook.demo._rl import digit_reward, exact_match_reward, preference_dataset, prompt_dataset
 
 __all__ = [
     "DEMO_MODEL",
@@ -23,6 +24,10 @@ __all__ = [
     "arithmetic_dataset",
     "exact_match_metrics",
     "greedy_exact_match",
+    "preference_dataset",
+    "prompt_dataset",
+    "exact_match_reward",
+    "digit_reward",
 ]
 
 DEMO_MODEL = "rf-demo/tiny-arith"

@@ -191,30 +191,29 @@ class TorchBackend:
         callbacks = slot.callbacks(self.record)
         if warm_from is not None:
             callbacks.append(_ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
-        mc = run.spec.model_config
-        slot.trainer = TRAINERS[run.spec.trainer_type].build_trainer(
+        trainer = TRAINERS[run.spec.trainer_type]
+        slot.trainer = trainer.build_trainer(
             base.peft,
             base.tokenizer,
             run.args,
             self.train_dataset,
             self.eval_dataset,
-            mc.compute_metrics,
-            mc.formatting_func,
+            run.spec.model_config,
             callbacks,
         )
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
-        args = run.args
+        args, rows = run.args, len(slot.trainer.train_dataset)
         slot.plan = chunk_plan(
-            len(slot.trainer.train_dataset),
+            rows,
             args.per_device_train_batch_size,
             self.num_chunks,
-            grad_accum=args.gradient_accumulation_steps,
             max_steps=args.max_steps,
             num_train_epochs=args.num_train_epochs,
-            drop_last=args.dataloader_drop_last,
+            per_epoch=trainer.steps_per_epoch(rows, args),
+            rows_per_step=trainer.rows_per_step(args),
         )
         if warm_from is not None:
             slot.resume_from = self._checkpoint(warm_from, run)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rf_notebook.trainers import sft
+from rf_notebook.trainers import dpo, grpo, rloo, sft
 
-TRAINERS = {"SFT": sft}
+TRAINERS = {"SFT": sft, "DPO": dpo, "GRPO": grpo, "RLOO": rloo}
 
 __all__ = ["TRAINERS"]

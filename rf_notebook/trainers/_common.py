@@ -1,0 +1,82 @@
+"""What every trainer type shares: the argument defaults rf_notebook sets, the data set column check, and how
+preference / RL trainers are told that the shared base is their reference model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+__all__ = ["base_args", "check_columns", "base_is_reference"]
+
+
+def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
+    """A run's trainer keyword arguments: the user's values over rf_notebook's defaults.
+
+    Defaults: the experiment's seed (also as `data_seed`, so the sample order is the seed's whatever else
+    happened in the process), a loss logged at every step, no checkpoints written by the trainer (the engine
+    keeps per-run state itself), no reporting integrations, and on CPU no bf16 and no activation checkpointing.
+    """
+    args: dict[str, Any] = {
+        "output_dir": output_dir,
+        "seed": seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    if not on_gpu:
+        args.update(bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True)
+    args.update(user)
+    args.setdefault("data_seed", args["seed"])
+    return args
+
+
+def check_columns(
+    dataset: Any,
+    role: str,
+    trainer_type: str,
+    formats: Sequence[Sequence[str]],
+    formatting_func: Callable | None = None,
+) -> None:
+    """Raise a clear error unless `dataset` is a non-empty `datasets.Dataset` with one of `formats`' columns."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        raise TypeError(f"the {role} data set is a {type(dataset).__name__}, but must be a datasets.Dataset")
+    if len(dataset) == 0:
+        raise ValueError(f"the {role} data set is empty, but must have at least one row")
+    if formatting_func is not None:
+        return
+    if not any(all(c in columns for c in fmt) for fmt in formats):
+        expected = " or ".join("+".join(fmt) for fmt in formats)
+        hint = " (or a formatting_func in RFModelConfig)" if trainer_type == "SFT" else ""
+        raise ValueError(f"the {role} data set has columns {list(columns)}, but {trainer_type} needs {expected}{hint}")
+
+
+@contextlib.contextmanager
+def base_is_reference(model: Any, adapter: str) -> Iterator[None]:
+    """While a DPO / GRPO / RLOO trainer is built on the shared PEFT model: make it use the base as reference.
+
+    Given a model that already is a `PeftModel`, TRL assumes a pretrained adapter named "default" and freezes a
+    copy of it as a "ref" adapter. A run's adapter is freshly initialised (LoRA B is zero, so it computes exactly
+    the base), and its reference is the base with adapters disabled: what TRL itself does when it is handed a
+    `peft_config` instead, and what a plain TRL run of the same config computes. So the copy is skipped: no extra
+    adapter, no extra random draws, and `"ref" not in model.peft_config` sends TRL to `disable_adapter()`.
+    """
+    configs = model.peft_config
+    aliased = "default" not in configs
+    if aliased:
+        configs["default"] = configs[adapter]
+
+    def add_adapter(name: str, *args: Any, **kwargs: Any) -> None:
+        if name != "ref":
+            raise RuntimeError(f"unexpected adapter {name!r} added while building a trainer")
+
+    model.add_adapter = add_adapter  # an instance attribute shadows PeftModel.add_adapter
+    try:
+        yield
+    finally:
+        del model.add_adapter
+        if aliased:
+            del configs["default"]

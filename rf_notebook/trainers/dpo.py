@@ -1,0 +1,57 @@
+"""DPO runs: `trl.DPOTrainer` on one named LoRA adapter of the shared base model.
+
+The reference model is the shared base with adapters disabled (TRL does this itself when it is given a PEFT
+model and no `ref_model`): no second copy of the base is ever loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rf_notebook.configs import RFDPOConfig, RFModelConfig
+from rf_notebook.trainers import sft
+from rf_notebook.trainers._common import base_args, base_is_reference, check_columns
+
+__all__ = ["CONFIG", "check_dataset", "resolve_args", "steps_per_epoch", "rows_per_step", "build_trainer"]
+
+CONFIG = RFDPOConfig
+
+# Preference pairs: an explicit prompt, or a prompt shared by the conversations in chosen / rejected.
+DATASET_FORMATS: tuple[tuple[str, ...], ...] = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+
+
+def check_dataset(dataset: Any, role: str, formatting_func: Callable | None) -> None:
+    check_columns(dataset, role, "DPO", DATASET_FORMATS)
+
+
+def resolve_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
+    return base_args(user, output_dir=output_dir, seed=seed, on_gpu=on_gpu)
+
+
+steps_per_epoch = sft.steps_per_epoch  # one row (a preference pair) per batch slot, as in SFT
+rows_per_step = sft.rows_per_step
+
+
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    args: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    model_config: RFModelConfig,
+    callbacks: Sequence[Any],
+) -> Any:
+    from trl import DPOTrainer
+
+    with base_is_reference(model, model.active_adapter):
+        return DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=model_config.compute_metrics,
+            callbacks=list(callbacks),
+        )

@@ -10,6 +10,7 @@ training itself runs in the engine's background thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import sys
@@ -31,6 +32,17 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Experiments of this process. Runs share process-wide state (random generators, Accelerate's singletons) that
 # the one scheduler thread swaps per run, so only one experiment may train at a time.
 _EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_all() -> None:
+    """A script that exits without `end()`: unwind the suspended trainers before the interpreter goes away
+    (a training thread still holding suspended greenlets at exit aborts the process)."""
+    for exp in list(_EXPERIMENTS):
+        try:
+            exp.end()
+        except Exception:  # exiting anyway; one experiment's failure must not keep the others running
+            logger.exception("ending experiment %r at exit", exp.name)
 
 
 def default_model_fn(model_config: RFModelConfig) -> tuple[Any, Any]:

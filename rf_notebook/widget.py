@@ -44,6 +44,15 @@ def _default_mode() -> str:
     return "pull" if "google.colab" in sys.modules else "push"
 
 
+def _headline_metrics(snapshot: dict[str, Any]) -> list[str] | None:
+    """The two curves a static picture shows: the losses, or what RL / preference runs are judged by."""
+    logged = {name for curves in snapshot.get("series", {}).values() for name in curves}
+    for pair in (["reward", "eval_reward"], ["loss", "eval_rewards/accuracies"]):
+        if pair[0] in logged and pair[1] in logged:
+            return pair
+    return None  # the renderer's default: loss and eval loss
+
+
 class Panel(anywidget.AnyWidget):
     """The panel of one experiment. Create it with `Experiment.panel()`, not directly."""
 
@@ -81,7 +90,7 @@ class Panel(anywidget.AnyWidget):
 
         bundle = super()._repr_mimebundle_(**kwargs)
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data = {**data, "text/html": render_html(self.snapshot)}
+        data = {**data, "text/html": render_html(self.snapshot, _headline_metrics(self.snapshot))}
         return data, metadata
 
     def training_started(self) -> None:

@@ -273,3 +273,17 @@ def test_colab_gets_pull_mode(monkeypatch):
     assert _default_mode() == "pull"
     monkeypatch.setenv("RF_NOTEBOOK_PANEL_MODE", "push")
     assert _default_mode() == "push"
+
+
+def test_static_picture_shows_what_each_trainer_type_is_judged_by():
+    from rf_notebook.widget import _headline_metrics
+
+    def snap(*names):
+        return {"series": {"1": {name: [[1, 0.5]] for name in names}}}
+
+    assert _headline_metrics(snap("loss", "eval_loss")) is None
+    assert _headline_metrics(snap("loss", "reward", "eval_reward", "kl")) == ["reward", "eval_reward"]
+    assert _headline_metrics(snap("loss", "rewards/accuracies", "eval_rewards/accuracies")) == [
+        "loss",
+        "eval_rewards/accuracies",
+    ]

@@ -267,12 +267,14 @@ export class Panel {
   // Rows are kept per run and updated in place, so a button under the mouse is never replaced mid-click.
   renderTable() {
     const { params, runs } = this.state;
-    const key = params.join("\n");
+    const extra = this.extraMetric();
+    const key = [extra, ...params].join("\n");
     if (key !== this.tableKey) {
       this.tableKey = key;
       this.rows = new Map();
       this.tbody = h("tbody");
-      const titles = ["run", "status", "chunks", "train loss", "eval loss", ...params.map(shortName), ""];
+      const metricTitles = ["train loss", "eval loss", ...(extra ? [extra] : [])];
+      const titles = ["run", "status", "chunks", ...metricTitles, ...params.map(shortName), ""];
       this.dom.table.replaceChildren(h("thead", {}, h("tr", {}, titles.map((t) => h("th", {}, t)))), this.tbody);
     }
     const order = runs.map((run) => {
@@ -285,6 +287,12 @@ export class Panel {
     if (order.length !== current.length || order.some((tr, i) => tr !== current[i])) this.tbody.replaceChildren(...order);
   }
 
+  /** The plotted metric gets a column of its own (reward, accuracy, ...) unless it is one of the two losses. */
+  extraMetric() {
+    const metric = this.view.metric;
+    return metric && metric !== "loss" && metric !== "eval_loss" ? metric : null;
+  }
+
   createRow(run) {
     const cell = () => h("td");
     const row = {
@@ -295,6 +303,7 @@ export class Panel {
       chunks: h("td", { class: "rfnb-chunks" }),
       loss: cell(),
       evalLoss: cell(),
+      extra: this.extraMetric() ? cell() : null,
       params: this.state.params.map(cell),
       primary: h("button", { onclick: () => this.primaryAction(run.id) }),
       del: h("button", { class: "rfnb-delete", onclick: () => this.askDelete(run.id) }, "Delete"),
@@ -321,6 +330,7 @@ export class Panel {
       row.chunks,
       row.loss,
       row.evalLoss,
+      row.extra,
       ...row.params,
       h("td", { class: "rfnb-actions" }, row.primary, row.del, row.clone, row.confirm),
     );
@@ -344,6 +354,7 @@ export class Panel {
     text(row.chunks, `${run.chunks_done} of ${run.chunks_total}`);
     text(row.loss, formatValue(run.latest?.loss));
     text(row.evalLoss, formatValue(run.latest?.eval_loss));
+    if (row.extra) text(row.extra, formatValue(run.latest?.[this.extraMetric()]));
     this.state.params.forEach((p, i) => text(row.params[i], formatValue(run.params?.[p])));
     const stopped = run.status === "stopped";
     text(row.primary, stopped ? "Resume" : "Stop");

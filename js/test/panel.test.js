@@ -198,6 +198,21 @@ describe("panel", () => {
     expect(el.querySelector(".rfnb-log").textContent).toContain(evil);
   });
 
+  it("gives the plotted metric its own table column", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const state = snapshot([run(1, { latest: { loss: 1.5, reward: 0.25 } })], { 1: { loss: [[1, 1.5]], reward: [[1, 0.25]] } });
+    model.emit({ type: "snapshot", state });
+    expect([...el.querySelectorAll("th")].map((th) => th.textContent)).not.toContain("reward");
+    const select = el.querySelector("select.rfnb-metric");
+    select.value = "reward";
+    select.dispatchEvent(new Event("change"));
+    const titles = [...el.querySelectorAll("th")].map((th) => th.textContent);
+    expect(titles).toContain("reward");
+    const cells = [...row(el, 1).querySelectorAll("td")].map((td) => td.textContent);
+    expect(cells[titles.indexOf("reward")]).toBe("0.25");
+  });
+
   it("highlights a run from its legend entry or its table row", async () => {
     const model = fakeModel();
     const plot = fakePlot();

@@ -85,12 +85,14 @@ class Experiment:
         num_chunks: int = 4,
         seed: int = 42,
         display: bool | None = None,
+        policy: Any = None,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
         Training continues in a background thread; use `wait()` to block until every run has ended. In a
         notebook the live panel appears in the cell's output (`display=False` keeps it hidden; `exp.panel()`
-        shows it anywhere later).
+        shows it anywhere later). `policy` (e.g. `SuccessiveHalving()`) stops, or clones, runs at chunk ends; its
+        decisions are IC ops with origin "policy".
         """
         from rf_notebook.engine import Engine, TorchBackend
 
@@ -112,6 +114,13 @@ class Experiment:
             raise TypeError(f"`seed` is {seed!r}, but must be an int")
         if create_model_fn is not None and not callable(create_model_fn):
             raise TypeError(f"`create_model_fn` is {create_model_fn!r}, but must be callable or None")
+        from rf_notebook.policies import Policy
+
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(
+                f"`policy` is {policy!r}, but must be None or a policy such as SuccessiveHalving(), MedianOfPeers() "
+                "or PBT() from rf_notebook.policies"
+            )
         if display is not None and not isinstance(display, bool):
             raise TypeError(f"`display` is {display!r}, but must be True, False or None (show it in a notebook)")
 
@@ -133,7 +142,8 @@ class Experiment:
         for run in prepared:
             self._store.add_run(run.record())
         backend = TorchBackend(create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks)
-        self._engine = Engine(self._store, prepared, backend)
+        on_rung = None if policy is None else (lambda rung: self._policy_step(policy, rung))
+        self._engine = Engine(self._store, prepared, backend, on_rung=on_rung)
         if display if display is not None else _in_kernel():
             self.panel()
         if self._panel is not None:
@@ -315,14 +325,16 @@ class Experiment:
         """
         return self._clone_modify(run_id, overrides, warm_start, origin="api")
 
-    def _clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str) -> int:
+    def _clone_modify(
+        self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str, reason: str | None = None
+    ) -> int:
         from rf_notebook.commands import CloneModify
         from rf_notebook.configs import TRAINING_ARGS, RFLoraConfig
         from rf_notebook.overrides import split_overrides
 
         new_id = self._store.reserve_run_ids(1)[0]
         args = {"overrides": overrides, "warm_start": warm_start}
-        op = self._store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id)
+        op = self._store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id, reason=reason)
         try:
             self._precheck("clone_modify", run_id, warm_start)
             parent = self._engine.runs[run_id]
@@ -362,8 +374,8 @@ class Experiment:
         columns = [f.name for f in dataclasses.fields(ICRecord)]
         return pd.DataFrame([dataclasses.asdict(r) for r in self._store.ic_log()], columns=columns)
 
-    def _submit_op(self, op: str, run_id: int, origin: str = "api") -> int:
-        record = self._store.log_op(origin, op, run_id, {})
+    def _submit_op(self, op: str, run_id: int, origin: str = "api", reason: str | None = None) -> int:
+        record = self._store.log_op(origin, op, run_id, {}, reason=reason)
         try:
             self._precheck(op, run_id)
         except ValueError as exc:
@@ -371,6 +383,30 @@ class Experiment:
             raise
         self._engine.submit(_COMMANDS[op](op_id=record.op_id, run_id=run_id))
         return record.op_id
+
+    def _policy_step(self, policy: Any, rung: int) -> None:
+        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
+        from rf_notebook.policies import RunAtRung
+
+        values: dict[int, dict[int, float]] = {}
+        for m in self._store.metrics():
+            if m.name == policy.metric:
+                values.setdefault(m.run_id, {})[m.chunk] = m.value
+        runs = [
+            RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), r.params)
+            for r in self._store.runs()
+            if r.run_id in self._engine.runs
+        ]
+        for decision in policy.decide(rung, runs):
+            try:
+                if decision.op == "stop":
+                    self._submit_op("stop", decision.run_id, origin="policy", reason=decision.reason)
+                else:
+                    self._clone_modify(
+                        decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason
+                    )
+            except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the others go on
+                logger.warning("policy decision %s on run %d refused: %s", decision.op, decision.run_id, exc)
 
     def _stoppable(self) -> list[int]:
         return [r.run_id for r in self._store.runs() if r.status in (RunStatus.QUEUED, RunStatus.TRAINING)]

@@ -151,10 +151,19 @@ class Store:
         run_id: int | None,
         args: Mapping[str, Any] | None = None,
         new_run_id: int | None = None,
+        reason: str | None = None,
     ) -> ICRecord:
+        """A new pending op. `reason` is why it was asked for (a policy's); a refusal's reason replaces it."""
         with self._lock:
             record = ICRecord(
-                len(self._ops) + 1, time.time(), origin, op, run_id, dict(args or {}), new_run_id=new_run_id
+                len(self._ops) + 1,
+                time.time(),
+                origin,
+                op,
+                run_id,
+                dict(args or {}),
+                reason=reason,
+                new_run_id=new_run_id,
             )
             self._ops.append(record)
             self._version += 1
@@ -166,6 +175,7 @@ class Store:
             record = self._ops[op_id - 1]
             if record.outcome != "pending":
                 raise ValueError(f"op {op_id} is already {record.outcome}")
+            reason = reason if reason is not None else record.reason
             record = dataclasses.replace(record, outcome=outcome, reason=reason, step=step)
             self._ops[op_id - 1] = record
             self._version += 1

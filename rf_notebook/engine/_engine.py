@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from rf_notebook import scheduler
@@ -35,8 +36,11 @@ _OP_NAMES = {Stop: "stop", Resume: "resume", Delete: "delete", CloneModify: "clo
 class Engine:
     """Runs an experiment's training in one background thread. See the module docstring."""
 
-    def __init__(self, store: Store, runs: list[Any], backend: Any):
+    def __init__(self, store: Store, runs: list[Any], backend: Any, on_rung: Callable[[int], None] | None = None):
         self.store, self.backend = store, backend
+        # Called on this thread when every live run has finished chunk k (a synchronous rung), once per k.
+        self.on_rung = on_rung
+        self._rung = 0
         backend.connect(should_yield=self.pending, record=self.record)
         self.runs = {r.run_id: r for r in runs}
         self.commands: CommandQueue = CommandQueue()
@@ -93,6 +97,7 @@ class Engine:
             self.stats["setup_s"] = time.perf_counter() - start
             for run_id, slot in self._slots.items():
                 self._progress(run_id, slot)
+            self._rung = self._completed_rung()  # rungs behind every run (a resumed experiment) are decided
         except BaseException as exc:  # reported to the caller of start()
             self._setup_error = exc
             self._release()
@@ -147,6 +152,8 @@ class Engine:
             return
         self._current = None if at_rung else slot.run_id
         self._progress(slot.run_id, slot)
+        if at_rung:
+            self._rungs()
         t4 = time.perf_counter()
         if slot.finished:
             self.backend.discard(slot, keep_adapter=True)  # frees trainer and optimizer; the adapter stays
@@ -155,6 +162,24 @@ class Engine:
         self.stats["eval_s"] += t3 - t2
         self.stats["switch_s"] += (t1 - t0) + (t4 - t3)
         self.stats["cleanup_s"] += time.perf_counter() - t4
+
+    def _completed_rung(self) -> int:
+        """The highest k such that every live run of this engine has finished chunk k (0 if none is live)."""
+        done = [r.chunks_done for r in self.store.runs() if r.run_id in self._slots and r.status in scheduler.RUNNABLE]
+        return min(done, default=0)
+
+    def _rungs(self) -> None:
+        """Hand each newly completed synchronous rung to `on_rung` (a policy); its ops wait in the queue and are
+        applied before anything trains further."""
+        if self.on_rung is None:
+            return
+        completed = self._completed_rung()
+        while self._rung < completed:
+            self._rung += 1
+            try:
+                self.on_rung(self._rung)
+            except Exception:  # a broken policy must not take the runs down
+                logger.exception("the policy failed at rung %d", self._rung)
 
     def _progress(self, run_id: int, slot: Any) -> None:
         status = self.store.run(run_id).status

@@ -1,0 +1,87 @@
+"""The policy interface: at each rung (every live run has finished chunk k), a pure function of the recorded
+metrics returns decisions. Policies import no torch and keep no state of their own: what they need is in the
+store (the metrics, and which rungs already have decisions in the IC log), so a restarted experiment makes the
+same decisions.
+
+    decisions = policy.decide(rung=2, runs=[RunAtRung(...), ...])
+    # [Decision("stop", run_id=7, reason="rank 7/8 at chunk 2 on eval_loss 1.93 > cut 1.41"), ...]
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["Decision", "Policy", "RunAtRung"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAtRung:
+    """What a policy sees of one run at a rung."""
+
+    run_id: int
+    name: str
+    status: str  # the store's RunStatus value
+    values: Mapping[int, float]  # rung (chunks done) -> the policy's metric at that rung
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def value(self, rung: int) -> float | None:
+        v = self.values.get(rung)
+        return v if v is not None and math.isfinite(v) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Stop a run, or clone it (warm start, with overrides). Every decision becomes an IC op, origin "policy"."""
+
+    op: str  # "stop" or "clone"
+    run_id: int
+    reason: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.op not in ("stop", "clone"):
+            raise ValueError(f"a decision's op is {self.op!r}, but must be 'stop' or 'clone'")
+
+
+class Policy(abc.ABC):
+    """Decides at rungs. `metric` is compared at the same data position (rung) for every run; `mode` is
+    "min" (losses) or "max" (rewards, accuracies)."""
+
+    def __init__(self, metric: str = "eval_loss", mode: str = "min"):
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"`metric` is {metric!r}, but must be the name of a logged metric, e.g. 'eval_loss'")
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
+        self.metric, self.mode = metric, mode
+
+    @abc.abstractmethod
+    def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
+        """Decisions at `rung` for `runs` (every run of the experiment, any status)."""
+
+    def better_first(self, runs: Sequence[RunAtRung], rung: int) -> list[RunAtRung]:
+        """Runs with a value at `rung`, best first; ties keep run-id order."""
+        scored = [r for r in runs if r.value(rung) is not None]
+        sign = 1 if self.mode == "min" else -1
+        return sorted(scored, key=lambda r: (sign * r.value(rung), r.run_id))
+
+    def worse(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "min" else a < b
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+LIVE = ("queued", "training")
+
+
+def live(runs: Sequence[RunAtRung]) -> list[RunAtRung]:
+    return [r for r in runs if r.status in LIVE]
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}"

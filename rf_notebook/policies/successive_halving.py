@@ -1,0 +1,46 @@
+"""Synchronous successive halving at chunk rungs: at rungs min_chunks, min_chunks*eta, min_chunks*eta^2, ...
+keep the best 1/eta of the runs still training and stop the others."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rf_notebook.policies._base import Decision, Policy, RunAtRung, fmt, live
+
+__all__ = ["SuccessiveHalving"]
+
+
+class SuccessiveHalving(Policy):
+    def __init__(self, metric: str = "eval_loss", mode: str = "min", eta: int = 3, min_chunks: int = 1):
+        super().__init__(metric, mode)
+        if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 4:
+            raise ValueError(f"`eta` is {eta!r}, but must be 2, 3 or 4 (keep the best 1/eta at each rung)")
+        if isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1:
+            raise ValueError(f"`min_chunks` is {min_chunks!r}, but must be an int >= 1")
+        self.eta, self.min_chunks = eta, min_chunks
+
+    def is_rung(self, rung: int) -> bool:
+        if rung < self.min_chunks or rung % self.min_chunks:
+            return False
+        ratio = rung // self.min_chunks
+        return ratio == self.eta ** round(math.log(ratio, self.eta))
+
+    def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
+        if not self.is_rung(rung):
+            return []
+        ranked = self.better_first(live(runs), rung)
+        keep = math.ceil(len(ranked) / self.eta)
+        if len(ranked) <= 1:
+            return []
+        cut = ranked[keep - 1].value(rung)
+        return [
+            Decision(
+                "stop",
+                r.run_id,
+                f"rank {i}/{len(ranked)} at chunk {rung} on {self.metric} {fmt(r.value(rung))} "
+                f"{'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
+            )
+            for i, r in enumerate(ranked, start=1)
+            if i > keep
+        ]

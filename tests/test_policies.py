@@ -1,0 +1,154 @@
+"""Pruning policies: pure decisions from recorded metric tables, then the same policies steering real runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rf_notebook.policies import PBT, Decision, MedianOfPeers, RunAtRung, SuccessiveHalving
+
+
+def table(rows: dict[int, dict[int, float]], status: dict[int, str] | None = None, lr: float = 1e-3):
+    """Runs 1..n with eval_loss per rung; all training unless `status` says otherwise."""
+    status = status or {}
+    return [
+        RunAtRung(run_id, f"run {run_id}", status.get(run_id, "queued"), values, {"training_args.learning_rate": lr})
+        for run_id, values in rows.items()
+    ]
+
+
+EIGHT = table({i: {1: 1.0 + i / 10, 2: 1.0 + i / 20} for i in range(1, 9)})  # run 1 best, run 8 worst
+
+
+def stopped(decisions: list[Decision]) -> list[int]:
+    return [d.run_id for d in decisions if d.op == "stop"]
+
+
+def test_successive_halving_keeps_the_best_1_over_eta_at_its_rungs():
+    sh = SuccessiveHalving(eta=2)
+    assert [r for r in range(1, 10) if sh.is_rung(r)] == [1, 2, 4, 8]
+    assert [r for r in range(1, 30) if SuccessiveHalving(eta=3, min_chunks=2).is_rung(r)] == [2, 6, 18]
+    decisions = sh.decide(1, EIGHT)
+    assert stopped(decisions) == [5, 6, 7, 8]
+    assert decisions[-1].reason == "rank 8/8 at chunk 1 on eval_loss 1.8 > cut 1.4 (keeping the best 4)"
+    assert sh.decide(3, EIGHT) == []  # not a rung of eta=2
+    assert stopped(SuccessiveHalving(eta=4).decide(1, EIGHT)) == [3, 4, 5, 6, 7, 8]
+    assert stopped(SuccessiveHalving(metric="eval_loss", mode="max", eta=2).decide(1, EIGHT)) == [4, 3, 2, 1]
+
+
+def test_successive_halving_ranks_only_live_runs_with_a_value():
+    runs = table({1: {1: 1.0}, 2: {1: 2.0}, 3: {1: 3.0}, 4: {}, 5: {1: 0.5}}, status={5: "stopped"})
+    assert stopped(SuccessiveHalving(eta=2).decide(1, runs)) == [3]  # 5 is stopped; 4 has no eval yet
+    nan = table({1: {1: 1.0}, 2: {1: math.nan}})
+    assert stopped(SuccessiveHalving(eta=2).decide(1, nan)) == []  # a NaN is no value: one run left
+
+
+def test_median_of_peers_stops_runs_worse_than_the_median_after_warmup():
+    policy = MedianOfPeers(warmup_chunks=1)
+    assert policy.decide(1, EIGHT) == []
+    decisions = policy.decide(2, EIGHT)
+    assert stopped(decisions) == [5, 6, 7, 8]
+    assert decisions[0].reason == "eval_loss 1.25 at chunk 2 > median 1.225 of 8 runs"
+    # stopped runs are peers (they ran that far) but are not stopped again
+    runs = table({1: {2: 1.0}, 2: {2: 2.0}, 3: {2: 3.0}}, status={1: "stopped", 3: "stopped"})
+    assert stopped(policy.decide(2, runs)) == []
+    assert stopped(MedianOfPeers(mode="max", warmup_chunks=0).decide(1, EIGHT)) == [1, 2, 3, 4]
+
+
+def test_pbt_replaces_the_bottom_quantile_with_perturbed_warm_clones_of_the_top():
+    policy = PBT(quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}, seed=3)
+    decisions = policy.decide(1, EIGHT)
+    assert [(d.op, d.run_id) for d in decisions] == [("stop", 7), ("clone", 1), ("stop", 8), ("clone", 2)]
+    for clone in decisions[1::2]:
+        assert clone.overrides["learning_rate"] in (pytest.approx(0.8e-3), pytest.approx(1.25e-3))
+        assert "learning_rate x" in clone.reason
+    assert "exploit at chunk 1: rank 8/8 on eval_loss 1.8" in decisions[2].reason
+    assert policy.decide(1, EIGHT) == decisions  # a pure function of the table: a restart decides the same
+    assert PBT(interval=2).decide(1, EIGHT) == []
+    assert PBT(quantile=0.25).decide(1, EIGHT[:3]) == []  # a quarter of 3 runs is nobody
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: SuccessiveHalving(eta=5), r"`eta` is 5, but must be 2, 3 or 4"),
+        (lambda: SuccessiveHalving(min_chunks=0), r"`min_chunks` is 0"),
+        (lambda: MedianOfPeers(mode="avg"), r"`mode` is 'avg', but must be 'min' or 'max'"),
+        (lambda: MedianOfPeers(metric=""), r"`metric` is ''"),
+        (lambda: PBT(quantile=0.7), r"`quantile` is 0.7, but must be in \(0, 0.5\]"),
+        (lambda: PBT(perturb={"learning_rate": ()}), r"perturb\['learning_rate'\]"),
+        (lambda: Decision("explode", 1, "why"), r"must be 'stop' or 'clone'"),
+    ],
+)
+def test_bad_policy_arguments_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# -- the same policies on real runs (demo model) ----------------------------------------------------------------
+
+
+def sweep(lrs, max_steps=32):
+    from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+    from rf_notebook.demo import DEMO_MODEL
+
+    return RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+            training_args=RFSFTConfig(learning_rate=List(lrs), per_device_train_batch_size=8, max_steps=max_steps),
+        ),
+        trainer_type="SFT",
+    )
+
+
+def test_successive_halving_on_real_runs_logs_its_decisions_and_can_be_overridden(tmp_path):
+    from rf_notebook import Experiment
+    from rf_notebook.demo import arithmetic_dataset, demo_model_fn
+
+    exp = Experiment("sh", experiments_dir=tmp_path)
+    train, evl = arithmetic_dataset("train", n=256), arithmetic_dataset("eval", n=16)
+    exp.run_fit(
+        sweep([3e-3, 1e-3, 1e-5, 1e-6]), demo_model_fn, train, evl, num_chunks=4, policy=SuccessiveHalving(eta=2)
+    )
+    assert exp.wait(timeout=300)
+    log = exp.ic_log()
+    policy_ops = log[log.origin == "policy"]
+    assert len(policy_ops) == 3 and set(policy_ops.op) == {"stop"} and set(policy_ops.outcome) == {"applied"}
+    assert all(reason.startswith("rank ") and "on eval_loss" in reason for reason in policy_ops.reason)
+    runs = {r.run_id: r for r in exp.runs()}
+    finished = [r for r in runs.values() if r.status.value == "finished"]
+    assert len(finished) == 1 and finished[0].run_id in (1, 2)  # a learning rate that learns wins
+    pruned_at_1 = [r for r in runs.values() if r.status.value == "stopped" and r.chunks_done == 1]
+    assert {r.run_id for r in pruned_at_1} == {3, 4}  # lr 1e-5 and 1e-6 go first
+    # the user overrides the policy: a pruned run resumes and trains to the end
+    exp.resume(3)
+    assert exp.wait(timeout=300)
+    assert exp.runs()[2].status.value == "finished"
+    exp.end()
+
+
+def test_pbt_on_real_runs_clones_the_leader_with_a_warm_start(tmp_path):
+    from rf_notebook import Experiment
+    from rf_notebook.demo import arithmetic_dataset, demo_model_fn
+
+    exp = Experiment("pbt", experiments_dir=tmp_path)
+    train, evl = arithmetic_dataset("train", n=128), arithmetic_dataset("eval", n=16)
+    policy = PBT(quantile=0.25, perturb={"learning_rate": (2.0,)}, interval=2)
+    exp.run_fit(sweep([3e-3, 1e-3, 1e-5, 1e-6], max_steps=16), demo_model_fn, train, evl, num_chunks=4, policy=policy)
+    assert exp.wait(timeout=300)
+    log = exp.ic_log()
+    clones = log[(log.origin == "policy") & (log.op == "clone_modify")]
+    assert len(clones) >= 1 and set(clones.outcome) == {"applied"}
+    first = clones.iloc[0]
+    runs = {r.run_id: r for r in exp.runs()}
+    parent_lr = runs[first.run_id].params["training_args.learning_rate"]
+    assert parent_lr in (3e-3, 1e-3)  # a leader, not a learning rate that does not learn
+    assert first.args["warm_start"] is True and first.args["overrides"]["learning_rate"] == pytest.approx(2 * parent_lr)
+    child = runs[first.new_run_id]
+    assert child.params["training_args.learning_rate"] == pytest.approx(2 * parent_lr)
+    assert child.status.value == "finished"
+    stops = log[(log.origin == "policy") & (log.op == "stop")]
+    assert 4 in set(stops.run_id)  # lr 1e-6 is the worst at chunk 2
+    exp.end()

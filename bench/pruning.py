@@ -26,8 +26,11 @@ from rf_notebook.policies import PBT, MedianOfPeers, SuccessiveHalving
 
 POLICIES = {
     "successive halving (eta=3)": lambda: SuccessiveHalving(eta=3),
+    "successive halving (eta=4)": lambda: SuccessiveHalving(eta=4),
     "median of peers (warmup 1)": lambda: MedianOfPeers(warmup_chunks=1),
-    "PBT (quantile 0.25)": lambda: PBT(quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}),
+    "PBT (quantile 0.25, every 2 chunks)": lambda: PBT(
+        quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}, interval=2
+    ),
 }
 
 

@@ -70,8 +70,11 @@ class Feed:
     def restart_clock(self) -> None:
         self.started, self._ended = time.time(), None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, until: int | None = None) -> dict[str, Any]:
+        """The whole state; its points are the first `until` metric rows (all of them by default)."""
         rows, cursor = self.store.metrics_since(0)
+        if until is not None and until < cursor:
+            rows, cursor = rows[:until], until
         series = _series(rows)
         for curves in series.values():
             for name, points in curves.items():
@@ -117,17 +120,16 @@ class Feed:
         elif not done:
             self._ended = None
         elapsed = (self._ended or now) - self.started
-        live = [r for r in runs if r.status is not RunStatus.DELETED and r.total_steps]
-        total = sum(r.total_steps for r in live)
-        progress = sum(min(r.step, r.total_steps) for r in live) / total if total else 0.0
+        # Work still planned: a stopped, failed or deleted run counts for what it did, not for what it skipped.
+        planned = [r.total_steps if r.status in (RunStatus.QUEUED, RunStatus.TRAINING) else r.step for r in runs]
+        total = sum(planned)
+        progress = sum(min(r.step, p) for r, p in zip(runs, planned)) / total if total else 0.0
         eta = elapsed * (1 - progress) / progress if 0 < progress < 1 and not done else None
         counts = Counter(r.status.value for r in runs)
         return {"elapsed_s": elapsed, "eta_s": eta, "progress": progress, "done": done, "counts": dict(counts)}
 
     @staticmethod
     def _run(record: RunRecord, latest: Mapping[str, float]) -> dict[str, Any]:
-        args = record.config.get("training_args", {}) if isinstance(record.config, Mapping) else {}
-        per_step = int(args.get("per_device_train_batch_size", 1)) * int(args.get("gradient_accumulation_steps", 1))
         return {
             "id": record.run_id,
             "name": record.name,
@@ -139,7 +141,7 @@ class Feed:
             "chunks_total": record.chunks_total,
             "error": record.error,
             "params": {k: _json_value(v) for k, v in record.params.items()},
-            "samples_per_step": per_step,
+            "samples_per_step": record.rows_per_step or 1,
             "latest": {k: _finite(v) for k, v in latest.items()},
             "color": run_color(record.run_id),
         }

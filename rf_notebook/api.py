@@ -202,6 +202,12 @@ class Experiment:
             return TRAINERS[run.spec.trainer_type].steps_per_epoch(num_samples, run.args)
 
         smallest = min(prepared, key=per_epoch)
+        if per_epoch(smallest) == 0:
+            raise ValueError(
+                f"run {smallest.spec.name!r} gets no optimizer step out of {num_samples} rows: one step needs "
+                f"{TRAINERS[smallest.spec.trainer_type].rows_per_step(smallest.args):g} rows (prompts of a whole "
+                "generation batch); use a larger data set or a smaller batch"
+            )
         if num_chunks > per_epoch(smallest):
             raise ValueError(
                 f"`num_chunks` is {num_chunks}, but run {smallest.spec.name!r} has only {per_epoch(smallest)} "
@@ -393,18 +399,28 @@ class Experiment:
             if m.name == policy.metric:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
         runs = [
-            RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), r.params)
+            RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), {**_resolved(r.config), **r.params})
             for r in self._store.runs()
             if r.run_id in self._engine.runs
         ]
+        if not any(rung in run.values for run in runs):
+            logger.warning(
+                "policy %r: no run logged %r at chunk %d (logged: %s); nothing to decide",
+                policy,
+                policy.metric,
+                rung,
+                sorted({m.name for m in self._store.metrics()}),
+            )
         for decision in policy.decide(rung, runs):
             try:
                 if decision.op == "stop":
                     self._submit_op("stop", decision.run_id, origin="policy", reason=decision.reason)
-                else:
-                    self._clone_modify(
-                        decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason
-                    )
+                    continue
+                self._clone_modify(
+                    decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason
+                )
+                if decision.replaces is not None:  # only once its replacement is on its way
+                    self._submit_op("stop", decision.replaces, origin="policy", reason=decision.reason)
             except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the others go on
                 logger.warning("policy decision %s on run %d refused: %s", decision.op, decision.run_id, exc)
 
@@ -461,6 +477,15 @@ def _in_kernel() -> bool:
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _resolved(config: Any) -> dict[str, Any]:
+    """A run's resolved trainer and adapter arguments as flat params ("training_args.learning_rate": ...)."""
+    flat: dict[str, Any] = {}
+    for section in ("training_args", "peft_config"):
+        for key, value in (config.get(section) or {}).items() if isinstance(config, dict) else ():
+            flat[f"{section}.{key}"] = value
+    return flat
 
 
 _COMMANDS = {"stop": Stop, "resume": Resume, "delete": Delete}

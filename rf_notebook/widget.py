@@ -67,6 +67,7 @@ class Panel(anywidget.AnyWidget):
         self._experiment = experiment
         self._feed = Feed(experiment._store, experiment.name)
         self.snapshot = self._feed.snapshot()
+        self._cursor = self.snapshot["cursor"]  # metric rows pushed so far (push mode)
         self._display_ids: list[str] = []
         self._final_version: int | None = None  # store version of the last final snapshot written
         self._lock = threading.Lock()  # one writer at a time: the thread and the message handler
@@ -112,7 +113,7 @@ class Panel(anywidget.AnyWidget):
     # -- the one writer ----------------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        cursor, sent_version = self.snapshot.get("cursor", 0), -1
+        sent_version = -1
         while not self._stop.wait(PUSH_INTERVAL_S):
             try:
                 version = self._experiment._store.version
@@ -120,9 +121,10 @@ class Panel(anywidget.AnyWidget):
                     continue
                 sent_version = version
                 if self.mode == "push":
-                    delta = self._feed.delta(since=cursor)
-                    cursor = delta["to"]
-                    self._push(delta)
+                    with self._lock:  # a sync answered meanwhile is cut at the same cursor
+                        delta = self._feed.delta(since=self._cursor)
+                        self._cursor = delta["to"]
+                        self._emit(delta)
                 if self._feed.done():
                     self._write_final()
             except Exception:  # the panel must never take training down
@@ -130,7 +132,11 @@ class Panel(anywidget.AnyWidget):
 
     def _push(self, message: dict[str, Any]) -> None:
         with self._lock:
-            super().send(message)
+            self._emit(message)
+
+    def _emit(self, message: dict[str, Any]) -> None:
+        """The one place a message leaves for the views (callers hold `_lock`)."""
+        super().send(message)
 
     def _write_final(self) -> None:
         """The complete state into the synced trait, and the static HTML of every display refreshed."""
@@ -155,7 +161,9 @@ class Panel(anywidget.AnyWidget):
             return
         kind, request_id = content.get("type"), content.get("id")
         if kind == "sync":
-            self._push({"type": "snapshot", "id": request_id, "state": self._feed.snapshot()})
+            with self._lock:  # in push mode, cut where the writer's next delta starts: no gap, no overlap
+                until = self._cursor if self.mode == "push" else None
+                self._emit({"type": "snapshot", "id": request_id, "state": self._feed.snapshot(until=until)})
         elif kind == "pull":
             since = content.get("since")
             if isinstance(since, int) and not isinstance(since, bool) and 0 <= since:
@@ -173,7 +181,12 @@ class Panel(anywidget.AnyWidget):
         op, run_id = request.get("op"), request.get("run_id")
         try:
             if op == "stop_all":
-                op_ids = [exp._submit_op(op="stop", run_id=r, origin="panel") for r in exp._stoppable()]
+                op_ids = []
+                for r in exp._stoppable():
+                    try:
+                        op_ids.append(exp._submit_op(op="stop", run_id=r, origin="panel"))
+                    except ValueError:  # it ended meanwhile; the refusal is in the log, the others still stop
+                        pass
                 return {"ok": True, "message": f"stopping {len(op_ids)} runs", "op_ids": op_ids}
             if isinstance(run_id, bool) or not isinstance(run_id, int):
                 raise ValueError(f"run_id is {run_id!r}, but must be an int")

@@ -41,7 +41,21 @@ def test_successive_halving_ranks_only_live_runs_with_a_value():
     runs = table({1: {1: 1.0}, 2: {1: 2.0}, 3: {1: 3.0}, 4: {}, 5: {1: 0.5}}, status={5: "stopped"})
     assert stopped(SuccessiveHalving(eta=2).decide(1, runs)) == [3]  # 5 is stopped; 4 has no eval yet
     nan = table({1: {1: 1.0}, 2: {1: math.nan}})
-    assert stopped(SuccessiveHalving(eta=2).decide(1, nan)) == []  # a NaN is no value: one run left
+    assert stopped(SuccessiveHalving(eta=2).decide(1, nan)) == [2]  # a diverged run ranks last
+
+
+def test_diverged_runs_rank_last_and_are_pruned():
+    runs = table({1: {1: 1.0, 2: 0.9}, 2: {1: math.nan, 2: math.inf}, 3: {1: 1.2, 2: 1.1}, 4: {1: 1.1, 2: 1.0}})
+    assert stopped(SuccessiveHalving(eta=2).decide(1, runs)) == [3, 2]
+    assert stopped(MedianOfPeers(warmup_chunks=0).decide(2, runs)) == [2, 3]
+    assert [d.replaces for d in PBT(quantile=0.25).decide(1, runs)] == [2]
+
+
+def test_median_of_peers_counts_pruned_runs_so_survivors_are_not_halved_again():
+    # runs 5-8 were stopped at rung 2; at rung 3 the survivors 1-4 are compared with all eight
+    runs = table({i: {1: i / 10, 2: i / 10, **({3: i / 10} if i <= 4 else {})} for i in range(1, 9)})
+    runs = [r if r.run_id <= 4 else RunAtRung(r.run_id, r.name, "stopped", r.values, r.params) for r in runs]
+    assert stopped(MedianOfPeers().decide(3, runs)) == []
 
 
 def test_median_of_peers_stops_runs_worse_than_the_median_after_warmup():
@@ -50,20 +64,24 @@ def test_median_of_peers_stops_runs_worse_than_the_median_after_warmup():
     decisions = policy.decide(2, EIGHT)
     assert stopped(decisions) == [5, 6, 7, 8]
     assert decisions[0].reason == "eval_loss 1.25 at chunk 2 > median 1.225 of 8 runs"
-    # stopped runs are peers (they ran that far) but are not stopped again
+    # stopped runs are peers but are not stopped again
     runs = table({1: {2: 1.0}, 2: {2: 2.0}, 3: {2: 3.0}}, status={1: "stopped", 3: "stopped"})
     assert stopped(policy.decide(2, runs)) == []
+    runs = table({1: {2: 1.0}, 2: {2: 2.5}, 3: {2: 2.0}}, status={1: "stopped", 3: "stopped"})
+    assert stopped(policy.decide(2, runs)) == [2]
     assert stopped(MedianOfPeers(mode="max", warmup_chunks=0).decide(1, EIGHT)) == [1, 2, 3, 4]
 
 
 def test_pbt_replaces_the_bottom_quantile_with_perturbed_warm_clones_of_the_top():
     policy = PBT(quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}, seed=3)
     decisions = policy.decide(1, EIGHT)
-    assert [(d.op, d.run_id) for d in decisions] == [("stop", 7), ("clone", 1), ("stop", 8), ("clone", 2)]
-    for clone in decisions[1::2]:
+    assert [(d.op, d.run_id, d.replaces) for d in decisions] == [("clone", 1, 7), ("clone", 2, 8)]
+    for clone in decisions:
         assert clone.overrides["learning_rate"] in (pytest.approx(0.8e-3), pytest.approx(1.25e-3))
         assert "learning_rate x" in clone.reason
-    assert "exploit at chunk 1: rank 8/8 on eval_loss 1.8" in decisions[2].reason
+    assert (
+        "exploit at chunk 1: run 8 (rank 8/8 on eval_loss 1.8) replaced by a warm clone of run 2" in decisions[1].reason
+    )
     assert policy.decide(1, EIGHT) == decisions  # a pure function of the table: a restart decides the same
     assert PBT(interval=2).decide(1, EIGHT) == []
     assert PBT(quantile=0.25).decide(1, EIGHT[:3]) == []  # a quarter of 3 runs is nobody
@@ -150,5 +168,6 @@ def test_pbt_on_real_runs_clones_the_leader_with_a_warm_start(tmp_path):
     assert child.params["training_args.learning_rate"] == pytest.approx(2 * parent_lr)
     assert child.status.value == "finished"
     stops = log[(log.origin == "policy") & (log.op == "stop")]
-    assert 4 in set(stops.run_id)  # lr 1e-6 is the worst at chunk 2
+    assert first.run_id != 4 and 4 in set(stops.run_id)  # lr 1e-6 is the worst at chunk 2: replaced
+    assert (stops.op_id > first.op_id).all()  # stopped only after its replacement was accepted
     exp.end()

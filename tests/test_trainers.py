@@ -139,3 +139,13 @@ def test_grpo_epoch_is_cut_into_chunks_as_the_trainer_counts_it(tmp_path):
     assert sorted(results[results.metric == "loss"].step) == list(range(1, 14))
     assert {"reward", "reward_std", "kl", "completions/mean_length"} <= set(results.metric)
     exp.end()
+
+
+def test_too_few_prompts_for_one_generation_batch_is_refused(tmp_path):
+    group = RFGridSearch(
+        model(RFGRPOConfig(num_generations=4, per_device_train_batch_size=16), reward_funcs=exact_match_reward),
+        trainer_type="GRPO",
+    )
+    exp = Experiment("few", experiments_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"gets no optimizer step out of 3 rows: one step needs 4 rows"):
+        exp.run_fit(group, demo_model_fn, prompt_dataset("train", n=3), num_chunks=1, display=False)

@@ -28,6 +28,7 @@ def store_with_runs(n=2, steps=10):
                 total_steps=steps,
                 chunks_total=2,
                 rungs=(steps // 2, steps),
+                rows_per_step=8.0,
             )
         )
     return store
@@ -86,7 +87,7 @@ class Recorder:
 def recording_panel(store, mode="push"):
     panel = Panel(Recorder(store), mode=mode)
     sent = []
-    panel._push = lambda message: sent.append((time.monotonic(), message))
+    panel._emit = lambda message: sent.append((time.monotonic(), message))
     return panel, sent
 
 
@@ -141,6 +142,24 @@ def test_final_snapshot_trait_and_static_html_when_the_experiment_ends():
     html = data["text/html"]
     assert "<svg" in html and "<polyline" in html and "<script" not in html
     assert "<img src=x" not in html and "&lt;img src=x" in html
+
+
+def test_a_sync_answer_ends_where_the_writers_next_delta_starts():
+    store = store_with_runs(n=1)
+    panel, sent = recording_panel(store)
+    panel.training_started()
+    store.log_metrics(1, 1, 1, {"loss": 1.0})
+    wait = time.time() + 3
+    while not sent:
+        assert time.time() < wait
+        time.sleep(0.01)
+    panel.stop_writer()  # no more deltas: the cursor stays where the last one ended
+    store.log_metrics(1, 2, 1, {"loss": 0.5})  # logged after the writer's last delta
+    panel._on_message(panel, {"type": "sync", "id": "v:1"}, [])
+    answer = sent[-1][1]
+    assert answer["type"] == "snapshot" and answer["id"] == "v:1"
+    assert answer["state"]["cursor"] == sent[0][1]["to"] == 1  # the next delta (from 1) continues it exactly
+    assert answer["state"]["series"] == {"1": {"loss": [[1, 1.0]]}}
 
 
 def test_pull_mode_sends_nothing_unasked_and_answers_pulls():

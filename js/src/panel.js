@@ -96,6 +96,8 @@ export class Panel {
 
   receive(msg) {
     if (!msg || typeof msg !== "object") return;
+    // Answers go to every view of the model: a view takes only its own (and the writer's broadcasts).
+    if (msg.id !== undefined && msg.id !== null && !String(msg.id).startsWith(`${this.viewId}:`)) return;
     if (msg.type === "reply") {
       const callback = this.pending.get(msg.id);
       this.pending.delete(msg.id);

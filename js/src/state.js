@@ -1,8 +1,7 @@
 // The panel's state: the kernel's snapshot plus the deltas that followed it (protocol: js/README.md).
 // Pure data, no DOM and no Bokeh, so it can be tested on its own.
 
-export const MAX_POINTS = 2000; // per curve in the browser; older points are thinned beyond this
-const KEEP_RECENT = 500; // the newest points are never thinned
+export const MAX_POINTS = 2000; // per curve in the browser; beyond it, every other point is dropped
 
 export function emptyState() {
   return {
@@ -57,19 +56,37 @@ export function applyDelta(state, delta) {
   return true;
 }
 
+// A curve is an array of [step, value] points with `stride` (it keeps one logged point in `stride`) and `tail`
+// (the newest point when it fell between two kept ones, so the line always reaches the latest value).
 function appendPoints(state, runId, metric, points) {
   const curves = (state.series[runId] ??= {});
-  const curve = (curves[metric] ??= []);
-  for (const point of points) curve.push(point);
-  if (curve.length > MAX_POINTS) curves[metric] = thin(curve);
+  const curve = (curves[metric] ??= Object.assign([], { stride: 1, seen: 0, tail: null }));
+  for (const point of points) {
+    if (curve.seen % curve.stride === 0) {
+      curve.push(point);
+      curve.tail = null;
+    } else {
+      curve.tail = point;
+    }
+    curve.seen += 1;
+  }
+  if (curve.length > MAX_POINTS) thin(curve);
 }
 
-/** Every other point of the older part of a curve: the payload stays bounded however long a run trains. */
+/** Keep every other point and double the stride: bounded memory however long a run trains, and the same
+ * density along the whole curve, old and new. */
 export function thin(curve) {
-  const old = curve.length - KEEP_RECENT;
-  const kept = [];
-  for (let i = 0; i < old; i += 2) kept.push(curve[i]);
-  return kept.concat(curve.slice(old));
+  let kept = 0;
+  for (let i = 0; i < curve.length; i += 2) curve[kept++] = curve[i];
+  curve.length = kept;
+  curve.stride *= 2;
+  return curve;
+}
+
+/** The points of a curve to draw: the kept ones and the newest. */
+export function pointsOf(curve) {
+  if (!curve) return [];
+  return curve.tail ? [...curve, curve.tail] : curve;
 }
 
 /** Every metric name logged by any run, train loss first, then train metrics, then eval metrics. */
@@ -100,7 +117,7 @@ export function smooth(values, weight) {
 
 /** One run's curve for the plot: x in steps or samples seen, y smoothed. */
 export function curveFor(state, run, metric, { xAxis = "step", smoothing = 0 } = {}) {
-  const points = state.series[String(run.id)]?.[metric] ?? [];
+  const points = pointsOf(state.series[String(run.id)]?.[metric]);
   const scale = xAxis === "samples" ? run.samples_per_step || 1 : 1;
   const steps = points.map((p) => p[0]);
   return { x: steps.map((s) => s * scale), y: smooth(points.map((p) => p[1]), smoothing), steps, raw: points.map((p) => p[1]) };

@@ -1,6 +1,6 @@
 import { describe, expect, it, vi } from "vitest";
 import { Panel } from "../src/panel.js";
-import { MAX_POINTS, applyDelta, formatValue, fromSnapshot, smooth } from "../src/state.js";
+import { MAX_POINTS, applyDelta, curveFor, formatValue, fromSnapshot, pointsOf, smooth } from "../src/state.js";
 
 /** An anywidget model stand-in: traits, custom messages both ways. */
 function fakeModel(traits = {}) {
@@ -103,6 +103,15 @@ describe("panel", () => {
     expect(last.metric).toBe("loss");
     expect(last.runs[0].steps).toEqual([1, 2, 3]);
     expect(last.runs[0].y).toEqual([2.0, 1.5, 1.2]);
+  });
+
+  it("ignores answers meant for another view of the same model", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", id: "someone-else:1", state: snapshot([run(1), run(2)]) });
+    expect(el.querySelectorAll("tbody tr")).toHaveLength(0);
+    model.emit({ type: "snapshot", id: model.sent[0].id, state: snapshot([run(1)]) });
+    expect(el.querySelectorAll("tbody tr")).toHaveLength(1);
   });
 
   it("asks for a snapshot when a delta does not continue its state", () => {
@@ -237,7 +246,7 @@ describe("panel", () => {
 });
 
 describe("state", () => {
-  it("keeps a long curve bounded, newest points intact", () => {
+  it("keeps a long curve bounded, evenly thinned, reaching the newest point", () => {
     const state = fromSnapshot(snapshot([run(1)], {}, 0));
     let cursor = 0;
     for (let i = 0; i < 20; i++) {
@@ -247,8 +256,11 @@ describe("state", () => {
     }
     const curve = state.series[1].loss;
     expect(curve.length).toBeLessThanOrEqual(MAX_POINTS);
-    expect(curve.at(-1)[0]).toBe(10000);
-    expect(curve.slice(-500).map((p) => p[0])).toEqual(Array.from({ length: 500 }, (_, j) => 9501 + j));
+    expect(curve.length).toBeGreaterThan(MAX_POINTS / 2);
+    const gaps = new Set(curve.slice(1).map((p, i) => p[0] - curve[i][0]));
+    expect([...gaps]).toEqual([curve.stride]); // evenly spread, old and new alike
+    expect(pointsOf(curve).at(-1)[0]).toBe(10000); // the line reaches the newest value
+    expect(curveFor(state, run(1), "loss").steps.at(-1)).toBe(10000);
   });
 
   it("smooths like TensorBoard and keeps gaps", () => {

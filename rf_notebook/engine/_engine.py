@@ -149,6 +149,7 @@ class Engine:
             self._current = None
             self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=_describe(exc))
             self.backend.discard(self._slots.pop(slot.run_id), keep_adapter=True)
+            self._rungs()  # the others may have been waiting for this run at a rung
             return
         self._current = None if at_rung else slot.run_id
         self._progress(slot.run_id, slot)
@@ -259,7 +260,10 @@ class Engine:
             self._progress(run.run_id, new)
         if self._current == op.run_id and isinstance(op, (Stop, Delete)):
             self._current = None
-        return self._settle(op, "applied", step=step)
+        outcome = self._settle(op, "applied", step=step)
+        if isinstance(op, (Stop, Delete)):
+            self._rungs()  # the run that held a rung back is out of the schedule
+        return outcome
 
     def _settle(self, op: ICOp, outcome: str, reason: str | None = None, step: int | None = None) -> str:
         self.store.settle_op(op.op_id, outcome, reason, step)

@@ -52,7 +52,12 @@ class PreparedRun:
     def record(self) -> RunRecord:
         """The store's first record of this run (queued)."""
         return RunRecord(
-            self.run_id, self.spec.name, self.spec.trainer_type, self.config, params=dict(self.spec.params)
+            self.run_id,
+            self.spec.name,
+            self.spec.trainer_type,
+            self.config,
+            params=dict(self.spec.params),
+            rows_per_step=float(TRAINERS[self.spec.trainer_type].rows_per_step(self.args)),
         )
 
 

@@ -29,18 +29,25 @@ class RunAtRung:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def value(self, rung: int) -> float | None:
-        v = self.values.get(rung)
-        return v if v is not None and math.isfinite(v) else None
+        """The metric at `rung` (NaN or inf for a diverged run), or None if the run has not logged it there."""
+        return self.values.get(rung)
+
+    def last_value(self, rung: int) -> float | None:
+        """The latest value at or before `rung`: where a run that stopped earlier stands."""
+        done = [k for k in self.values if k <= rung]
+        return self.values[max(done)] if done else None
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Stop a run, or clone it (warm start, with overrides). Every decision becomes an IC op, origin "policy"."""
+    """Stop a run, or clone it (warm start, with overrides) in place of run `replaces`, which is stopped once the
+    clone is accepted. Every decision becomes an IC op with origin "policy"."""
 
     op: str  # "stop" or "clone"
     run_id: int
     reason: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    replaces: int | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("stop", "clone"):
@@ -63,12 +70,20 @@ class Policy(abc.ABC):
         """Decisions at `rung` for `runs` (every run of the experiment, any status)."""
 
     def better_first(self, runs: Sequence[RunAtRung], rung: int) -> list[RunAtRung]:
-        """Runs with a value at `rung`, best first; ties keep run-id order."""
+        """Runs with a value at `rung`, best first, diverged ones (NaN, inf) last; ties keep run-id order."""
         scored = [r for r in runs if r.value(rung) is not None]
         sign = 1 if self.mode == "min" else -1
-        return sorted(scored, key=lambda r: (sign * r.value(rung), r.run_id))
+
+        def key(r: RunAtRung) -> tuple[bool, float, int]:
+            v = r.value(rung)
+            return (not math.isfinite(v), sign * v if math.isfinite(v) else 0.0, r.run_id)
+
+        return sorted(scored, key=key)
 
     def worse(self, a: float, b: float) -> bool:
+        """Whether `a` is worse than `b`; a value that is not a finite number is worse than any."""
+        if not math.isfinite(a):
+            return True
         return a > b if self.mode == "min" else a < b
 
     def __repr__(self) -> str:

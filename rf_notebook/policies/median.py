@@ -1,8 +1,10 @@
-"""Median-of-peers: after `warmup_chunks`, at every rung stop a run whose metric is worse than the median of
-every run's value at that same rung (stopped and finished runs count as peers: they ran that far)."""
+"""Median-of-peers: after `warmup_chunks`, at every rung stop a live run whose metric is worse than the median
+of its peers: every run's value at that rung, or, for a run that stopped earlier, its last value (so the pruned
+runs keep counting, and the survivors are not halved again at every rung). A diverged run (NaN) is stopped."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -21,7 +23,7 @@ class MedianOfPeers(Policy):
     def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
         if rung <= self.warmup_chunks:
             return []
-        peers = [r.value(rung) for r in runs if r.value(rung) is not None]
+        peers = [v for r in runs if (v := r.last_value(rung)) is not None and math.isfinite(v)]
         if len(peers) < 2:
             return []
         median = statistics.median(peers)

@@ -1,7 +1,7 @@
 """PBT-style exploit and explore at rungs: every `interval` chunks, each run in the bottom `quantile` of the
-live runs is stopped and replaced by a warm-start clone of a run from the top `quantile`, with its
-hyper-parameters in `perturb` multiplied by one of the given factors. The choice of factor is a pure function of
-(seed, rung, run), so a restarted experiment makes the same decisions."""
+live runs is replaced by a warm-start clone of a run from the top `quantile` (stopped once the clone is
+accepted), with the clone's hyper-parameters in `perturb` multiplied by one of the given factors. The choice of
+factor is a pure function of (seed, rung, run), so a restarted experiment makes the same decisions."""
 
 from __future__ import annotations
 
@@ -61,19 +61,13 @@ class PBT(Policy):
             rank = f"rank {len(ranked) - n + i + 1}/{len(ranked)}"
             decisions.append(
                 Decision(
-                    "stop",
-                    loser.run_id,
-                    f"exploit at chunk {rung}: {rank} on {self.metric} {fmt(loser.value(rung))}, "
-                    f"replaced by a warm clone of run {winner.run_id} ({fmt(winner.value(rung))})",
-                )
-            )
-            decisions.append(
-                Decision(
                     "clone",
                     winner.run_id,
-                    f"explore at chunk {rung}: warm clone of run {winner.run_id} in place of run {loser.run_id}"
-                    + (f", {', '.join(changes)}" if changes else ""),
+                    f"exploit at chunk {rung}: run {loser.run_id} ({rank} on {self.metric} "
+                    f"{fmt(loser.value(rung))}) replaced by a warm clone of run {winner.run_id} "
+                    f"({fmt(winner.value(rung))})" + (f", {', '.join(changes)}" if changes else ""),
                     overrides,
+                    replaces=loser.run_id,
                 )
             )
         return decisions

@@ -58,7 +58,7 @@ def steps_per_epoch(num_rows: int, args: Any) -> int:
     """Optimizer steps per pass over the prompts, as the trainer counts them (TRL's RepeatSampler drops a last,
     incomplete generation batch)."""
     prompts, micro_batches = _geometry(args)
-    return max(math.ceil((num_rows // prompts) * micro_batches / args.gradient_accumulation_steps), 1)
+    return math.ceil((num_rows // prompts) * micro_batches / args.gradient_accumulation_steps)  # 0: too few rows
 
 
 def rows_per_step(args: Any) -> float:

@@ -60,13 +60,13 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     notebook.scroll_to_cell(fit)
 
     # 1. curves receive points
-    wait_until(lambda: sum(points(panel).values()) >= 8, 60, "points on the curves")
+    wait_until(lambda: sum(points(panel).values()) >= 8, 120, "points on the curves")
     expect(panel.locator("tbody tr")).to_have_count(4)
     shots("curves")
 
     # 2. Stop run 1: "stopped" within 2 s, its curve stops, the others go on
     row1 = panel.locator('tr[data-run="1"]')
-    wait_until(lambda: points(panel).get(1, 0) > 0, 60, "run 1 trains")
+    wait_until(lambda: points(panel).get(1, 0) > 0, 120, "run 1 trains")
     t0 = time.monotonic()
     row1.locator("button.rfnb-stop").click()
     expect(row1.locator(".rfnb-status")).to_have_text("stopped", timeout=2_000)
@@ -74,7 +74,7 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     shots("stopped")
     time.sleep(0.5)  # the delta that carried the status carried the last points too
     frozen, others = points(panel)[1], {k: v for k, v in points(panel).items() if k != 1}
-    wait_until(lambda: any(points(panel)[k] > v for k, v in others.items()), 30, "the other runs to go on")
+    wait_until(lambda: any(points(panel)[k] > v for k, v in others.items()), 120, "the other runs to go on")
     time.sleep(1.0)
     assert points(panel)[1] == frozen, "the stopped run's curve kept growing"
 
@@ -86,7 +86,7 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     # 3. Resume: it continues
     row1.locator("button.rfnb-resume").click()
     expect(row1.locator(".rfnb-status")).not_to_have_text("stopped", timeout=2_000)
-    wait_until(lambda: points(panel)[1] > frozen, 60, "the resumed run to train")
+    wait_until(lambda: points(panel)[1] > frozen, 120, "the resumed run to train")
     shots("resumed")
 
     # 4. Clone-Modify run 2 with a new learning rate and Warm start: a fifth run that trains
@@ -102,7 +102,7 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     row5 = panel.locator('tr[data-run="5"]')
     expect(row5).to_be_visible(timeout=10_000)
     expect(row5.locator(".rfnb-name")).to_contain_text("(warm)")
-    wait_until(lambda: points(panel).get(5, 0) >= 2, 60, "the clone to train")
+    wait_until(lambda: points(panel).get(5, 0) >= 2, 120, "the clone to train")
     shots("cloned")
     log = panel.locator(".rfnb-log")
     expect(log).to_contain_text("clone_modify run 2 → run 5 (panel) applied")
@@ -110,12 +110,12 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     # other views of the curves: eval loss (one point per chunk end) on a log scale, smoothed train loss
     panel.locator("select.rfnb-metric").select_option("eval_loss")
     panel.locator("input.rfnb-logy").check()
-    wait_until(lambda: points(panel).get(1, 0) >= 1 and sum(points(panel).values()) < 200, 10, "eval-loss points")
+    wait_until(lambda: points(panel).get(1, 0) >= 1 and sum(points(panel).values()) < 200, 30, "eval-loss points")
     shots("eval-loss-log")
     panel.locator("input.rfnb-logy").uncheck()
     panel.locator("select.rfnb-metric").select_option("loss")
     panel.locator("input.rfnb-smoothing").fill("0.9")
-    wait_until(lambda: points(panel).get(1, 0) > frozen, 10, "train-loss points again")
+    wait_until(lambda: points(panel).get(1, 0) > frozen, 30, "train-loss points again")
 
     # 5. Stop all, then the rest of the notebook: wait (returns: nothing left to train), results, the panel, export
     panel.locator("button.rfnb-stop-all").click()

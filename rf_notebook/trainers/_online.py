@@ -17,16 +17,14 @@ from rf_notebook.trainers._common import base_args, base_is_reference, check_col
 DATASET_FORMATS: tuple[tuple[str, ...], ...] = (("prompt",),)
 
 
-def check_dataset(dataset: Any, role: str, formatting_func: Callable | None, trainer_type: str) -> None:
+def check_dataset(dataset: Any, role: str, formatting_func: Callable | None, *, trainer_type: str) -> None:
     check_columns(dataset, role, trainer_type, DATASET_FORMATS)
 
 
-def resolve_args(
-    user: Mapping[str, Any], config_class: type, *, output_dir: str, seed: int, on_gpu: bool
-) -> dict[str, Any]:
+def resolve_args(user: Mapping[str, Any], *, spec: Any, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
     """The base defaults, an eval batch that holds whole groups, and the group-size rule checked in plain words."""
     args = base_args(user, output_dir=output_dir, seed=seed, on_gpu=on_gpu)
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.init}
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.target()) if f.init}
     value = {name: args.get(name, defaults.get(name)) for name in defaults}
     groups = value["num_generations"]
     if isinstance(groups, int) and groups >= 2:
@@ -67,7 +65,7 @@ def rows_per_step(args: Any) -> float:
 
 
 def build_trainer(
-    trainer_class: type,
+    trainer_name: str,
     model: Any,
     tokenizer: Any,
     args: Any,
@@ -76,9 +74,11 @@ def build_trainer(
     model_config: RFModelConfig,
     callbacks: Sequence[Any],
 ) -> Any:
+    import trl
+
     funcs = model_config.reward_funcs
     with base_is_reference(model, model.active_adapter):
-        return trainer_class(
+        return getattr(trl, trainer_name)(
             model=model,
             reward_funcs=list(funcs) if isinstance(funcs, (list, tuple)) else [funcs],
             args=args,

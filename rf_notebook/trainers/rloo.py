@@ -3,38 +3,16 @@ GRPO and RLOO share: sampled groups of completions, rewards, the reference model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import functools
 
-from rf_notebook.configs import RFModelConfig, RFRLOOConfig
+from rf_notebook.configs import RFRLOOConfig
 from rf_notebook.trainers import _online
 
 __all__ = ["CONFIG", "check_dataset", "resolve_args", "steps_per_epoch", "rows_per_step", "build_trainer"]
 
 CONFIG = RFRLOOConfig
+check_dataset = functools.partial(_online.check_dataset, trainer_type="RLOO")
+resolve_args = functools.partial(_online.resolve_args, spec=CONFIG)
 steps_per_epoch = _online.steps_per_epoch
 rows_per_step = _online.rows_per_step
-
-
-def check_dataset(dataset: Any, role: str, formatting_func: Callable | None) -> None:
-    _online.check_dataset(dataset, role, formatting_func, "RLOO")
-
-
-def resolve_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
-    return _online.resolve_args(user, CONFIG.target(), output_dir=output_dir, seed=seed, on_gpu=on_gpu)
-
-
-def build_trainer(
-    model: Any,
-    tokenizer: Any,
-    args: Any,
-    train_dataset: Any,
-    eval_dataset: Any,
-    model_config: RFModelConfig,
-    callbacks: Sequence[Any],
-) -> Any:
-    from trl import RLOOTrainer
-
-    return _online.build_trainer(
-        RLOOTrainer, model, tokenizer, args, train_dataset, eval_dataset, model_config, callbacks
-    )
+build_trainer = functools.partial(_online.build_trainer, "RLOOTrainer")

@@ -11,6 +11,7 @@ training itself runs in the engine's background thread.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import re
 import sys
@@ -32,6 +33,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Experiments of this process. Runs share process-wide state (random generators, Accelerate's singletons) that
 # the one scheduler thread swaps per run, so only one experiment may train at a time.
 _EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
+# The Experiment object that holds each experiment directory in this process (re-running a notebook's
+# `exp = Experiment("x")` cell hands the directory over to the new object).
+_HOLDERS: weakref.WeakValueDictionary[Path, Experiment] = weakref.WeakValueDictionary()
 
 
 @atexit.register
@@ -59,7 +63,12 @@ def default_model_fn(model_config: RFModelConfig) -> tuple[Any, Any]:
 
 
 class Experiment:
-    """A named set of runs, their metrics and the background thread that trains them."""
+    """A named set of runs, their metrics and the background thread that trains them.
+
+    Everything is kept in the experiment directory (`<experiments_dir>/<experiment_name>`): an SQLite database of
+    runs, metrics and IC ops, and each run's latest checkpoint. `Experiment(name)` on an existing directory reads
+    its history back (results, leaderboard, panel); `run_fit(..., resume=True)` continues its unfinished runs.
+    """
 
     def __init__(self, experiment_name: str, experiments_dir: str | Path = "rf_experiments"):
         if not isinstance(experiment_name, str) or not _SAFE_NAME.match(experiment_name) or ".." in experiment_name:
@@ -67,12 +76,37 @@ class Experiment:
                 f"experiment name {experiment_name!r} is not a safe directory name: use 1-100 letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit"
             )
+        if not isinstance(experiments_dir, (str, Path)):
+            raise TypeError(f"`experiments_dir` is {experiments_dir!r}, but must be a path (str or pathlib.Path)")
         self.name = experiment_name
         self.path = Path(experiments_dir) / experiment_name
-        self._store = Store()
         self._engine: Any = None
         self._panel: Any = None
+        key = self.path.resolve()
+        holder = _HOLDERS.get(key)
+        if holder is not None:
+            if holder._training():
+                raise RuntimeError(
+                    f"experiment {experiment_name!r} is training in this process (another Experiment object): "
+                    "use that object, or end() it first"
+                )
+            holder._release_directory()
+        from rf_notebook._journal import DB_NAME
+
+        self._store = Store.open(self.path) if (self.path / DB_NAME).exists() else Store()
+        for r in self._store.runs():  # left unfinished by a process that ended: not training any more
+            if r.status in (RunStatus.QUEUED, RunStatus.TRAINING):
+                self._store.update_run(r.run_id, status=RunStatus.STOPPED)
+        for op in self._store.ic_log():
+            if op.outcome == "pending":
+                self._store.settle_op(op.op_id, "refused", "the process ended before the op was applied")
+        _HOLDERS[key] = self
         _EXPERIMENTS.add(self)
+
+    def _release_directory(self) -> None:
+        """Hand the directory to a newer Experiment object of this process (its history stays readable here)."""
+        self.end()
+        self._store.close()
 
     # -- starting ----------------------------------------------------------------------------------------------
 
@@ -86,6 +120,8 @@ class Experiment:
         seed: int = 42,
         display: bool | None = None,
         policy: Any = None,
+        resume: bool = False,
+        on_nonfinite: str = "fail",
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
@@ -93,6 +129,14 @@ class Experiment:
         notebook the live panel appears in the cell's output (`display=False` keeps it hidden; `exp.panel()`
         shows it anywhere later). `policy` (e.g. `SuccessiveHalving()`) stops, or clones, runs at chunk ends; its
         decisions are IC ops with origin "policy".
+
+        Every run's state is checkpointed in the experiment directory at each chunk end. After a kernel restart,
+        run the same cells again with `resume=True`: the last run_fit's unfinished runs (and the clones made from
+        them) continue from their last checkpoints, exactly as if never interrupted. The search, data sets,
+        `num_chunks` and `seed` must be the ones it started with (checked; the data sets by content fingerprint).
+
+        `on_nonfinite`: what a NaN / inf training loss does to its run: "fail" (marked failed, the others go on)
+        or "continue".
         """
         from rf_notebook.engine import Engine, TorchBackend
 
@@ -106,6 +150,11 @@ class Experiment:
                     f"experiment {other.name!r} is still training in this process; one experiment trains at a "
                     "time: wait() for it or end() it first"
                 )
+        if _HOLDERS.get(self.path.resolve()) is not self:
+            raise RuntimeError(
+                f"this Experiment object no longer holds {str(self.path)!r}: a newer Experiment({self.name!r}) "
+                "in this process took it over; use that one"
+            )
         if not isinstance(param_config, _Search):
             raise TypeError(f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}")
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
@@ -123,6 +172,10 @@ class Experiment:
             )
         if display is not None and not isinstance(display, bool):
             raise TypeError(f"`display` is {display!r}, but must be True, False or None (show it in a notebook)")
+        if not isinstance(resume, bool):
+            raise TypeError(f"`resume` is {resume!r}, but must be True or False")
+        if on_nonfinite not in ("fail", "continue"):
+            raise ValueError(f"`on_nonfinite` is {on_nonfinite!r}, but must be 'fail' or 'continue'")
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
@@ -133,17 +186,41 @@ class Experiment:
             trainer.check_dataset(train_dataset, "train", formatting_func)
             if eval_dataset is not None:
                 trainer.check_dataset(eval_dataset, "eval", formatting_func)
-        ids = self._store.reserve_run_ids(len(specs))
-        prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
-        self._check_num_chunks(prepared, len(train_dataset), num_chunks)
+        fit = {
+            "trainer_type": param_config.trainer_type,
+            "num_chunks": num_chunks,
+            "seed": seed,
+            "train_fingerprint": data_fingerprint(train_dataset),
+            "eval_fingerprint": None if eval_dataset is None else data_fingerprint(eval_dataset),
+        }
+        if resume:
+            prepared, points = self._resumable(specs, fit)
+        else:
+            ids = self._store.reserve_run_ids(len(specs))
+            prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
+            points = {}
+            self._check_num_chunks(prepared, len(train_dataset), num_chunks)
 
+        if not self._store.durable:
+            self._store.attach(self.path)  # StorageError (unwritable folder) before anything trains
         if self._engine is not None:
             self._engine.shutdown()
-        for run in prepared:
-            self._store.add_run(run.record())
-        backend = TorchBackend(create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks)
+        if resume:
+            for run in prepared:
+                record = self._store.run(run.run_id)
+                self._store.drop_metrics_after(run.run_id, points.get(run.run_id, (0, None))[0])
+                if record.status is RunStatus.STOPPED and not self._stopped_by_op(run.run_id):
+                    self._store.update_run(run.run_id, status=RunStatus.QUEUED)  # interrupted: continue
+        else:
+            for run in prepared:
+                self._store.add_run(run.record())
+            self._store.set_meta("fits", [*self._store.meta("fits", []), {**fit, "run_ids": [r.run_id for r in prepared]}])
+        backend = TorchBackend(
+            create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks, on_nonfinite=on_nonfinite
+        )
+        backend.resume_points = points
         on_rung = None if policy is None else (lambda rung: self._policy_step(policy, rung))
-        self._engine = Engine(self._store, prepared, backend, on_rung=on_rung)
+        self._engine = Engine(self._store, prepared, backend, on_rung=on_rung, checkpoints=True)
         if display if display is not None else _in_kernel():
             self.panel()
         if self._panel is not None:
@@ -155,6 +232,73 @@ class Experiment:
                 self._store.update_run(run.run_id, status=RunStatus.FAILED, error=f"setup failed: {exc!r}")
             raise
         logger.info("experiment %r: %d runs training in the background", self.name, len(prepared))
+
+    def _resumable(self, specs: list[RunSpec], fit: dict[str, Any]) -> tuple[list[Any], dict[int, tuple[int, str]]]:
+        """The last run_fit's runs (and clones made from them) that can still train, rebuilt from the same
+        search, and where each one resumes: {run_id: (step, checkpoint folder)}."""
+        fits = self._store.meta("fits", [])
+        if not fits:
+            raise ValueError(
+                f"experiment {self.name!r} has no earlier run_fit to resume (nothing recorded in "
+                f"{str(self.path)!r}); call run_fit without resume=True to start it"
+            )
+        last = fits[-1]
+        for key, what in (
+            ("trainer_type", "trainer_type"),
+            ("num_chunks", "`num_chunks`"),
+            ("seed", "`seed`"),
+            ("train_fingerprint", "`train_dataset` (content fingerprint)"),
+            ("eval_fingerprint", "`eval_dataset` (content fingerprint)"),
+        ):
+            if fit[key] != last[key]:
+                raise ValueError(
+                    f"cannot resume experiment {self.name!r}: {what} is {fit[key]!r}, but it was started with "
+                    f"{last[key]!r}; resume with the same arguments, or start a new experiment"
+                )
+        ids = last["run_ids"]
+        if len(specs) != len(ids):
+            raise ValueError(
+                f"cannot resume experiment {self.name!r}: the search expands to {len(specs)} runs, but it was "
+                f"started with {len(ids)} (runs {ids}); resume with the same search, or start a new experiment"
+            )
+        prepared: dict[int, Any] = {}
+        for run_id, spec in zip(ids, specs):
+            run = self._prepare(run_id, spec, fit["seed"])
+            changed = _config_changes(self._store.run(run_id).config, run.config)
+            if changed:
+                raise ValueError(
+                    f"cannot resume experiment {self.name!r}: run {run_id} ({self._store.run(run_id).name!r}) was "
+                    f"started with a different config ({changed}); resume with the same search, or start a new "
+                    "experiment"
+                )
+            prepared[run_id] = run
+        for op in self._store.ic_log():  # clones, in the order they were made (a clone of a clone follows)
+            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in prepared:
+                parent = prepared[op.run_id]
+                spec = _clone_spec(parent.spec, self._split(parent, op.args["overrides"], op.args["warm_start"]), op.args["warm_start"])
+                prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, fit["seed"])
+        from rf_notebook.engine._torch import latest_checkpoint
+
+        live, points = [], {}
+        for run_id, run in prepared.items():
+            if self._store.run(run_id).status.is_terminal:
+                continue
+            point = latest_checkpoint(run.args.output_dir)
+            warm = Path(run.args.output_dir) / "warm-start"
+            if point is None and (warm / "trainer_state.json").is_file():  # a warm clone before its first rung
+                point = (json.loads((warm / "trainer_state.json").read_text())["global_step"], warm)
+            if point is not None:
+                points[run_id] = (point[0], str(point[1]))
+            live.append(run)
+        if not live:
+            raise ValueError(f"experiment {self.name!r} has no unfinished run to resume (all finished, failed or deleted)")
+        return live, points
+
+    def _stopped_by_op(self, run_id: int) -> bool:
+        """Whether the run's latest applied stop/resume op is a stop (a user's or a policy's decision)."""
+        ops = [op.op for op in self._store.ic_log() if op.run_id == run_id and op.outcome == "applied"]
+        ops = [op for op in ops if op in ("stop", "resume")]
+        return bool(ops) and ops[-1] == "stop"
 
     def _prepare(self, run_id: int, spec: RunSpec, seed: int) -> Any:
         """Resolve one run's arguments and build its real TRL / PEFT configs (TRL validates values here)."""
@@ -335,8 +479,6 @@ class Experiment:
         self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str, reason: str | None = None
     ) -> int:
         from rf_notebook.commands import CloneModify
-        from rf_notebook.configs import TRAINING_ARGS, RFLoraConfig
-        from rf_notebook.overrides import split_overrides
 
         new_id = self._store.reserve_run_ids(1)[0]
         args = {"overrides": overrides, "warm_start": warm_start}
@@ -344,16 +486,7 @@ class Experiment:
         try:
             self._precheck("clone_modify", run_id, warm_start)
             parent = self._engine.runs[run_id]
-            split = split_overrides(
-                overrides,
-                current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
-                fields={
-                    "training_args": TRAINING_ARGS[parent.spec.trainer_type].field_names(),
-                    "peft_config": RFLoraConfig.field_names(),
-                },
-                warm_start=bool(warm_start),
-            )
-            spec = _clone_spec(parent.spec, split, warm_start)
+            spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
             prepared = self._prepare(new_id, spec, parent.args.seed)
         except (KeyError, TypeError, ValueError) as exc:
             self._store.settle_op(op.op_id, "refused", str(exc))
@@ -370,6 +503,22 @@ class Experiment:
         )
         return new_id
 
+    @staticmethod
+    def _split(parent: Any, overrides: dict[str, Any], warm_start: bool) -> dict[str, dict[str, Any]]:
+        """Validate a clone's overrides against its parent's resolved configs and sort them by config."""
+        from rf_notebook.configs import TRAINING_ARGS, RFLoraConfig
+        from rf_notebook.overrides import split_overrides
+
+        return split_overrides(
+            overrides,
+            current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
+            fields={
+                "training_args": TRAINING_ARGS[parent.spec.trainer_type].field_names(),
+                "peft_config": RFLoraConfig.field_names(),
+            },
+            warm_start=bool(warm_start),
+        )
+
     def ic_log(self):
         """Every IC op as a pandas DataFrame: op_id, time, origin, op, run_id, args, outcome, reason, step,
         new_run_id. `step` is the run's optimizer step when the op took effect."""
@@ -381,6 +530,8 @@ class Experiment:
         return pd.DataFrame([dataclasses.asdict(r) for r in self._store.ic_log()], columns=columns)
 
     def _submit_op(self, op: str, run_id: int, origin: str = "api", reason: str | None = None) -> int:
+        if op == "resume" and self._store.storage_error is not None:
+            self._store.recover()  # the experiment paused on a failed write: the directory must work again
         record = self._store.log_op(origin, op, run_id, {}, reason=reason)
         try:
             self._precheck(op, run_id)
@@ -454,12 +605,18 @@ class Experiment:
     # -- taking results away -----------------------------------------------------------------------------------
 
     def export(self, run_id: int, path: str | Path) -> Path:
-        """Write run `run_id`'s adapter as a PEFT folder (for `PeftModel.from_pretrained`) plus rf_config.json."""
-        self._store.run(run_id)  # unknown ids raise KeyError naming the known ones
-        if self._engine is None or not self._engine.alive:
-            raise RuntimeError(f"experiment {self.name!r} holds no models (not started, or end() was called)")
-        command = self._engine.submit(Export(run_id=run_id, path=str(path)))
-        return Path(command.reply.result())
+        """Write run `run_id`'s adapter as a PEFT folder (for `PeftModel.from_pretrained`) plus rf_config.json.
+
+        While the experiment holds its models this is the adapter as it is now; after `end()` or in a new
+        process it is the adapter of the run's last checkpoint (its last chunk end)."""
+        record = self._store.run(run_id)  # unknown ids raise KeyError naming the known ones
+        info = {"run_id": record.run_id, "name": record.name, "config": record.config}
+        if self._engine is not None and self._engine.alive and run_id in self._engine.runs:
+            command = self._engine.submit(Export(run_id=run_id, path=str(path)))
+            return Path(command.reply.result())
+        from rf_notebook.engine._torch import export_checkpoint
+
+        return export_checkpoint(record.config.get("training_args", {}).get("output_dir", ""), path, info)
 
     def end(self) -> None:
         """Stop training (if still running) and release every model, adapter and trainer."""
@@ -493,6 +650,48 @@ _COMMANDS = {"stop": Stop, "resume": Resume, "delete": Delete}
 
 def _trainable(runs: list[RunRecord]) -> bool:
     return any(r.status in (RunStatus.QUEUED, RunStatus.TRAINING) for r in runs)
+
+
+def data_fingerprint(dataset: Any) -> str:
+    """A content hash of a data set (datasets.Dataset: its Arrow table; else its rows as JSON)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    table = getattr(dataset, "data", None)
+    table = getattr(table, "table", table)  # datasets wraps the pyarrow table
+    if hasattr(dataset, "_indices") and getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()  # a selected / shuffled view: hash the rows it shows
+        table = dataset.data.table
+    if hasattr(table, "to_batches"):
+        import pyarrow as pa
+
+        digest.update(repr(table.schema).encode())
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=65536):
+                writer.write_batch(batch)
+        digest.update(sink.getvalue())
+    else:
+        for row in dataset:
+            digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
+    return f"{len(dataset)} rows, {digest.hexdigest()}"
+
+
+def _config_changes(stored: Any, new: Any) -> str:
+    """What differs between a stored resolved config and a rebuilt one ("" if nothing); paths are ignored."""
+    a, b = json.loads(json.dumps(stored, default=str)), json.loads(json.dumps(new, default=str))
+    for config in (a, b):
+        config.get("training_args", {}).pop("output_dir", None)
+    changes = []
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                if x.get(key) != y.get(key):
+                    changes.append(f"{section}.{key}: {x.get(key)!r} -> {y.get(key)!r}")
+        elif x != y:
+            changes.append(f"{section}: {x!r} -> {y!r}")
+    return "; ".join(changes)
 
 
 def _clone_spec(parent: RunSpec, overrides: dict[str, dict[str, Any]], warm_start: bool) -> RunSpec:

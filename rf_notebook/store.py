@@ -8,6 +8,11 @@ list, so readers never see a half-written update and never block training for lo
     store.log_metrics(1, step=16, chunk=1, values={"eval_loss": 0.91})
     store.runs(); store.metrics(run_id=1)
     op = store.log_op("api", "stop", run_id=1); store.settle_op(op.op_id, "applied", step=17)
+
+Durable: `Store.open(directory)` reads an experiment's SQLite database back (`_journal.Journal`) and from then
+on writes every change to it in the same call. If a write fails (disk full, read-only folder), the change stays
+in memory, `storage_error` says why, and nothing more is written until `recover()` rewrites the whole database
+from memory in one transaction (so the database never has holes); the engine pauses training meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import enum
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = ["RunStatus", "RunRecord", "MetricRow", "ICRecord", "Store"]
@@ -86,9 +92,114 @@ class Store:
         self._runs: dict[int, RunRecord] = {}
         self._metrics: list[MetricRow] = []
         self._ops: list[ICRecord] = []
+        self._meta: dict[str, Any] = {}
         self._next_id = 1
         self._changed = threading.Condition(self._lock)
         self._version = 0
+        self._journal: Any = None
+        self._storage_error: str | None = None
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Store:
+        """The store of the experiment in `directory`, read back from its database (created if new)."""
+        from rf_notebook._journal import Journal
+
+        journal = Journal.open(Path(directory))
+        store = cls()
+        runs, metrics, ops, meta = journal.load()
+        for r in runs:
+            record = RunRecord(**{**r, "status": RunStatus(r["status"]), "rungs": tuple(r["rungs"])})
+            store._runs[record.run_id] = record
+        store._metrics = [MetricRow(*row) for row in metrics]
+        store._ops = [ICRecord(**op) for op in ops]
+        store._meta = meta
+        store._next_id = max([*store._runs, *(op.new_run_id or 0 for op in store._ops), 0]) + 1
+        store._journal = journal
+        return store
+
+    def attach(self, directory: str | Path) -> None:
+        """Make an in-memory store durable: create the experiment's database and write everything so far."""
+        from rf_notebook._journal import Journal
+
+        journal = Journal.open(Path(directory))
+        with self._lock:
+            try:
+                journal.rewrite(list(self._runs.values()), self._metrics, self._ops, self._meta)
+            except BaseException:
+                journal.close()
+                raise
+            self._journal = journal
+
+    @property
+    def durable(self) -> bool:
+        return self._journal is not None
+
+    @property
+    def storage_error(self) -> str | None:
+        """Why the last write to the experiment directory failed (None: every change is on disk)."""
+        return self._storage_error
+
+    def _persist(self, method: str, *args: Any) -> None:
+        """Write one change to the database (caller holds the lock). A failure is remembered, not raised: the
+        training thread must not die of it, and the engine pauses on `storage_error`."""
+        if self._journal is None or self._storage_error is not None:
+            return
+        from rf_notebook._journal import StorageError
+
+        try:
+            getattr(self._journal, method)(*args)
+        except StorageError as exc:
+            self._storage_error = str(exc)
+            self._version += 1
+            self._changed.notify_all()
+
+    def fail_storage(self, message: str) -> None:
+        """Record a failed write elsewhere in the experiment directory (a checkpoint): the engine pauses."""
+        with self._lock:
+            if self._storage_error is None:
+                self._storage_error = message
+            self._version += 1
+            self._changed.notify_all()
+
+    def recover(self) -> None:
+        """After a storage error: rewrite the database from memory (raises StorageError if it still fails)."""
+        with self._lock:
+            if self._storage_error is None or self._journal is None:
+                self._storage_error = None
+                return
+            self._journal.rewrite(
+                list(self._runs.values()), self._metrics, self._ops, self._meta
+            )
+            self._storage_error = None
+            self._version += 1
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._meta.get(key, default)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._meta[key] = value
+            self._persist("put_meta", key, value)
+
+    def drop_metrics_after(self, run_id: int, step: int) -> None:
+        """Forget run `run_id`'s metrics logged after optimizer step `step` (a run resumed from a checkpoint
+        logs them again)."""
+        with self._lock:
+            self._metrics = [m for m in self._metrics if m.run_id != run_id or m.step <= step]
+            self._persist("drop_metrics_after", run_id, step)
+            self._version += 1
+
+    def integrity(self) -> str:
+        """SQLite's `PRAGMA integrity_check` ("ok"), or "memory" for a store without a database."""
+        with self._lock:
+            return self._journal.integrity() if self._journal is not None else "memory"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
 
     @property
     def version(self) -> int:
@@ -101,6 +212,7 @@ class Store:
                 raise ValueError(f"run id {record.run_id} is already in the store")
             self._runs[record.run_id] = record
             self._next_id = max(self._next_id, record.run_id + 1)
+            self._persist("put_run", record)
             self._version += 1
             self._changed.notify_all()
 
@@ -108,6 +220,7 @@ class Store:
         with self._lock:
             record = dataclasses.replace(self._runs[run_id], **changes)
             self._runs[run_id] = record
+            self._persist("put_run", record)
             self._version += 1
             self._changed.notify_all()
             return record
@@ -134,6 +247,7 @@ class Store:
         rows = [MetricRow(run_id, step, chunk, name, float(value), now) for name, value in values.items()]
         with self._lock:  # no notify: waiters watch run statuses, and a wake-up per step costs the trainer
             self._metrics.extend(rows)
+            self._persist("put_metrics", rows)
             self._version += 1
 
     def metrics(self, run_id: int | None = None) -> list[MetricRow]:
@@ -167,6 +281,7 @@ class Store:
                 new_run_id=new_run_id,
             )
             self._ops.append(record)
+            self._persist("put_op", record)
             self._version += 1
             return record
 
@@ -179,6 +294,7 @@ class Store:
             reason = reason if reason is not None else record.reason
             record = dataclasses.replace(record, outcome=outcome, reason=reason, step=step)
             self._ops[op_id - 1] = record
+            self._persist("put_op", record)
             self._version += 1
             self._changed.notify_all()
             return record

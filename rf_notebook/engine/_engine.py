@@ -36,8 +36,16 @@ _OP_NAMES = {Stop: "stop", Resume: "resume", Delete: "delete", CloneModify: "clo
 class Engine:
     """Runs an experiment's training in one background thread. See the module docstring."""
 
-    def __init__(self, store: Store, runs: list[Any], backend: Any, on_rung: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        runs: list[Any],
+        backend: Any,
+        on_rung: Callable[[int], None] | None = None,
+        checkpoints: bool = False,
+    ):
         self.store, self.backend = store, backend
+        self.checkpoints = checkpoints  # write each run's state at every rung (a durable experiment)
         # Called on this thread when every live run has finished chunk k (a synchronous rung), once per k.
         self.on_rung = on_rung
         self._rung = 0
@@ -52,7 +60,10 @@ class Engine:
         self._stopping = False
         # Where the scheduler thread's time went: setup, training, evaluation, switching between runs
         # (activating a run's adapter, patches and process state; recording its progress) and freeing finished runs.
-        self.stats = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "cleanup_s": 0.0, "switches": 0}
+        self.stats = {
+            "setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "cleanup_s": 0.0, "checkpoint_s": 0.0,
+            "switches": 0,
+        }
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -76,8 +87,8 @@ class Engine:
         return command
 
     def pending(self) -> bool:
-        """Whether commands wait; a training run checks this before each optimizer step."""
-        return not self.commands.empty()
+        """Whether commands wait (or storage failed); a training run checks this before each optimizer step."""
+        return not self.commands.empty() or self.store.storage_error is not None
 
     def shutdown(self, timeout: float | None = None) -> None:
         if self.alive:
@@ -116,6 +127,8 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
+            if self.store.storage_error is not None:
+                self._pause_all(self.store.storage_error)
             self._drain(block=self._pick() is None)
             run_id = None if self._stopping else self._pick()
             if run_id is not None:
@@ -144,6 +157,10 @@ class Engine:
             if at_rung:
                 self.backend.evaluate(slot)
             t3 = time.perf_counter()
+            if at_rung and self.checkpoints:
+                self._checkpoint(slot)
+            t_ckpt = time.perf_counter() - t3
+            t3 = time.perf_counter()
         except Exception as exc:
             logger.exception("run %d failed", slot.run_id)
             self._current = None
@@ -163,6 +180,23 @@ class Engine:
         self.stats["eval_s"] += t3 - t2
         self.stats["switch_s"] += (t1 - t0) + (t4 - t3)
         self.stats["cleanup_s"] += time.perf_counter() - t4
+        self.stats["checkpoint_s"] += t_ckpt
+
+    def _checkpoint(self, slot: Any) -> None:
+        """Write the run's state at this rung; a failed write (disk full) pauses the experiment, never the run."""
+        try:
+            self.backend.checkpoint(slot)
+        except OSError as exc:
+            self.store.fail_storage(f"cannot write run {slot.run_id}'s checkpoint: {exc}")
+
+    def _pause_all(self, why: str) -> None:
+        """The experiment directory cannot be written: stop every live run where it is (nothing is lost; each
+        keeps its exact state) until the user resumes it."""
+        paused = [r.run_id for r in self.store.runs() if r.run_id in self._slots and r.status in scheduler.RUNNABLE]
+        for run_id in paused:
+            self.store.update_run(run_id, status=RunStatus.STOPPED)
+        if paused:
+            logger.error("experiment paused: %s. Free space or fix the folder, then resume the runs %s", why, paused)
 
     def _completed_rung(self) -> int:
         """The highest k such that every live run of this engine has finished chunk k (0 if none is live)."""

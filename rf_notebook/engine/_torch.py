@@ -11,7 +11,9 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -116,6 +118,22 @@ class _ApplyOverrides(TrainerCallback):
                 group["lr"] = self.learning_rate
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A run's training loss became NaN or infinite."""
+
+
+class _FailOnNonFinite(TrainerCallback):
+    """Ends the run (marked failed by the engine) once its logged training loss is NaN or infinite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the training loss is {loss} at step {state.global_step} (on_nonfinite='fail'; "
+                "a lower learning rate usually helps)"
+            )
+
+
 class TorchBackend:
     """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
 
@@ -125,14 +143,17 @@ class TorchBackend:
         train_dataset: Any,
         eval_dataset: Any,
         num_chunks: int,
+        on_nonfinite: str = "fail",
     ):
         self.create_model_fn = create_model_fn
+        self.on_nonfinite = on_nonfinite
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.num_chunks = num_chunks
         self.should_yield: Callable[[], bool] = lambda: False
         self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
         self._bases: dict[tuple[str, str], _Base] = {}
         self._runs: dict[int, PreparedRun] = {}
+        self.resume_points: dict[int, tuple[int, str]] = {}  # run id -> (step, checkpoint) for a resumed experiment
 
     def connect(self, should_yield: Callable[[], bool], record: Callable[[RunSlot, int, dict], None]) -> None:
         """Called by the engine: how a training run asks whether to yield, and where its metrics go."""
@@ -151,7 +172,7 @@ class TorchBackend:
                 key = run.spec.model_config.base_key()
                 if key not in self._bases:
                     self._bases[key] = self._load_base(run.spec.model_config)
-            return {run.run_id: self.build(run) for run in runs}
+            return {run.run_id: self.build(run, resume_from=self.resume_points.get(run.run_id)) for run in runs}
         finally:
             if bars:
                 datasets.enable_progress_bar()
@@ -183,8 +204,11 @@ class TorchBackend:
     def base_of(self, run_id: int) -> _Base:
         return self._bases[self._runs[run_id].spec.model_config.base_key()]
 
-    def build(self, run: PreparedRun, warm_from: RunSlot | None = None) -> RunSlot:
-        """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state."""
+    def build(
+        self, run: PreparedRun, warm_from: RunSlot | None = None, resume_from: tuple[int, str] | None = None
+    ) -> RunSlot:
+        """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state; with
+        `resume_from` (step, checkpoint folder), the state written there (a resumed experiment)."""
         key = run.spec.model_config.base_key()
         if key not in self._bases:
             self._bases[key] = self._load_base(run.spec.model_config)
@@ -194,6 +218,8 @@ class TorchBackend:
         base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
         slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
         callbacks = slot.callbacks(self.record)
+        if self.on_nonfinite == "fail":
+            callbacks.append(_FailOnNonFinite())
         if warm_from is not None:
             callbacks.append(_ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
         trainer = TRAINERS[run.spec.trainer_type]
@@ -224,24 +250,52 @@ class TorchBackend:
             slot.resume_from = self._checkpoint(warm_from, run)
             slot.state = warm_from.state
             slot.step = warm_from.step
+        elif resume_from is not None:  # its random state is read back from the folder when train() starts
+            slot.step, slot.resume_from = resume_from[0], os.fspath(resume_from[1])
         return slot
 
     def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str:
-        """Write the parent's adapter, optimizer, LR schedule, trainer state and random state where the clone's
-        `train(resume_from_checkpoint=...)` reads them (transformers' own checkpoint layout)."""
+        """The parent's state where the clone's `train(resume_from_checkpoint=...)` reads it."""
+        path = Path(run.args.output_dir) / "warm-start"
+        self._write_state(parent, path)
+        return os.fspath(path)
+
+    def _write_state(self, slot: RunSlot, path: Path) -> None:
+        """Write a run's adapter, optimizer, LR schedule, trainer state and random state in transformers'
+        checkpoint layout (what `train(resume_from_checkpoint=path)` reads), each file fsync'ed."""
         import torch
 
-        path = Path(run.args.output_dir) / "warm-start"
-        self._write_adapter(parent.run_id, path)
-        torch.save(parent.trainer.optimizer.state_dict(), path / "optimizer.pt")
-        torch.save(parent.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
-        parent.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
-        state = parent.state
+        self._write_adapter(slot.run_id, path)
+        torch.save(slot.trainer.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(slot.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
+        slot.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
+        state = slot.state
         rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
         if state.torch_cuda is not None:
             rng["cuda"] = state.torch_cuda
         torch.save(rng, path / "rng_state.pth")
-        return os.fspath(path)
+        for file in path.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+    def checkpoint(self, slot: RunSlot) -> Path:
+        """Write `slot`'s state at its current step atomically (a temporary folder renamed into place) and
+        remove its older checkpoints: `<output_dir>/checkpoints/step-<N>` is either complete or absent."""
+        folder = Path(slot.trainer.args.output_dir) / "checkpoints"
+        final = folder / f"step-{slot.step}"
+        tmp = folder / f".tmp-step-{slot.step}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self._write_state(slot, tmp)
+        if final.exists():  # the same step again (a resumed run re-reaching its rung): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+        for old in folder.iterdir():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
 
     # -- driving -----------------------------------------------------------------------------------------------
 
@@ -304,3 +358,38 @@ class TorchBackend:
         self._bases.clear()
         self._runs.clear()
         gc.collect()
+
+
+def latest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
+    """A run's newest complete checkpoint (step, folder), or None. Unfinished temporary folders are ignored."""
+    folder = Path(output_dir) / "checkpoints"
+    found = []
+    for path in folder.glob("step-*") if folder.is_dir() else ():
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return max(found) if found else None
+
+
+def export_checkpoint(output_dir: str | Path, path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Copy the adapter of a run's newest checkpoint to `path` as a PEFT folder, with rf_config.json."""
+    point = latest_checkpoint(output_dir)
+    if point is None:
+        raise RuntimeError(
+            f"run {record['run_id']} has no checkpoint in {str(output_dir)!r} (it never finished a chunk), and no "
+            "live model to export from"
+        )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(point[1] / name, out / name)
+    (out / "rf_config.json").write_text(json.dumps(dict(record), indent=2, default=str))
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

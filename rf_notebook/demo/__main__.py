@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     evl = arithmetic_dataset("eval")
     base = greedy_exact_match(*demo_model_fn(None), evl)
-    exp = Experiment("demo-sweep", experiments_dir=args.experiments_dir)
+    # A fresh experiment each time (an existing name would be reopened, with its earlier runs).
+    exp = Experiment(time.strftime("demo-sweep-%Y%m%d-%H%M%S"), experiments_dir=args.experiments_dir)
     exp.run_fit(
         sweep(args.max_steps),
         demo_model_fn,

@@ -34,6 +34,18 @@ class _Suspend(TrainerCallback):
             self.slot.suspend()
 
 
+class _EpochStart(TrainerCallback):
+    """Keeps the process state at the start of each epoch: a run resumed from a checkpoint at an epoch boundary
+    gets its random state back at exactly that point (transformers reloads it before the new epoch's data
+    loader starts, while a suspension at that rung happens after)."""
+
+    def __init__(self, slot: RunSlot):
+        self.slot = slot
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.slot.epoch_start = (state.global_step, _process_state.capture())
+
+
 class _Record(TrainerCallback):
     """Forwards the trainer's logs (train loss, eval metrics, ...) to the engine."""
 
@@ -84,13 +96,20 @@ class RunSlot:
         self.trainer: Any = None
         self.patches: Patches | None = None
         self.state: _process_state.ProcessState | None = None
+        self.epoch_start: tuple[int, _process_state.ProcessState] | None = None  # (step, state) of the last epoch
         self.pause_at = 0
         self.step = 0  # optimizer steps done, as of the last suspension
         self.finished = False  # train() has returned
         self._greenlet: greenlet.greenlet | None = None
 
     def callbacks(self, sink: Any) -> list[TrainerCallback]:
-        return [_Suspend(self), _Record(self, sink)]
+        return [_Suspend(self), _Record(self, sink), _EpochStart(self)]
+
+    def resume_state(self) -> _process_state.ProcessState:
+        """The random state a checkpoint of this run at its current step must carry."""
+        if self.epoch_start is not None and self.epoch_start[0] == self.step:
+            return self.epoch_start[1]
+        return self.state
 
     def advance(self, pause_at: int) -> None:
         """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state."""

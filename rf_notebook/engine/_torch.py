@@ -118,6 +118,11 @@ class _ApplyOverrides(TrainerCallback):
                 group["lr"] = self.learning_rate
 
 
+# TRL trainer attributes that transformers' checkpoints do not keep: tokens seen (the `num_tokens` metric) and
+# GRPO / RLOO's micro-step counter (which buffered generation batch a step uses).
+_TRAINER_COUNTERS = ("_total_train_tokens", "_step")
+
+
 class NonFiniteLoss(FloatingPointError):
     """A run's training loss became NaN or infinite."""
 
@@ -252,6 +257,11 @@ class TorchBackend:
             slot.step = warm_from.step
         elif resume_from is not None:  # its random state is read back from the folder when train() starts
             slot.step, slot.resume_from = resume_from[0], os.fspath(resume_from[1])
+        if slot.resume_from is not None:
+            counters = Path(slot.resume_from) / "rf_trainer_counters.json"
+            for key, value in (json.loads(counters.read_text()) if counters.is_file() else {}).items():
+                if key in _TRAINER_COUNTERS:
+                    setattr(slot.trainer, key, value)
         return slot
 
     def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str:
@@ -269,11 +279,13 @@ class TorchBackend:
         torch.save(slot.trainer.optimizer.state_dict(), path / "optimizer.pt")
         torch.save(slot.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
         slot.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
-        state = slot.state
+        state = slot.resume_state()
         rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
         if state.torch_cuda is not None:
             rng["cuda"] = state.torch_cuda
         torch.save(rng, path / "rng_state.pth")
+        counters = {k: getattr(slot.trainer, k) for k in _TRAINER_COUNTERS if hasattr(slot.trainer, k)}
+        (path / "rf_trainer_counters.json").write_text(json.dumps(counters))
         for file in path.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())

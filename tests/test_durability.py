@@ -1,0 +1,260 @@
+"""Durable experiments: SIGKILL at 10 points and resume exactly; a kernel restart keeps history; storage failures
+pause without corrupting anything."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook._feed import Feed
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+from rf_notebook.store import RunStatus
+
+CHILD = Path(__file__).with_name("_durability_child.py")
+
+# Where each process of the chain kills itself (the N-th occurrence in that process), in order.
+KILL_POINTS = [
+    "step:20",  # inside an optimizer step (first process: after a few chunks)
+    "eval:3",  # inside an evaluation
+    "ckpt-save:4",  # a checkpoint half written
+    "ckpt-rename:2",  # a checkpoint written, not yet in place
+    "ckpt-clean:3",  # a new checkpoint in place, the old one not yet removed
+    "between:5",  # between two chunks
+    "step:4",
+    "eval:5",
+    "ckpt-save:7",
+    "between:2",
+]
+
+
+def child(directory: Path, mode: str, point: str | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(CHILD), str(directory), mode, *([point] if point else [])]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+def metric_rows(directory: Path) -> list[tuple]:
+    db = sqlite3.connect(directory / "crash" / "experiment.db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return db.execute("SELECT run_id, step, name, value FROM metrics ORDER BY run_id, step, name").fetchall()
+    finally:
+        db.close()
+
+
+def final_adapter(directory: Path, run_id: int) -> dict[str, torch.Tensor]:
+    (folder,) = (directory / "crash" / "runs" / str(run_id) / "checkpoints").iterdir()
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = child(tmp_path / "ref", "start")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    for i, point in enumerate(KILL_POINTS):
+        proc = child(crashed, "start" if i == 0 else "resume", point)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: the process was not killed there\n{proc.stderr[-3000:]}"
+        metric_rows(crashed)  # the database is intact after every kill
+    final = child(crashed, "resume")
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    for run_id in (1, 2, 3, 4):
+        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    ref_rows, got_rows = metric_rows(tmp_path / "ref"), metric_rows(crashed)
+    keys = [(run, step, name) for run, step, name, _ in got_rows]
+    assert len(keys) == len(set(keys)), "duplicated (run, step, metric) rows"
+    assert set(keys) == {(run, step, name) for run, step, name, _ in ref_rows}, "missing or extra rows"
+    assert {(r, s) for r, s, _ in keys} == {(r, s) for r, s, _, _ in ref_rows}
+    for (run, step, name, want), (*_, value) in zip(ref_rows, got_rows):
+        assert value == pytest.approx(want, abs=1e-5), (run, step, name)
+    leftovers = [p for p in (crashed / "crash" / "runs").rglob(".tmp-*")]
+    assert not leftovers
+
+    # A new process (this one) reads the whole history back: results, statuses, the panel's curves.
+    exp = Experiment("crash", experiments_dir=crashed)
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
+    assert len(exp.results()) == len(ref_rows)
+    snapshot = Feed(exp._store, "crash").snapshot()
+    assert sorted(snapshot["series"]) == ["1", "2", "3", "4"]
+    assert [step for step, _ in snapshot["series"]["3"]["loss"]] == list(range(1, 17))
+    exported = exp.export(2, tmp_path / "winner")  # from the last checkpoint: no model loaded
+    assert load_file(exported / "adapter_model.safetensors").keys() == final_adapter(crashed, 2).keys()
+    exp._store.close()
+
+
+# -- in one process: resume after end(), clones, stopped runs, storage failures ----------------------------------
+
+
+def group(lrs=(3e-3, 1e-3), max_steps=12):
+    return RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+            training_args=RFSFTConfig(learning_rate=List(list(lrs)), per_device_train_batch_size=8, max_steps=max_steps),
+        ),
+        trainer_type="SFT",
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    return arithmetic_dataset("train", n=96), arithmetic_dataset("eval", n=16)
+
+
+def steps_logged(exp, run_id, metric="loss"):
+    r = exp.results()
+    return r[(r.run_id == run_id) & (r.metric == metric)].step.tolist()
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_restart_keeps_user_stops_and_resumes_warm_clones(data, tmp_path):
+    exp = Experiment("restart", experiments_dir=tmp_path)
+    exp.run_fit(group(max_steps=24), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
+    wait_for(lambda: exp._store.run(1).chunks_done >= 1)
+    exp.stop(2)
+    clone = exp.clone_modify(1, {"learning_rate": 5e-4}, warm_start=True)
+    wait_for(lambda: clone in {r.run_id for r in exp.runs()} and steps_logged(exp, clone))
+    exp.end()  # as a kernel restart would leave it: runs unfinished, the process state gone
+    assert exp._store.run(1).status is RunStatus.STOPPED
+
+    again = Experiment("restart", experiments_dir=tmp_path)  # takes the directory over from `exp`
+    with pytest.raises(RuntimeError, match="no longer holds"):
+        exp.run_fit(group(max_steps=24), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
+    again.run_fit(group(max_steps=24), demo_model_fn, *data, num_chunks=3, seed=1, display=False, resume=True)
+    assert again.wait(timeout=300)
+    statuses = {r.run_id: r.status for r in again.runs()}
+    assert statuses[2] is RunStatus.STOPPED  # the user's stop is kept
+    assert statuses[1] is RunStatus.FINISHED and statuses[clone] is RunStatus.FINISHED
+    assert steps_logged(again, 1) == list(range(1, 25))
+    steps = steps_logged(again, clone)  # starts where its parent was when it was cloned, no gap, no repeat
+    assert steps == list(range(steps[0], 25))
+    again.resume(2)  # and the stopped run can still be resumed after the restart
+    assert again.wait(timeout=300)
+    assert steps_logged(again, 2) == list(range(1, 25))
+    again.end()
+
+
+def test_resume_refuses_a_changed_data_set_or_search(data, tmp_path):
+    exp = Experiment("changed", experiments_dir=tmp_path)
+    exp.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=2, seed=1, display=False)
+    exp.end()
+    before = exp._store.metrics()
+    again = Experiment("changed", experiments_dir=tmp_path)
+    other_train = data[0].select(range(1, 96))
+    with pytest.raises(ValueError, match=r"`train_dataset` \(content fingerprint\) is '95 rows, \w+', but it was"):
+        again.run_fit(group(max_steps=6), demo_model_fn, other_train, data[1], num_chunks=2, seed=1, resume=True)
+    with pytest.raises(ValueError, match=r"run 2 \('lr=1e-3'\) was started with a different config \(.*learning_rate"):
+        again.run_fit(group(lrs=(3e-3, 2e-3), max_steps=6), demo_model_fn, *data, num_chunks=2, seed=1, resume=True)
+    with pytest.raises(ValueError, match=r"`num_chunks` is 3, but it was started with 2"):
+        again.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=3, seed=1, resume=True)
+    assert again._store.metrics() == before  # nothing lost, nothing added
+    again._store.close()
+
+
+def test_resume_of_an_experiment_that_never_ran(data, tmp_path):
+    with pytest.raises(ValueError, match=r"experiment 'never' has no earlier run_fit to resume"):
+        Experiment("never", experiments_dir=tmp_path).run_fit(
+            group(), demo_model_fn, *data, num_chunks=2, seed=1, resume=True
+        )
+    assert not (tmp_path / "never").exists()  # nothing written
+
+
+def test_a_second_process_cannot_open_a_live_experiment(data, tmp_path):
+    exp = Experiment("locked", experiments_dir=tmp_path)
+    exp.run_fit(group(max_steps=3), demo_model_fn, *data, num_chunks=1, seed=1, display=False)
+    exp.wait(timeout=300)
+    code = (
+        "import sys; from rf_notebook import Experiment\n"
+        f"try:\n    Experiment('locked', experiments_dir={str(tmp_path)!r})\n"
+        "except RuntimeError as e:\n    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "is open in another live process" in proc.stdout
+    exp.end()
+
+
+def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(data, tmp_path, monkeypatch):
+    from rf_notebook.engine import _torch
+
+    real = _torch.TorchBackend.checkpoint
+    calls = {"n": 0}
+
+    def disk_full_on_the_third(self, slot):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, slot)
+
+    monkeypatch.setattr(_torch.TorchBackend, "checkpoint", disk_full_on_the_third)
+    exp = Experiment("full", experiments_dir=tmp_path)
+    exp.run_fit(group(), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
+    assert exp.wait(timeout=300)
+    assert "No space left on device" in exp._store.storage_error
+    assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}  # paused, nothing failed
+    assert exp._store.integrity() == "ok"
+    for run_id in (1, 2):  # each run's last good checkpoint is complete
+        point = _torch.latest_checkpoint(tmp_path / "full" / "runs" / str(run_id))
+        assert point is not None and (point[1] / "adapter_model.safetensors").is_file()
+    monkeypatch.setattr(_torch.TorchBackend, "checkpoint", real)  # space freed
+    exp.resume(1), exp.resume(2)
+    assert exp.wait(timeout=300)
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED} and exp._store.storage_error is None
+    assert steps_logged(exp, 1) == list(range(1, 13))
+    exp.end()
+
+
+def test_a_failed_database_write_pauses_and_recovery_rewrites_everything(data, tmp_path, monkeypatch):
+    from rf_notebook import _journal
+
+    real = _journal.Journal.put_metrics
+    calls = {"n": 0}
+
+    def fails_once(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise _journal.StorageError(errno.ENOSPC, "cannot write the experiment database: database or disk is full")
+        return real(self, rows)
+
+    monkeypatch.setattr(_journal.Journal, "put_metrics", fails_once)
+    exp = Experiment("dbfull", experiments_dir=tmp_path)
+    exp.run_fit(group(), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
+    assert exp.wait(timeout=300)
+    assert "disk is full" in exp._store.storage_error
+    assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}
+    exp.resume(1), exp.resume(2)  # recover(): the database is rewritten from memory, with no hole
+    assert exp.wait(timeout=300)
+    exp.end()
+    in_memory = [(m.run_id, m.step, m.name) for m in exp._store.metrics()]
+    exp._store.close()
+    reread = Experiment("dbfull", experiments_dir=tmp_path)
+    assert [(m.run_id, m.step, m.name) for m in reread._store.metrics()] == in_memory
+    assert steps_logged(reread, 2) == list(range(1, 13))
+    reread._store.close()
+
+
+def test_an_unwritable_experiment_directory_is_a_clear_error_before_training(data, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the experiments folder should be")
+    exp = Experiment("x", experiments_dir=blocker)
+    with pytest.raises(OSError, match=r"cannot create or write the experiment directory '.*not-a-dir/x'"):
+        exp.run_fit(group(), demo_model_fn, *data, num_chunks=2, seed=1, display=False)
+    assert exp.runs() == [] and blocker.read_text().startswith("a file")

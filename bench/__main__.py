@@ -6,7 +6,7 @@ benchmark sharing the CPU with anything else measures the other thing. bench/gpu
 
 from __future__ import annotations
 
-from bench import first_comparison, ic_ops, memory, overhead, pruning, thread
+from bench import checkpoint, first_comparison, ic_ops, memory, overhead, pruning, thread
 
 RUNS = [
     (overhead.main, ["--model", "llama512", "--runs", "4", "--repeats", "3"]),
@@ -16,6 +16,8 @@ RUNS = [
     (memory.main, ["--model", "llama512"]),
     (thread.main, ["--model", "llama512", "--repeats", "4"]),
     (ic_ops.main, ["--trials", "5"]),
+    (checkpoint.main, ["--model", "demo"]),
+    (checkpoint.main, ["--model", "llama512"]),
     (pruning.main, ["--seeds", "5"]),
 ]
 

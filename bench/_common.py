@@ -161,3 +161,12 @@ def write_section(key: str, title: str, intro: str, columns: list[str], rows: li
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def new_experiment(name: str, workdir: str | Path) -> Any:
+    """A fresh experiment in its own folder under `workdir` (an existing one would be reopened with its runs)."""
+    import tempfile
+
+    from rf_notebook import Experiment
+
+    return Experiment(name, experiments_dir=tempfile.mkdtemp(dir=workdir))

@@ -16,13 +16,12 @@ import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, header, parse_args, plain_trainer, save, sweep, write_section
-from rf_notebook import Experiment
+from bench._common import MODELS, header, new_experiment, parse_args, plain_trainer, save, sweep, write_section
 from rf_notebook.demo import arithmetic_dataset
 
 
 def interleaved(model_fn, args, train, evl, workdir) -> tuple[float, float, list[dict], list[int]]:
-    exp = Experiment("first", experiments_dir=workdir)
+    exp = new_experiment("first", workdir)
     start = time.time()  # wall clock, as in the store's metric rows
     exp.run_fit(
         sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, evl, num_chunks=args.num_chunks, seed=0

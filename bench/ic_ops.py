@@ -16,9 +16,8 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-from bench._common import header, save, sweep, write_section
+from bench._common import header, new_experiment, save, sweep, write_section
 from rf_notebook import Experiment
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 
@@ -35,7 +34,7 @@ def settle(exp: Experiment, op_id: int) -> dict:
 
 
 def trial(workdir: str, at_step: int) -> dict:
-    exp = Experiment("ic", experiments_dir=workdir)
+    exp = new_experiment("ic", workdir)
     exp.run_fit(sweep(2, 64, 16), demo_model_fn, arithmetic_dataset("train"), None, num_chunks=4, seed=0)
     while last_step(exp, 1) < at_step:
         time.sleep(0.005)
@@ -51,7 +50,7 @@ def trial(workdir: str, at_step: int) -> dict:
     cloned = settle(exp, len(exp.ic_log()))
     clone_ms = (time.perf_counter() - start) * 1000
     assert cloned["outcome"] == "applied", cloned
-    folder = Path(workdir) / "ic" / "runs" / str(clone) / "warm-start"
+    folder = exp.path / "runs" / str(clone) / "warm-start"
     copied = sum(p.stat().st_size for p in folder.iterdir())
     exp.end()
     return {

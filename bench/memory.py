@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import MODELS, header, save, sweep, write_section
+from bench._common import MODELS, header, new_experiment, save, sweep, write_section
 
 MIB = 1024 * 1024
 
@@ -36,7 +36,6 @@ def child(model: str, runs: int) -> dict:
     import transformers
     from safetensors import safe_open
 
-    from rf_notebook import Experiment
     from rf_notebook.demo import arithmetic_dataset
 
     transformers.logging.set_verbosity_error()
@@ -45,7 +44,7 @@ def child(model: str, runs: int) -> dict:
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     del base
     with tempfile.TemporaryDirectory() as workdir:
-        exp = Experiment("memory", experiments_dir=workdir)
+        exp = new_experiment("memory", workdir)
         # two chunks: every run is alive (adapter, trainer, optimizer state) at the same time
         exp.run_fit(sweep(runs, 4, 8), model_fn, arithmetic_dataset("train", n=32), None, num_chunks=2, seed=0)
         exp.wait()

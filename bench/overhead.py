@@ -18,13 +18,12 @@ import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, header, parse_args, plain_trainer, save, sweep, write_section
-from rf_notebook import Experiment
+from bench._common import MODELS, header, new_experiment, parse_args, plain_trainer, save, sweep, write_section
 from rf_notebook.demo import arithmetic_dataset
 
 
 def interleaved(model_fn, n_runs, max_steps, batch, num_chunks, train, workdir) -> tuple[float, list[dict], dict]:
-    exp = Experiment("bench", experiments_dir=workdir)
+    exp = new_experiment("bench", workdir)
     start = time.perf_counter()
     exp.run_fit(sweep(n_runs, max_steps, batch), model_fn, train, None, num_chunks=num_chunks, seed=0)
     exp.wait()

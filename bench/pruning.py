@@ -19,8 +19,8 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import header, save, write_section
-from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from bench._common import header, new_experiment, save, write_section
+from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 from rf_notebook.policies import PBT, MedianOfPeers, SuccessiveHalving
 
@@ -47,7 +47,7 @@ def search(n_configs: int) -> RFGridSearch:
 
 
 def run(n_configs: int, seed: int, rows: int, num_chunks: int, policy: Any, workdir: str) -> dict[str, Any]:
-    exp = Experiment("prune", experiments_dir=workdir)
+    exp = new_experiment("prune", workdir)
     train, evl = arithmetic_dataset("train", n=rows), arithmetic_dataset("eval", n=64)
     start = time.perf_counter()
     exp.run_fit(search(n_configs), demo_model_fn, train, evl, num_chunks=num_chunks, seed=seed, policy=policy)

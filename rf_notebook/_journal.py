@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sqlite3
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS ops (op_id INTEGER PRIMARY KEY, record TEXT NOT NULL)
 """
 
 
+# The journal of each experiment directory open in this process (a newer one takes the directory over).
+_OPEN: weakref.WeakValueDictionary[Path, Journal] = weakref.WeakValueDictionary()
+
+
 class StorageError(OSError):
     """The experiment directory could not be written (disk full, read-only, removed)."""
 
@@ -59,6 +63,9 @@ class Journal:
     @classmethod
     def open(cls, directory: Path) -> Journal:
         directory = Path(directory)
+        earlier = _OPEN.get(directory.resolve())
+        if earlier is not None:  # an abandoned store of this process: its later writes fail as "closed"
+            earlier.close()
         try:
             directory.mkdir(parents=True, exist_ok=True)
             lock_file = open(directory / "lock", "a")  # noqa: SIM115 - held open for the journal's lifetime
@@ -86,7 +93,9 @@ class Journal:
         except StorageError:
             lock_file.close()
             raise
-        return cls(path, db, lock_file)
+        journal = cls(path, db, lock_file)
+        _OPEN[directory.resolve()] = journal
+        return journal
 
     def close(self) -> None:
         if self._db is not None:

@@ -214,7 +214,9 @@ class Experiment:
         else:
             for run in prepared:
                 self._store.add_run(run.record())
-            self._store.set_meta("fits", [*self._store.meta("fits", []), {**fit, "run_ids": [r.run_id for r in prepared]}])
+            self._store.set_meta(
+                "fits", [*self._store.meta("fits", []), {**fit, "run_ids": [r.run_id for r in prepared]}]
+            )
         backend = TorchBackend(
             create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks, on_nonfinite=on_nonfinite
         )
@@ -275,7 +277,9 @@ class Experiment:
         for op in self._store.ic_log():  # clones, in the order they were made (a clone of a clone follows)
             if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in prepared:
                 parent = prepared[op.run_id]
-                spec = _clone_spec(parent.spec, self._split(parent, op.args["overrides"], op.args["warm_start"]), op.args["warm_start"])
+                spec = _clone_spec(
+                    parent.spec, self._split(parent, op.args["overrides"], op.args["warm_start"]), op.args["warm_start"]
+                )
                 prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, fit["seed"])
         from rf_notebook.engine._torch import latest_checkpoint
 
@@ -291,7 +295,9 @@ class Experiment:
                 points[run_id] = (point[0], str(point[1]))
             live.append(run)
         if not live:
-            raise ValueError(f"experiment {self.name!r} has no unfinished run to resume (all finished, failed or deleted)")
+            raise ValueError(
+                f"experiment {self.name!r} has no unfinished run to resume (all finished, failed or deleted)"
+            )
         return live, points
 
     def _stopped_by_op(self, run_id: int) -> bool:

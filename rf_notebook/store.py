@@ -167,9 +167,7 @@ class Store:
             if self._storage_error is None or self._journal is None:
                 self._storage_error = None
                 return
-            self._journal.rewrite(
-                list(self._runs.values()), self._metrics, self._ops, self._meta
-            )
+            self._journal.rewrite(list(self._runs.values()), self._metrics, self._ops, self._meta)
             self._storage_error = None
             self._version += 1
 

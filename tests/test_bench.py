@@ -26,6 +26,7 @@ ROOT = Path(__file__).parents[1]
         ("thread", ["--max-steps", "4", "--repeats", "1"], "thread-demo"),
         ("memory", ["--model", "demo", "--runs", "1", "2"], "memory-demo"),
         ("ic_ops", ["--trials", "1"], "ic_ops"),
+        ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),
         ("pruning", ["--seeds", "1", "--configs", "4", "--rows", "64", "--num-chunks", "2"], "pruning"),
     ],
 )

@@ -103,7 +103,9 @@ def group(lrs=(3e-3, 1e-3), max_steps=12):
         RFModelConfig(
             DEMO_MODEL,
             peft_config=RFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-            training_args=RFSFTConfig(learning_rate=List(list(lrs)), per_device_train_batch_size=8, max_steps=max_steps),
+            training_args=RFSFTConfig(
+                learning_rate=List(list(lrs)), per_device_train_batch_size=8, max_steps=max_steps
+            ),
         ),
         trainer_type="SFT",
     )

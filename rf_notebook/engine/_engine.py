@@ -61,7 +61,12 @@ class Engine:
         # Where the scheduler thread's time went: setup, training, evaluation, switching between runs
         # (activating a run's adapter, patches and process state; recording its progress) and freeing finished runs.
         self.stats = {
-            "setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "switch_s": 0.0, "cleanup_s": 0.0, "checkpoint_s": 0.0,
+            "setup_s": 0.0,
+            "train_s": 0.0,
+            "eval_s": 0.0,
+            "switch_s": 0.0,
+            "cleanup_s": 0.0,
+            "checkpoint_s": 0.0,
             "switches": 0,
         }
 
@@ -162,9 +167,14 @@ class Engine:
             t_ckpt = time.perf_counter() - t3
             t3 = time.perf_counter()
         except Exception as exc:
-            logger.exception("run %d failed", slot.run_id)
+            error = _describe(exc)
+            # The traceback's frames hold the run's trainer, optimizer and activations: let them go now (a log
+            # handler keeping the exception, as pytest's does, would otherwise keep all of it alive).
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            logger.error("run %d failed:\n%s", slot.run_id, error)
             self._current = None
-            self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=_describe(exc))
+            self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=error)
             self.backend.discard(self._slots.pop(slot.run_id), keep_adapter=True)
             self._rungs()  # the others may have been waiting for this run at a rung
             return

@@ -128,15 +128,17 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class _FailOnNonFinite(TrainerCallback):
-    """Ends the run (marked failed by the engine) once its logged training loss is NaN or infinite."""
+    """Ends the run (marked failed by the engine) once its logged training loss or gradient norm is NaN or
+    infinite: the weights are then no longer numbers either."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if isinstance(loss, (int, float)) and not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"the training loss is {loss} at step {state.global_step} (on_nonfinite='fail'; "
-                "a lower learning rate usually helps)"
-            )
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"the training {key.replace('_', ' ')} is {value} at step {state.global_step} "
+                    "(on_nonfinite='fail'; a lower learning rate usually helps)"
+                )
 
 
 class TorchBackend:

@@ -1,0 +1,262 @@
+"""The bad-input catalogue: each mistake a user can make across the API gets its own clear error, naming the value
+and what was expected, before anything trains; nothing is written to a new experiment directory and nothing
+already recorded in an existing one is lost or changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from rf_notebook import (
+    Experiment,
+    List,
+    Range,
+    RFGridSearch,
+    RFGRPOConfig,
+    RFLoraConfig,
+    RFModelConfig,
+    RFRandomSearch,
+    RFSFTConfig,
+)
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, prompt_dataset
+
+
+def search(lora=None, args=None, **model):
+    return RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=lora if lora is not None else RFLoraConfig(r=4, target_modules="all-linear"),
+            training_args=args if args is not None else RFSFTConfig(max_steps=4, per_device_train_batch_size=8),
+            **model,
+        ),
+        trainer_type="SFT",
+    )
+
+
+TRAIN, EVAL = arithmetic_dataset("train", n=32), arithmetic_dataset("eval", n=8)
+
+
+def fit(**overrides):
+    """run_fit's arguments with some replaced."""
+    kwargs = dict(
+        param_config=search(), create_model_fn=demo_model_fn, train_dataset=TRAIN, eval_dataset=EVAL, num_chunks=2
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+# (id, what the user calls given an Experiment, exception class, message pattern)
+RUN_FIT_CASES = [
+    (
+        "search-is-a-dict",
+        fit(param_config={"lr": 1}),
+        TypeError,
+        r"run_fit takes an RFGridSearch or RFRandomSearch, but got dict",
+    ),
+    ("num-chunks-zero", fit(num_chunks=0), ValueError, r"`num_chunks` is 0, but must be an int >= 1"),
+    ("num-chunks-str", fit(num_chunks="4"), ValueError, r"`num_chunks` is '4', but must be an int >= 1"),
+    (
+        "num-chunks-too-many",
+        fit(num_chunks=40),
+        ValueError,
+        r"`num_chunks` is 40, but run 'run 1' has only 4 optimizer steps per epoch",
+    ),
+    ("seed-float", fit(seed=1.5), TypeError, r"`seed` is 1.5, but must be an int"),
+    (
+        "model-fn-not-callable",
+        fit(create_model_fn="gpt2"),
+        TypeError,
+        r"`create_model_fn` is 'gpt2', but must be callable or None",
+    ),
+    ("policy-str", fit(policy="halving"), TypeError, r"`policy` is 'halving', but must be None or a policy"),
+    ("display-str", fit(display="yes"), TypeError, r"`display` is 'yes', but must be True, False or None"),
+    ("resume-str", fit(resume="yes"), TypeError, r"`resume` is 'yes', but must be True or False"),
+    (
+        "on-nonfinite",
+        fit(on_nonfinite="ignore"),
+        ValueError,
+        r"`on_nonfinite` is 'ignore', but must be 'fail' or 'continue'",
+    ),
+    (
+        "no-peft-config",
+        fit(param_config=RFGridSearch(RFModelConfig(DEMO_MODEL, training_args=RFSFTConfig(max_steps=2)))),
+        ValueError,
+        r"run 'run 1' has no peft_config; rf_notebook trains LoRA adapters",
+    ),
+    (
+        "bad-scheduler",
+        fit(param_config=search(args=RFSFTConfig(lr_scheduler_type="bogus", max_steps=2))),
+        ValueError,
+        r"run 'run 1' has an invalid config: bogus is not a valid SchedulerType, please select one of \['linear'",
+    ),
+    (
+        "wrong-columns",
+        fit(train_dataset=prompt_dataset("train", n=8)),
+        ValueError,
+        r"has columns \['prompt', 'answer'\], but SFT needs prompt\+completion",
+    ),
+    ("resume-unknown", fit(resume=True), ValueError, r"experiment '\w+' has no earlier run_fit to resume"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [c[1:] for c in RUN_FIT_CASES], ids=[c[0] for c in RUN_FIT_CASES])
+def test_run_fit_refuses_before_anything_is_written(kwargs, error, message, tmp_path):
+    exp = Experiment("fresh", experiments_dir=tmp_path)
+    with pytest.raises(error, match=message):
+        exp.run_fit(**kwargs)
+    assert not (tmp_path / "fresh").exists()  # nothing written
+    assert exp.runs() == [] and exp.results().empty
+
+
+CONFIG_CASES = [
+    (
+        "misspelled-field",
+        lambda: RFSFTConfig(learing_rate=1e-3),
+        TypeError,
+        r"'learing_rate'.*did you mean 'learning_rate'",
+    ),
+    ("misspelled-lora-field", lambda: RFLoraConfig(lora_alpah=16), TypeError, r"'lora_alpah'.*did you mean 'lora_alpha'"),
+    ("empty-list", lambda: List([]), ValueError, r"List\(\[\]\) is empty, but must hold at least one value"),
+    ("list-of-a-scalar", lambda: List(3), TypeError, r"List\(\) takes a list of values, but got 3"),
+    ("empty-range", lambda: Range(1e-3, 1e-4), ValueError, r"Range\(0.001, 0.0001\) is empty: start must be < end"),
+    ("log-range-at-zero", lambda: Range(0, 1, log=True), ValueError, r"Range\(0, 1, log=True\) needs start > 0"),
+    (
+        "range-in-grid",
+        lambda: RFGridSearch(RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=Range(4, 16, dtype="int")))),
+        ValueError,
+        r"Range",
+    ),
+    (
+        "unknown-trainer",
+        lambda: RFGridSearch(RFModelConfig(DEMO_MODEL), trainer_type="PPO"),
+        ValueError,
+        r"`trainer_type` is 'PPO', but must be one of \['SFT', 'DPO', 'GRPO', 'RLOO'\]",
+    ),
+    (
+        "random-zero-runs",
+        lambda: RFRandomSearch(RFModelConfig(DEMO_MODEL), num_runs=0),
+        ValueError,
+        r"`num_runs` is 0, but must be an int >= 1",
+    ),
+    (
+        "grpo-without-reward",
+        lambda: RFGridSearch(RFModelConfig(DEMO_MODEL, training_args=RFGRPOConfig()), trainer_type="GRPO"),
+        TypeError,
+        r"reward_funcs is None, but a GRPO run needs a reward function",
+    ),
+    (
+        "model-name-empty",
+        lambda: RFGridSearch(RFModelConfig("")).expand(),
+        TypeError,
+        r"RFModelConfig.model_name is '', but must be a non-empty string",
+    ),
+    (
+        "unsafe-experiment-name",
+        lambda: Experiment("../escape"),
+        ValueError,
+        r"experiment name '../escape' is not a safe directory name",
+    ),
+    (
+        "experiments-dir-not-a-path",
+        lambda: Experiment("x", experiments_dir=3),
+        TypeError,
+        r"`experiments_dir` is 3, but must be a path",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, error, message", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_config_mistakes_are_named(make, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        make()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# -- an experiment with history: bad calls on it lose and change nothing ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A live experiment: run 1 finished, run 2 stopped by the user (its trainer kept for a resume)."""
+    path = tmp_path_factory.mktemp("history")
+    exp = Experiment("hist", experiments_dir=path)
+    group = search(args=RFSFTConfig(learning_rate=List([3e-3, 1e-3]), max_steps=4, per_device_train_batch_size=8))
+    exp.run_fit(group, demo_model_fn, TRAIN, EVAL, num_chunks=2, seed=0, display=False)
+    exp.stop(2)
+    assert exp.wait(timeout=300)
+    yield exp
+    exp.end()
+
+
+def snapshot(exp):
+    return exp.runs(), exp._store.metrics(), exp._store.meta("fits")
+
+
+HISTORY_CASES = [
+    (
+        "clone-unknown-field",
+        lambda e: e.clone_modify(1, {"learing_rate": 1e-4}),
+        ValueError,
+        r"override 'learing_rate' is not a field of the training arguments or the LoRA config \(did you mean 'learning_rate'\?\)",
+    ),
+    (
+        "clone-wrong-type",
+        lambda e: e.clone_modify(1, {"learning_rate": "fast"}),
+        TypeError,
+        r"override 'learning_rate' is 'fast'",
+    ),
+    (
+        "clone-negative-lr",
+        lambda e: e.clone_modify(1, {"learning_rate": -1.0}),
+        ValueError,
+        r"override 'learning_rate' is -1.0, but must be > 0",
+    ),
+    (
+        "warm-changes-data",
+        lambda e: e.clone_modify(2, {"per_device_train_batch_size": 4}, warm_start=True),
+        ValueError,
+        r"warm start cannot change 'per_device_train_batch_size'",
+    ),
+    (
+        "warm-from-finished",
+        lambda e: e.clone_modify(1, {}, warm_start=True),
+        ValueError,
+        r"run 1 is finished: its optimizer state is gone",
+    ),
+    ("stop-unknown-run", lambda e: e.stop(99), ValueError, r"no run with id 99"),
+    ("resume-finished", lambda e: e.resume(1), ValueError, r"run 1 is finished, not stopped"),
+    ("export-unknown", lambda e: e.export(42, e.path / "nope"), KeyError, r"no run with id 42; known ids: \[1, 2\]"),
+    ("best-run-mode", lambda e: e.best_run(mode="up"), ValueError, r"`mode` is 'up', but must be 'min' or 'max'"),
+    (
+        "best-run-metric",
+        lambda e: e.best_run(metric="bleu"),
+        ValueError,
+        r"no run has logged metric 'bleu'; logged metrics:",
+    ),
+    (
+        "resume-other-data",
+        lambda e: (
+            e.end(),
+            e.run_fit(
+                search(args=RFSFTConfig(learning_rate=List([3e-3, 1e-3]), max_steps=4, per_device_train_batch_size=8)),
+                demo_model_fn,
+                TRAIN.select(range(31)),
+                EVAL,
+                num_chunks=2,
+                seed=0,
+                resume=True,
+            ),
+        ),
+        ValueError,
+        r"`train_dataset` \(content fingerprint\) is '31 rows",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [c[1:] for c in HISTORY_CASES], ids=[c[0] for c in HISTORY_CASES])
+def test_bad_calls_on_an_experiment_change_nothing(history, call, error, message):
+    before = snapshot(history)
+    with pytest.raises(error, match=message):
+        call(history)
+    assert snapshot(history) == before  # nothing lost, nothing changed (a refused op is logged as refused)
+    assert history._store.integrity() == "ok"

@@ -1,0 +1,87 @@
+"""No network surface: a running experiment (with its panel) opens no listening socket, and rf_notebook never
+evaluates text or unpickles files it did not write with weights only."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+
+PACKAGE = Path(__file__).parents[1] / "rf_notebook"
+
+
+def listening_sockets() -> list[str]:
+    """This process's listening TCP sockets and bound UDP / raw sockets, from /proc."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
+        path = Path("/proc/self/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            listening = state == "0A" if table.startswith("tcp") else True
+            if inode in inodes and listening:
+                found.append(f"{table} {local}")
+    return found
+
+
+def test_a_running_experiment_listens_on_no_socket(tmp_path):
+    assert listening_sockets() == []
+    exp = Experiment("quiet", experiments_dir=tmp_path)
+    group = RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+            training_args=RFSFTConfig(learning_rate=List([3e-3, 1e-3]), max_steps=8, per_device_train_batch_size=8),
+        ),
+        trainer_type="SFT",
+    )
+    exp.run_fit(group, demo_model_fn, arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8), num_chunks=2)
+    from rf_notebook.widget import Panel
+
+    panel = Panel(exp)
+    panel.training_started()  # the panel's writer thread too
+    seen = []
+    while not exp.wait(timeout=0.05):
+        seen.extend(listening_sockets())
+    seen.extend(listening_sockets())
+    panel.stop_writer()
+    exp.end()
+    assert seen == []
+
+
+def test_no_text_is_evaluated_and_nothing_is_unpickled():
+    """No eval / exec / compile, no pickle, and every torch.load reads weights only."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                owner = getattr(getattr(node.func, "value", None), "id", "")
+                builtin = isinstance(node.func, ast.Name) or owner == "builtins"
+                if builtin and name in ("eval", "exec", "compile", "__import__"):
+                    offenders.append(f"{path.name}:{node.lineno} {name}()")
+                if name == "load" and isinstance(node.func, ast.Attribute):
+                    weights_only = any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords
+                    )
+                    if owner == "pickle" or (owner == "torch" and not weights_only):
+                        offenders.append(f"{path.name}:{node.lineno} {owner}.load")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n in ("pickle", "marshal", "shelve", "dill") for n in names):
+                    offenders.append(f"{path.name}:{node.lineno} imports {names}")
+    assert offenders == []

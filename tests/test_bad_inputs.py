@@ -114,7 +114,12 @@ CONFIG_CASES = [
         TypeError,
         r"'learing_rate'.*did you mean 'learning_rate'",
     ),
-    ("misspelled-lora-field", lambda: RFLoraConfig(lora_alpah=16), TypeError, r"'lora_alpah'.*did you mean 'lora_alpha'"),
+    (
+        "misspelled-lora-field",
+        lambda: RFLoraConfig(lora_alpah=16),
+        TypeError,
+        r"'lora_alpah'.*did you mean 'lora_alpha'",
+    ),
     ("empty-list", lambda: List([]), ValueError, r"List\(\[\]\) is empty, but must hold at least one value"),
     ("list-of-a-scalar", lambda: List(3), TypeError, r"List\(\) takes a list of values, but got 3"),
     ("empty-range", lambda: Range(1e-3, 1e-4), ValueError, r"Range\(0.001, 0.0001\) is empty: start must be < end"),

@@ -14,9 +14,10 @@ def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bo
     """A run's trainer keyword arguments: the user's values over rf_notebook's defaults.
 
     Defaults: the experiment's seed (also as `data_seed`, so the sample order is the seed's whatever else
-    happened in the process), a loss logged at every step and logged as it is (a NaN loss shows as NaN, not as
-    the mean of the steps before: transformers' `logging_nan_inf_filter`), no checkpoints written by the trainer (the engine
-    keeps per-run state itself), no reporting integrations, and on CPU no bf16 and no activation checkpointing.
+    happened in the process), a loss logged at every step and logged as it is (a NaN loss shows as NaN, not
+    as the mean of the steps before: transformers' `logging_nan_inf_filter`), no checkpoints written by the
+    trainer (the engine keeps per-run state itself), no reporting integrations, and on CPU no bf16 and no
+    activation checkpointing.
     """
     args: dict[str, Any] = {
         "output_dir": output_dir,

@@ -126,7 +126,14 @@ class Feed:
         progress = sum(min(r.step, p) for r, p in zip(runs, planned)) / total if total else 0.0
         eta = elapsed * (1 - progress) / progress if 0 < progress < 1 and not done else None
         counts = Counter(r.status.value for r in runs)
-        return {"elapsed_s": elapsed, "eta_s": eta, "progress": progress, "done": done, "counts": dict(counts)}
+        return {
+            "elapsed_s": elapsed,
+            "eta_s": eta,
+            "progress": progress,
+            "done": done,
+            "counts": dict(counts),
+            "storage_error": self.store.storage_error,  # the experiment is paused until the runs are resumed
+        }
 
     @staticmethod
     def _run(record: RunRecord, latest: Mapping[str, float]) -> dict[str, Any]:

@@ -168,6 +168,7 @@ export class Panel {
       plot: h("div", { class: "rfnb-plot" }),
       table: h("table", { class: "rfnb-table" }),
       log: h("div", { class: "rfnb-log" }),
+      alert: h("div", { class: "rfnb-alert", role: "alert", hidden: true }),
       overlay: h("div", { class: "rfnb-overlay", hidden: true }),
     };
     dom.root = h(
@@ -182,6 +183,7 @@ export class Panel {
         dom.counts,
         dom.stopAll,
       ),
+      dom.alert,
       dom.message,
       h(
         "div",
@@ -230,6 +232,9 @@ export class Panel {
       ...Object.entries(header.counts || {}).map(([status, n]) => h("span", { class: `rfnb-badge rfnb-${status}` }, `${n} ${status}`)),
     );
     dom.stopAll.disabled = !this.state.runs.some((r) => LIVE.has(r.status));
+    const storage = header.storage_error;
+    dom.alert.hidden = !storage;
+    dom.alert.textContent = storage ? `Paused: ${storage}. Free space (or fix the folder), then Resume the runs.` : "";
   }
 
   renderControls() {

@@ -207,6 +207,20 @@ describe("panel", () => {
     expect(el.querySelector(".rfnb-log").textContent).toContain(evil);
   });
 
+  it("shows why the experiment paused when its directory cannot be written, as text", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const state = snapshot([run(1, { status: "stopped" })]);
+    model.emit({ type: "snapshot", state });
+    expect(el.querySelector(".rfnb-alert").hidden).toBe(true);
+    state.header = { ...state.header, storage_error: "cannot write run 1's checkpoint: <b>No space left</b>" };
+    model.emit({ type: "snapshot", state });
+    const alert = el.querySelector(".rfnb-alert");
+    expect(alert.hidden).toBe(false);
+    expect(alert.textContent).toContain("Paused: cannot write run 1's checkpoint: <b>No space left</b>");
+    expect(alert.querySelector("b")).toBeNull();
+  });
+
   it("gives the plotted metric its own table column", () => {
     const model = fakeModel();
     const { el } = mount(model);

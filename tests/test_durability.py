@@ -260,3 +260,43 @@ def test_an_unwritable_experiment_directory_is_a_clear_error_before_training(dat
     with pytest.raises(OSError, match=r"cannot create or write the experiment directory '.*not-a-dir/x'"):
         exp.run_fit(group(), demo_model_fn, *data, num_chunks=2, seed=1, display=False)
     assert exp.runs() == [] and blocker.read_text().startswith("a file")
+
+
+def test_a_policy_makes_the_same_decisions_after_a_restart(data, tmp_path):
+    from rf_notebook.policies import SuccessiveHalving
+
+    lrs = (3e-3, 1e-3, 1e-5, 1e-6)
+
+    def ops(exp):
+        return [(o.origin, o.op, o.run_id, o.outcome, o.reason) for o in exp._store.ic_log()]
+
+    ref = Experiment("policy-ref", experiments_dir=tmp_path)
+    ref.run_fit(
+        group(lrs, 16), demo_model_fn, *data, num_chunks=4, seed=2, display=False, policy=SuccessiveHalving(eta=2)
+    )
+    assert ref.wait(timeout=300)
+    expected = ops(ref)
+    assert len(expected) >= 3  # halvings at rungs 1 and 2
+    ref.end()
+
+    exp = Experiment("policy", experiments_dir=tmp_path)
+    exp.run_fit(
+        group(lrs, 16), demo_model_fn, *data, num_chunks=4, seed=2, display=False, policy=SuccessiveHalving(eta=2)
+    )
+    wait_for(lambda: len(ops(exp)) >= 2 and max(r.chunks_done for r in exp.runs()) >= 2)
+    exp.end()  # interrupted after the first halving
+    again = Experiment("policy", experiments_dir=tmp_path)
+    again.run_fit(
+        group(lrs, 16),
+        demo_model_fn,
+        *data,
+        num_chunks=4,
+        seed=2,
+        display=False,
+        policy=SuccessiveHalving(eta=2),
+        resume=True,
+    )
+    assert again.wait(timeout=300)
+    assert ops(again) == expected
+    assert [r.status for r in again.runs()] == [r.status for r in ref.runs()]
+    again.end()

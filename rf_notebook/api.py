@@ -11,10 +11,12 @@ training itself runs in the engine's background thread.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import re
 import sys
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -70,7 +72,25 @@ class Experiment:
     its history back (results, leaderboard, panel); `run_fit(..., resume=True)` continues its unfinished runs.
     """
 
-    def __init__(self, experiment_name: str, experiments_dir: str | Path = "rf_experiments"):
+    def __init__(
+        self,
+        experiment_name: str,
+        mode: str = "fit",
+        experiments_dir: str | Path = "rf_experiments",
+        experiment_path: str | Path | None = None,
+    ):
+        if mode != "fit":
+            raise ValueError(
+                f"`mode` is {mode!r}, but rf_notebook runs fine-tuning experiments only: use mode='fit' "
+                "(RapidFire AI's 'evals' mode has no counterpart here)"
+            )
+        if experiment_path is not None:  # RapidFire AI's name for the folder that holds experiments
+            if experiments_dir != "rf_experiments":
+                raise ValueError(
+                    f"both `experiments_dir` ({experiments_dir!r}) and `experiment_path` ({experiment_path!r}) are "
+                    "given; they are the same setting: pass one"
+                )
+            experiments_dir = experiment_path
         if not isinstance(experiment_name, str) or not _SAFE_NAME.match(experiment_name) or ".." in experiment_name:
             raise ValueError(
                 f"experiment name {experiment_name!r} is not a safe directory name: use 1-100 letters, digits, "
@@ -82,6 +102,8 @@ class Experiment:
         self.path = Path(experiments_dir) / experiment_name
         self._engine: Any = None
         self._panel: Any = None
+        self._device_warnings: list[str] = []
+        self._device_warned = False
         key = self.path.resolve()
         holder = _HOLDERS.get(key)
         if holder is not None:
@@ -116,12 +138,14 @@ class Experiment:
         create_model_fn: Callable[[RFModelConfig], tuple[Any, Any]] | None,
         train_dataset: Any,
         eval_dataset: Any = None,
-        num_chunks: int = 4,
+        num_chunks: int | None = None,
         seed: int = 42,
         display: bool | None = None,
         policy: Any = None,
         resume: bool = False,
         on_nonfinite: str = "fail",
+        num_shards: int | None = None,
+        num_gpus: int | None = None,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
@@ -137,6 +161,9 @@ class Experiment:
 
         `on_nonfinite`: what a NaN / inf training loss does to its run: "fail" (marked failed, the others go on)
         or "continue".
+
+        `num_chunks` (default 4) is also spelled `num_shards`; `num_gpus` (RapidFire AI's devices per run) may be
+        None or 1: every run trains on this process's one device.
         """
         from rf_notebook.engine import Engine, TorchBackend
 
@@ -157,6 +184,19 @@ class Experiment:
             )
         if not isinstance(param_config, _Search):
             raise TypeError(f"run_fit takes an RFGridSearch or RFRandomSearch, but got {type(param_config).__name__}")
+        if num_shards is not None:
+            if num_chunks is not None and num_chunks != num_shards:
+                raise ValueError(
+                    f"`num_chunks` is {num_chunks!r} and `num_shards` is {num_shards!r}: they are the same setting "
+                    "(num_shards is its newer name); pass one"
+                )
+            num_chunks = num_shards
+        num_chunks = 4 if num_chunks is None else num_chunks
+        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus != 1):
+            raise ValueError(
+                f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
+                "num_gpus=1 or leave it unset"
+            )
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
             raise ValueError(f"`num_chunks` is {num_chunks!r}, but must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -179,13 +219,21 @@ class Experiment:
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
+        from rf_notebook.trainers._common import apply_formatting
 
         trainer = TRAINERS[param_config.trainer_type]
-        formatting_funcs = {id(s.model_config.formatting_func): s.model_config.formatting_func for s in specs}
-        for formatting_func in formatting_funcs.values():
-            trainer.check_dataset(train_dataset, "train", formatting_func)
-            if eval_dataset is not None:
-                trainer.check_dataset(eval_dataset, "eval", formatting_func)
+        formatted = {}  # each distinct formatting_func is applied once, to the train and eval sets
+        for formatting_func in {
+            id(s.model_config.formatting_func): s.model_config.formatting_func for s in specs
+        }.values():
+            train, evl = train_dataset, eval_dataset
+            if formatting_func is not None:
+                train = apply_formatting(train_dataset, formatting_func, "train")
+                evl = None if eval_dataset is None else apply_formatting(eval_dataset, formatting_func, "eval")
+                formatted[id(formatting_func)] = (train, evl)
+            trainer.check_dataset(train, "train", None)
+            if evl is not None:
+                trainer.check_dataset(evl, "eval", None)
         fit = {
             "trainer_type": param_config.trainer_type,
             "num_chunks": num_chunks,
@@ -201,6 +249,7 @@ class Experiment:
             points = {}
             self._check_num_chunks(prepared, len(train_dataset), num_chunks)
 
+        self._warn_device()
         if not self._store.durable:
             self._store.attach(self.path)  # StorageError (unwritable folder) before anything trains
         if self._engine is not None:
@@ -221,6 +270,7 @@ class Experiment:
             create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks, on_nonfinite=on_nonfinite
         )
         backend.resume_points = points
+        backend.formatted = formatted
         on_rung = None if policy is None else (lambda rung: self._policy_step(policy, rung))
         self._engine = Engine(self._store, prepared, backend, on_rung=on_rung, checkpoints=True)
         if display if display is not None else _in_kernel():
@@ -320,9 +370,13 @@ class Experiment:
         on_gpu = torch.cuda.is_available()
         PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
         trainer = TRAINERS[spec.trainer_type]
+        user_args, mc = self._fit_device(
+            dict(mc.training_args.kwargs) if mc.training_args is not None else {}, mc, on_gpu
+        )
+        spec = dataclasses.replace(spec, model_config=mc)
         try:
             kwargs = trainer.resolve_args(
-                mc.training_args.kwargs if mc.training_args is not None else {},
+                user_args,
                 output_dir=str(self.path / "runs" / str(run_id)),
                 seed=seed,
                 on_gpu=on_gpu,
@@ -341,8 +395,45 @@ class Experiment:
             "training_args": kwargs,
             "compute_metrics": _stable_repr(mc.compute_metrics) if mc.compute_metrics else None,
             "formatting_func": _stable_repr(mc.formatting_func) if mc.formatting_func else None,
+            "generation_config": mc.generation_config,
+            "ref_model": [mc.ref_model_name, mc.ref_model_kwargs] if mc.ref_model_name else None,
         }
         return PreparedRun(run_id, spec, args, lora, config)
+
+    def _fit_device(self, user_args: dict[str, Any], mc: RFModelConfig, on_gpu: bool) -> tuple[dict, RFModelConfig]:
+        """What a notebook written for a GPU asks that this machine cannot honour, adjusted with one warning per
+        experiment: bf16 / fp16 on a CPU (trained in float32), `device_map` (every run shares one device)."""
+        changes = []
+        if not on_gpu:
+            for flag in ("bf16", "fp16"):
+                if user_args.get(flag):
+                    user_args[flag] = False
+                    changes.append(f"{flag}=True (this machine has no GPU: float32 on the CPU)")
+        kwargs = dict(mc.model_kwargs or {})
+        if "device_map" in kwargs:
+            wanted = kwargs.pop("device_map")
+            if on_gpu:
+                kwargs["device_map"] = {"": torch_device_index()}
+            if wanted != kwargs.get("device_map"):
+                changes.append(
+                    f"model_kwargs device_map={wanted!r} (the base model stays whole on "
+                    f"{'the GPU' if on_gpu else 'the CPU'}, shared by every run)"
+                )
+            mc = mc.replace(model_kwargs=kwargs)
+        for change in changes:
+            if change not in self._device_warnings:
+                self._device_warnings.append(change)
+        return user_args, mc
+
+    def _warn_device(self) -> None:
+        if self._device_warnings and not self._device_warned:
+            self._device_warned = True
+            warnings.warn(
+                f"experiment {self.name!r}: ignoring what this machine cannot honour: "
+                + "; ".join(self._device_warnings),
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _check_num_chunks(prepared: list[Any], num_samples: int, num_chunks: int) -> None:
@@ -409,6 +500,48 @@ class Experiment:
             for m in self._store.metrics()
         ]
         columns = ["run_id", "run_name", "step", "chunk", "metric", "value", "wall_time"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def get_results(self):
+        """RapidFire AI's shape of the metrics: a pandas DataFrame with one row per (run_id, step) and one column per
+        metric (loss, learning_rate, eval_loss, your compute_metrics' names, ...), sorted by run_id and step."""
+        import pandas as pd
+
+        long = self.results()
+        if long.empty:
+            return pd.DataFrame(columns=["run_id", "step"])
+        wide = long.pivot_table(index=["run_id", "step"], columns="metric", values="value", aggfunc="last")
+        wide.columns.name = None
+        return wide.reset_index().sort_values(["run_id", "step"]).reset_index(drop=True)
+
+    def get_runs_info(self):
+        """One row per run: run_id, name, status, completed_steps, total_steps, chunks_done, chunks_total, error,
+        source ("initial", or the origin of the IC op that made it: "api", "panel", "policy"), cloned_from,
+        warm_started_from and config (the resolved trainer, adapter and model arguments)."""
+        import pandas as pd
+
+        made_by = {op.new_run_id: op for op in self._store.ic_log() if op.op == "clone_modify" and op.new_run_id}
+        rows = []
+        for r in self._store.runs():
+            op = made_by.get(r.run_id)
+            rows.append(
+                {
+                    "run_id": r.run_id,
+                    "name": r.name,
+                    "status": r.status.value,
+                    "completed_steps": r.step,
+                    "total_steps": r.total_steps,
+                    "chunks_done": r.chunks_done,
+                    "chunks_total": r.chunks_total,
+                    "error": r.error,
+                    "source": "initial" if op is None else op.origin,
+                    "cloned_from": None if op is None else op.run_id,
+                    "warm_started_from": op.run_id if op is not None and op.args.get("warm_start") else None,
+                    "config": dict(r.config),
+                }
+            )
+        columns = ["run_id", "name", "status", "completed_steps", "total_steps", "chunks_done", "chunks_total"]
+        columns += ["error", "source", "cloned_from", "warm_started_from", "config"]
         return pd.DataFrame(rows, columns=columns)
 
     def leaderboard(self, metric: str = "eval_loss", mode: str = "min"):
@@ -528,7 +661,6 @@ class Experiment:
     def ic_log(self):
         """Every IC op as a pandas DataFrame: op_id, time, origin, op, run_id, args, outcome, reason, step,
         new_run_id. `step` is the run's optimizer step when the op took effect."""
-        import dataclasses
 
         import pandas as pd
 
@@ -656,6 +788,12 @@ _COMMANDS = {"stop": Stop, "resume": Resume, "delete": Delete}
 
 def _trainable(runs: list[RunRecord]) -> bool:
     return any(r.status in (RunStatus.QUEUED, RunStatus.TRAINING) for r in runs)
+
+
+def torch_device_index() -> int:
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def data_fingerprint(dataset: Any) -> str:

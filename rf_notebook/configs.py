@@ -102,6 +102,9 @@ class _ConfigSpec:
     """Keyword arguments for a TRL / PEFT config class, any of which may be a `List` or `Range`."""
 
     _target_path: ClassVar[str]  # "module:Class"
+    # Fields RapidFire AI's configs take that the pinned TRL no longer has: accepted with their meaning here and
+    # not passed on. Each maps to a check returning why a value cannot be honoured (None: it can).
+    _COMPAT: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
 
     def __init__(self, **kwargs: Any):
         known = self.field_names()
@@ -113,6 +116,11 @@ class _ConfigSpec:
                     f"{type(self).__name__} got an unknown field {key!r}{did_you_mean}; "
                     f"expected a field of {self._target_path.replace(':', '.')}"
                 )
+        for key, check in self._COMPAT.items():
+            for value in _alternatives(kwargs.get(key)):
+                why = check(value)
+                if why is not None:
+                    raise ValueError(f"{type(self).__name__}.{key} is {value!r}, but {why}")
         self.kwargs = dict(kwargs)
 
     @classmethod
@@ -124,7 +132,7 @@ class _ConfigSpec:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls.target()) if f.init]
+        return [f.name for f in dataclasses.fields(cls.target()) if f.init] + list(cls._COMPAT)
 
     def replace(self, **kwargs: Any) -> _ConfigSpec:
         new = object.__new__(type(self))
@@ -133,10 +141,12 @@ class _ConfigSpec:
 
     def build(self, **extra: Any) -> Any:
         """The real config object. Every value must be concrete (no `List` / `Range` left)."""
-        kwargs = {**self.kwargs, **extra}
+        kwargs = {k: v for k, v in {**self.kwargs, **extra}.items() if k not in self._COMPAT}
         for key, value in kwargs.items():
             if _has_search_space(value):
                 raise ValueError(f"{type(self).__name__}.{key} is still a search space ({value!r}); expand it first")
+        if kwargs.get("save_strategy") == "chunk":  # RapidFire AI's value: a checkpoint at every chunk end, which
+            kwargs["save_strategy"] = "no"  # the engine writes itself; the trainer writes none
         return self.target()(**kwargs)
 
     def _children(self) -> dict[str, Any]:
@@ -168,6 +178,14 @@ class RFDPOConfig(_ConfigSpec):
     """`trl.DPOConfig` whose fields may be `List` / `Range` (e.g. `beta`, `learning_rate`, `loss_type`)."""
 
     _target_path = "trl:DPOConfig"
+    _COMPAT: ClassVar[dict[str, Callable[[Any], str | None]]] = {
+        # Each run's adapter is named by rf_notebook; the reference is the base with the adapter disabled.
+        "model_adapter_name": lambda v: None if v is None or isinstance(v, str) else "must be a string or None",
+        "ref_adapter_name": lambda v: None if v is None or isinstance(v, str) else "must be a string or None",
+        "force_use_ref_model": lambda v: None
+        if not v
+        else "a separate reference model is named with RFModelConfig(ref_model_name=...) here",
+    }
 
 
 class RFGRPOConfig(_ConfigSpec):
@@ -224,11 +242,57 @@ class RFModelConfig:
             "`f(prompts, completions, **columns) -> list[float]`; weight them with the config's `reward_weights`."
         },
     )
+    ref_model_name: Any = dataclasses.field(
+        default=None,
+        metadata={"help": "DPO: the reference model, if not the base itself (loaded once, by create_model_fn)."},
+    )
+    ref_model_type: Any = dataclasses.field(default=None, metadata={"help": "DPO: 'causal_lm' (the default)."})
+    ref_model_kwargs: Any = dataclasses.field(
+        default=None, metadata={"help": "DPO: keyword arguments for loading the reference model."}
+    )
+    generation_config: Any = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "A dict of `generate()` arguments (max_new_tokens, do_sample, ...). With compute_metrics, each "
+            "evaluation generates answers for the eval prompts and calls compute_metrics((predictions, references))."
+        },
+    )
+    num_gpus: Any = dataclasses.field(
+        default=None, metadata={"help": "Devices per run: None or 1 (every run trains on the process's one device)."}
+    )
+
+    # What `create_model_fn(model_config)` may read with RapidFire's item access besides the fields: loading
+    # kwargs default to {} (so `**model_config["model_kwargs"]` works when unset), and the reference model's part.
+    _KWARGS = ("model_kwargs", "tokenizer_kwargs", "ref_model_kwargs")
 
     def __getitem__(self, key: str) -> Any:
+        if key == "ref_model_config":
+            return {
+                "model_name": self.ref_model_name,
+                "model_type": self.ref_model_type or "causal_lm",
+                "model_kwargs": dict(self.ref_model_kwargs or {}),
+            }
+        if key == "peft_params":
+            return dict(self.peft_config.kwargs) if isinstance(self.peft_config, _ConfigSpec) else None
         if key not in self._field_names():
-            raise KeyError(key)
-        return getattr(self, key)
+            raise KeyError(
+                f"RFModelConfig has no {key!r}; known: {self._field_names() + ['ref_model_config', 'peft_params']}"
+            )
+        value = getattr(self, key)
+        return dict(value or {}) if key in self._KWARGS else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def keys(self) -> list[str]:
+        return self._field_names()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._field_names() or key in ("ref_model_config", "peft_params")
 
     @classmethod
     def _field_names(cls) -> list[str]:
@@ -334,6 +398,56 @@ def _check_model_config(config: Any, trainer_type: str) -> None:
     for value in _alternatives(config.model_name):
         if not isinstance(value, str) or not value:
             raise TypeError(f"RFModelConfig.model_name is {value!r}, but must be a non-empty string")
+    for name in ("ref_model_name", "ref_model_type", "ref_model_kwargs"):
+        for value in _alternatives(getattr(config, name)):
+            if value is not None and trainer_type != "DPO":
+                raise ValueError(f"RFModelConfig.{name} is {value!r}, but only DPO runs have a reference model")
+    for value in _alternatives(config.ref_model_name):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"RFModelConfig.ref_model_name is {value!r}, but must be None or a non-empty string")
+    for value in _alternatives(config.ref_model_type):
+        if value not in (None, "causal_lm"):
+            raise ValueError(f"RFModelConfig.ref_model_type is {value!r}, but only 'causal_lm' is supported")
+    for name in ("model_kwargs", "tokenizer_kwargs", "ref_model_kwargs"):
+        for value in _alternatives(getattr(config, name)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"RFModelConfig.{name} is {value!r}, but must be None or a dict of keyword arguments")
+    for value in _alternatives(config.generation_config):
+        _check_generation_config(value)
+    for value in _alternatives(config.num_gpus):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"RFModelConfig.num_gpus is {value!r}, but must be None or an int >= 1")
+        if value is not None and value > 1:
+            raise ValueError(
+                f"RFModelConfig.num_gpus is {value}, but rf_notebook trains every run on the process's one device "
+                "(runs share one resident base model); use num_gpus=1 or leave it unset"
+            )
+
+
+# generate() arguments RapidFire reads itself rather than passing on (accepted with the same meaning).
+GENERATION_OWN_KEYS = ("max_input_length", "add_generation_prompt", "truncation_side", "use_cache")
+
+
+def _check_generation_config(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"RFModelConfig.generation_config is {value!r}, but must be None or a dict of generate() arguments "
+            "such as {'max_new_tokens': 32, 'do_sample': False}"
+        )
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) | set(GENERATION_OWN_KEYS)
+    for key in value:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"RFModelConfig.generation_config has {key!r}, which is not a generate() argument{hint}")
+    if value.get("truncation_side", "left") not in ("left", "right"):
+        raise ValueError(
+            f"generation_config['truncation_side'] is {value['truncation_side']!r}, but must be 'left' or 'right'"
+        )
 
 
 def _alternatives(value: Any) -> list[Any]:

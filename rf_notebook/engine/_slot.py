@@ -66,6 +66,9 @@ class _Record(TrainerCallback):
         if values:
             self.sink(self.slot, state.global_step, values)
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.slot.evaluated_at = state.global_step
+
 
 @dataclasses.dataclass
 class Patches:
@@ -97,6 +100,7 @@ class RunSlot:
         self.patches: Patches | None = None
         self.state: _process_state.ProcessState | None = None
         self.epoch_start: tuple[int, _process_state.ProcessState] | None = None  # (step, state) of the last epoch
+        self.evaluated_at: int | None = None  # the step of the trainer's last evaluation
         self.pause_at = 0
         self.step = 0  # optimizer steps done, as of the last suspension
         self.finished = False  # train() has returned

@@ -141,6 +141,87 @@ class _FailOnNonFinite(TrainerCallback):
                 )
 
 
+class GenerationMetrics(TrainerCallback):
+    """Generation-based evaluation (RapidFire AI's): after each evaluation of the run, its adapter generates an
+    answer for every eval prompt with the model config's `generation_config`, and
+    `compute_metrics((predictions, references))` gets the decoded texts; its values are logged as eval_<name>.
+
+    Prompts: a chat `prompt` (through the chat template, with the generation prompt) or a text `prompt`;
+    references: the `completion` (its last message's content for chat). Random state is forked, so sampling here
+    never changes the training that follows.
+    """
+
+    def __init__(self, slot: RunSlot, tokenizer: Any, dataset: Any, model_config: Any, args: Any, sink: Any):
+        from rf_notebook.configs import GENERATION_OWN_KEYS
+
+        self.slot, self.tokenizer, self.sink = slot, tokenizer, sink
+        self.compute_metrics = model_config.compute_metrics
+        config = dict(model_config.generation_config)
+        own = {k: config.pop(k) for k in GENERATION_OWN_KEYS if k in config}
+        self.generate_kwargs = config
+        self.max_input_length = own.get("max_input_length")
+        self.add_generation_prompt = own.get("add_generation_prompt", True)
+        self.truncation_side = own.get("truncation_side", "left")
+        self.use_cache = own.get("use_cache", True)
+        self.batch_size = args.per_device_eval_batch_size
+        self.prompts, self.references = self._pairs(dataset) if dataset is not None else ([], [])
+
+    def _pairs(self, dataset: Any) -> tuple[list[str], list[str]]:
+        if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
+            raise ValueError(
+                f"generation-based evaluation needs eval rows with 'prompt' and 'completion' (after formatting_func), "
+                f"but the eval data set has columns {dataset.column_names}"
+            )
+        prompts, references = [], []
+        for row in dataset:
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(prompt, list):  # chat messages
+                prompt = self.tokenizer.apply_chat_template(
+                    prompt, tokenize=False, add_generation_prompt=self.add_generation_prompt
+                )
+            if isinstance(completion, list):
+                completion = completion[-1]["content"]
+            prompts.append(prompt)
+            references.append(completion)
+        return prompts, references
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if not self.prompts:
+            return
+        tokenizer = self.tokenizer
+        sides = tokenizer.padding_side, tokenizer.truncation_side
+        tokenizer.padding_side, tokenizer.truncation_side = "left", self.truncation_side
+        was_training = model.training
+        model.eval()
+        predictions = []
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                for i in range(0, len(self.prompts), self.batch_size):
+                    batch = tokenizer(
+                        self.prompts[i : i + self.batch_size],
+                        return_tensors="pt",
+                        padding=True,
+                        truncation=self.max_input_length is not None,
+                        max_length=self.max_input_length,
+                        add_special_tokens=False,
+                    ).to(model.device)
+                    out = model.generate(
+                        **batch, pad_token_id=tokenizer.pad_token_id, use_cache=self.use_cache, **self.generate_kwargs
+                    )
+                    new = out[:, batch["input_ids"].shape[1] :]
+                    predictions += tokenizer.batch_decode(new, skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side, tokenizer.truncation_side = sides
+            model.train(was_training)
+        values = self.compute_metrics((predictions, list(self.references)))
+        if not isinstance(values, Mapping):
+            raise TypeError(f"compute_metrics returned {values!r}, but must return a dict of metric name -> number")
+        self.sink(self.slot, state.global_step, {f"eval_{k}": float(v) for k, v in values.items()})
+
+
 class TorchBackend:
     """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
 
@@ -155,11 +236,14 @@ class TorchBackend:
         self.create_model_fn = create_model_fn
         self.on_nonfinite = on_nonfinite
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        # Data sets already put through each distinct formatting_func (once, not once per run), by function.
+        self.formatted: dict[int, tuple[Any, Any]] = {}
         self.num_chunks = num_chunks
         self.should_yield: Callable[[], bool] = lambda: False
         self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
         self._bases: dict[tuple[str, str], _Base] = {}
         self._runs: dict[int, PreparedRun] = {}
+        self._references: dict[tuple[str, str], Any] = {}  # DPO reference models other than a base
         self.resume_points: dict[int, tuple[int, str]] = {}  # run id -> (step, checkpoint) for a resumed experiment
 
     def connect(self, should_yield: Callable[[], bool], record: Callable[[RunSlot, int, dict], None]) -> None:
@@ -208,6 +292,26 @@ class TorchBackend:
             raise TypeError("create_model_fn returned a model with PEFT adapters; return the plain base model")
         return _Base(model, tokenizer)
 
+    def _reference(self, model_config: Any) -> Any:
+        """A DPO reference model named by `ref_model_name`: the shared base itself (adapters disabled) when it
+        names the same model, else loaded once with `create_model_fn` and frozen (None: use the base)."""
+        from rf_notebook.configs import _stable_repr
+
+        key = (str(model_config.ref_model_name), _stable_repr(model_config.ref_model_kwargs or {}))
+        if key == (str(model_config.model_name), _stable_repr(model_config.model_kwargs or {})):
+            return None
+        if key not in self._references:
+            reference = model_config.replace(
+                model_name=model_config.ref_model_name,
+                model_type=model_config.ref_model_type or "causal_lm",
+                model_kwargs=dict(model_config.ref_model_kwargs or {}),
+            )
+            model = self._load_base(reference).model
+            model.requires_grad_(False)
+            model.eval()
+            self._references[key] = model
+        return self._references[key]
+
     def base_of(self, run_id: int) -> _Base:
         return self._bases[self._runs[run_id].spec.model_config.base_key()]
 
@@ -230,14 +334,19 @@ class TorchBackend:
         if warm_from is not None:
             callbacks.append(_ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
         trainer = TRAINERS[run.spec.trainer_type]
+        model_config = run.spec.model_config
+        train, evl = self.train_dataset, self.eval_dataset
+        if model_config.formatting_func is not None and id(model_config.formatting_func) in self.formatted:
+            train, evl = self.formatted[id(model_config.formatting_func)]
+            model_config = model_config.replace(formatting_func=None)
+        if model_config.generation_config is not None and model_config.compute_metrics is not None:
+            callbacks.append(GenerationMetrics(slot, base.tokenizer, evl, model_config, run.args, self.record))
+            model_config = model_config.replace(compute_metrics=None)  # not the trainer's logits-based one
+        extra = {}
+        if run.spec.trainer_type == "DPO" and model_config.ref_model_name:
+            extra["ref_model"] = self._reference(model_config)
         slot.trainer = trainer.build_trainer(
-            base.peft,
-            base.tokenizer,
-            run.args,
-            self.train_dataset,
-            self.eval_dataset,
-            run.spec.model_config,
-            callbacks,
+            base.peft, base.tokenizer, run.args, train, evl, model_config, callbacks, **extra
         )
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
@@ -326,7 +435,8 @@ class TorchBackend:
         slot.patches = Patches.capture(self.base_of(slot.run_id).modules)
 
     def evaluate(self, slot: RunSlot) -> None:
-        if self.eval_dataset is not None and slot.trainer is not None:
+        """Evaluate at a rung, unless the trainer's own `eval_strategy` just did at this very step."""
+        if self.eval_dataset is not None and slot.trainer is not None and slot.evaluated_at != slot.step:
             slot.trainer.evaluate()
 
     def discard(self, slot: RunSlot, keep_adapter: bool) -> None:
@@ -370,6 +480,7 @@ class TorchBackend:
 
     def release(self) -> None:
         self._bases.clear()
+        self._references.clear()
         self._runs.clear()
         gc.collect()
 

@@ -83,3 +83,31 @@ def base_is_reference(model: Any, adapter: str) -> Iterator[None]:
         del model.add_adapter
         if aliased:
             del configs["default"]
+
+
+def apply_formatting(dataset: Any, formatting_func: Any, role: str) -> Any:
+    """`dataset` put through `formatting_func(row)` (RapidFire AI's shape): a dict adds or replaces columns
+    (e.g. {"prompt": [...messages], "completion": [...]}); a string becomes the row's only column, "text"."""
+    import datasets
+
+    name = getattr(formatting_func, "__qualname__", repr(formatting_func))
+    if len(dataset) == 0:
+        return dataset
+    try:
+        first = formatting_func(dataset[0])
+    except Exception as exc:
+        raise ValueError(f"formatting_func {name} failed on the first {role} row: {exc!r}") from exc
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        if isinstance(first, str):
+            return dataset.map(lambda row: {"text": formatting_func(row)}, remove_columns=dataset.column_names)
+        if isinstance(first, Mapping):
+            return dataset.map(lambda row: dict(formatting_func(row)))
+    finally:
+        if bars:
+            datasets.enable_progress_bar()
+    raise TypeError(
+        f"formatting_func {name} returned a {type(first).__name__} for the first {role} row, but must return a dict "
+        "such as {'prompt': [...], 'completion': [...]} or a string"
+    )

@@ -1,7 +1,8 @@
 """DPO runs: `trl.DPOTrainer` on one named LoRA adapter of the shared base model.
 
 The reference model is the shared base with adapters disabled (TRL does this itself when it is given a PEFT
-model and no `ref_model`): no second copy of the base is ever loaded.
+model and no `ref_model`): no second copy of the base is ever loaded. A model config whose `ref_model_name`
+names another model gets that model (loaded once by the engine, shared by the runs that name it).
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def build_trainer(
     eval_dataset: Any,
     model_config: RFModelConfig,
     callbacks: Sequence[Any],
+    ref_model: Any = None,
 ) -> Any:
     from trl import DPOTrainer
 
     with base_is_reference(model, model.active_adapter):
         return DPOTrainer(
             model=model,
-            ref_model=None,
+            ref_model=ref_model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,

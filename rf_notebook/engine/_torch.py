@@ -290,6 +290,8 @@ class TorchBackend:
             )
         if getattr(model, "peft_config", None):
             raise TypeError("create_model_fn returned a model with PEFT adapters; return the plain base model")
+        if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # batches need padding; as RapidFire AI and TRL's examples do
         return _Base(model, tokenizer)
 
     def _reference(self, model_config: Any) -> Any:

@@ -48,6 +48,11 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
     nb.cells[setup].source = f"import os\nos.environ['RF_NOTEBOOK_PANEL_MODE'] = {mode!r}\n" + nb.cells[
         setup
     ].source.replace("max_steps=192", "max_steps=320")
+    # Each variant its own experiment: the server's folder is shared, and an existing experiment is reopened.
+    named = cell_index(nb, 'Experiment("quickstart")')
+    nb.cells[named].source = nb.cells[named].source.replace(
+        'Experiment("quickstart")', f'Experiment("quickstart-{mode}")'
+    )
     fit, wait = cell_index(nb, "run_fit("), cell_index(nb, "exp.wait()")
     notebook.open(nb, name=f"quickstart-{jupyter.kind}-{mode}.ipynb")
 

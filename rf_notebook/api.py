@@ -78,7 +78,13 @@ class Experiment:
         mode: str = "fit",
         experiments_dir: str | Path = "rf_experiments",
         experiment_path: str | Path | None = None,
+        num_gpus: int | None = None,
     ):
+        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus != 1):
+            raise ValueError(
+                f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
+                "num_gpus=1 or leave it unset"
+            )
         if mode != "fit":
             raise ValueError(
                 f"`mode` is {mode!r}, but rf_notebook runs fine-tuning experiments only: use mode='fit' "

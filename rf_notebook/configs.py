@@ -64,9 +64,12 @@ class Range:
     """A continuous or integer interval for random search: uniform, or log-uniform with `log=True`.
 
     `dtype` is "float" or "int"; left out, it is "int" when both ends are ints. Int ranges include `end`.
+    `step` (as in RapidFire AI) keeps samples on the grid start, start + step, ... (within [start, end]).
     """
 
-    def __init__(self, start: float, end: float, *, dtype: str | None = None, log: bool = False):
+    def __init__(
+        self, start: float, end: float, *, dtype: str | None = None, log: bool = False, step: float | None = None
+    ):
         for name, value in (("start", start), ("end", end)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"Range {name} is {value!r}, but must be a finite number")
@@ -78,9 +81,21 @@ class Range:
             raise ValueError(f"Range({start!r}, {end!r}) is empty: start must be < end")
         if log and start <= 0:
             raise ValueError(f"Range({start!r}, {end!r}, log=True) needs start > 0")
-        self.start, self.end, self.dtype, self.log = start, end, dtype, log
+        if step is not None and (
+            isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= end - start
+        ):
+            raise ValueError(f"Range step is {step!r}, but must be a number in (0, end - start]")
+        self.start, self.end, self.dtype, self.log, self.step = start, end, dtype, log, step
 
     def sample(self, rng: random.Random) -> float | int:
+        value = self._draw(rng)
+        if self.step is None:
+            return value
+        k = min(round((value - self.start) / self.step), math.floor((self.end - self.start) / self.step + 1e-9))
+        snapped = self.start + k * self.step
+        return int(round(snapped)) if self.dtype == "int" else snapped
+
+    def _draw(self, rng: random.Random) -> float | int:
         if self.dtype == "int":
             if self.log:  # log-uniform over [start, end + 1), floored: each int gets its share of the log axis
                 draw = math.exp(rng.uniform(math.log(self.start), math.log(self.end + 1)))
@@ -91,7 +106,8 @@ class Range:
         return rng.uniform(self.start, self.end)
 
     def __repr__(self) -> str:
-        return f"Range({self.start!r}, {self.end!r}, dtype={self.dtype!r}, log={self.log})"
+        step = "" if self.step is None else f", step={self.step!r}"
+        return f"Range({self.start!r}, {self.end!r}, dtype={self.dtype!r}, log={self.log}{step})"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -264,6 +264,17 @@ def test_nested_lists_expand_to_their_product_in_order():
     assert len(sampled) == 5 and all(1e-5 <= r.params["training_args.learning_rate"] <= 1e-3 for r in sampled)
 
 
+def test_range_step_keeps_samples_on_its_grid():
+    import random
+
+    rng = random.Random(0)
+    floats = {Range(1e-4, 1e-3, step=1e-4).sample(rng) for _ in range(200)}
+    assert all(abs(v / 1e-4 - round(v / 1e-4)) < 1e-6 and 1e-4 <= v <= 1e-3 + 1e-12 for v in floats)
+    assert {Range(8, 64, step=8).sample(rng) for _ in range(200)} == set(range(8, 65, 8))
+    with pytest.raises(ValueError, match=r"Range step is 0, but must be a number in \(0, end - start\]"):
+        Range(1, 2, step=0)
+
+
 def test_model_config_mapping_access():
     config = RFModelConfig(MODEL, model_kwargs={"dtype": "float32"}, ref_model_name="ref/model")
     assert config["model_name"] == config.model_name == MODEL
@@ -280,6 +291,7 @@ def test_model_config_mapping_access():
     "make, error, message",
     [
         (lambda: Experiment("x", mode="evals"), ValueError, r"`mode` is 'evals', but rf_notebook runs fine-tuning"),
+        (lambda: Experiment("x", mode="fit", num_gpus=4), ValueError, r"`num_gpus` is 4, but rf_notebook trains"),
         (
             lambda: RFGridSearch(RFModelConfig(MODEL, generation_config={"max_new_token": 4}), trainer_type="SFT"),
             ValueError,

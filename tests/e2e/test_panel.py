@@ -90,7 +90,9 @@ def test_panel_steers_a_running_experiment(notebook, jupyter, shots, console_mes
 
     # 3. Resume: it continues
     row1.locator("button.rfnb-resume").click()
-    expect(row1.locator(".rfnb-status")).not_to_have_text("stopped", timeout=2_000)
+    # (Resume has no latency requirement; in pull mode it may land behind a chunk end's evaluation and checkpoint
+    # plus a 700 ms poll. Stop's 2 s requirement is checked above.)
+    expect(row1.locator(".rfnb-status")).not_to_have_text("stopped", timeout=5_000)
     wait_until(lambda: points(panel)[1] > frozen, 120, "the resumed run to train")
     shots("resumed")
 

@@ -80,11 +80,7 @@ class Experiment:
         experiment_path: str | Path | None = None,
         num_gpus: int | None = None,
     ):
-        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus != 1):
-            raise ValueError(
-                f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
-                "num_gpus=1 or leave it unset"
-            )
+        _check_num_gpus(num_gpus)
         if mode != "fit":
             raise ValueError(
                 f"`mode` is {mode!r}, but rf_notebook runs fine-tuning experiments only: use mode='fit' "
@@ -198,11 +194,7 @@ class Experiment:
                 )
             num_chunks = num_shards
         num_chunks = 4 if num_chunks is None else num_chunks
-        if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus != 1):
-            raise ValueError(
-                f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
-                "num_gpus=1 or leave it unset"
-            )
+        _check_num_gpus(num_gpus)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
             raise ValueError(f"`num_chunks` is {num_chunks!r}, but must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -794,6 +786,15 @@ _COMMANDS = {"stop": Stop, "resume": Resume, "delete": Delete}
 
 def _trainable(runs: list[RunRecord]) -> bool:
     return any(r.status in (RunStatus.QUEUED, RunStatus.TRAINING) for r in runs)
+
+
+def _check_num_gpus(num_gpus: Any) -> None:
+    """RapidFire AI's devices per run: here every run shares the process's one device."""
+    if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus != 1):
+        raise ValueError(
+            f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
+            "num_gpus=1 or leave it unset"
+        )
 
 
 def torch_device_index() -> int:

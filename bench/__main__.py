@@ -14,6 +14,7 @@ RUNS = [
     (overhead.main, ["--model", "demo", "--repeats", "5"]),
     (first_comparison.main, ["--model", "llama512", "--repeats", "3"]),
     (memory.main, ["--model", "llama512"]),
+    (memory.main, ["--model", "llama512", "--pruned"]),
     (thread.main, ["--model", "llama512", "--repeats", "4"]),
     (ic_ops.main, ["--trials", "5"]),
     (checkpoint.main, ["--model", "demo"]),

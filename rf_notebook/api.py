@@ -121,8 +121,8 @@ class Experiment:
         for r in self._store.runs():  # left unfinished by a process that ended: not training any more
             if r.status in (RunStatus.QUEUED, RunStatus.TRAINING):
                 self._store.update_run(r.run_id, status=RunStatus.STOPPED)
-        for op in self._store.ic_log():
-            if op.outcome == "pending":
+        for op in self._store.ic_log():  # a policy's pending decisions wait for run_fit(resume=True) to apply them
+            if op.outcome == "pending" and op.origin != "policy":
                 self._store.settle_op(op.op_id, "refused", "the process ended before the op was applied")
         _HOLDERS[key] = self
         _EXPERIMENTS.add(self)
@@ -217,7 +217,7 @@ class Experiment:
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
-        from rf_notebook.trainers._common import apply_formatting
+        from rf_notebook.trainers._common import apply_formatting, check_precision
 
         trainer = TRAINERS[param_config.trainer_type]
         formatted = {}  # each distinct formatting_func is applied once, to the train and eval sets
@@ -239,13 +239,16 @@ class Experiment:
             "train_fingerprint": data_fingerprint(train_dataset),
             "eval_fingerprint": None if eval_dataset is None else data_fingerprint(eval_dataset),
         }
+        replay: list[Any] = []
         if resume:
-            prepared, points = self._resumable(specs, fit)
+            prepared, points, replay, decided, refusals = self._resumable(specs, fit)
         else:
+            decided, refusals = 0, []
             ids = self._store.reserve_run_ids(len(specs))
             prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
             points = {}
             self._check_num_chunks(prepared, len(train_dataset), num_chunks)
+        check_precision(prepared, on_gpu=_on_gpu())
 
         self._warn_device()
         if not self._store.durable:
@@ -253,12 +256,17 @@ class Experiment:
         if self._engine is not None:
             self._engine.shutdown()
         if resume:
+            for op_id, why in refusals:
+                self._store.settle_op(op_id, "refused", why)
             for run in prepared:
                 record = self._store.run(run.run_id)
                 self._store.drop_metrics_after(run.run_id, points.get(run.run_id, (0, None))[0])
                 if record.status is RunStatus.STOPPED and not self._stopped_by_op(run.run_id):
                     self._store.update_run(run.run_id, status=RunStatus.QUEUED)  # interrupted: continue
         else:
+            for op in self._store.ic_log():  # left by a process that ended, and not resumed: they never apply
+                if op.outcome == "pending":
+                    self._store.settle_op(op.op_id, "refused", "the process ended and the experiment was not resumed")
             for run in prepared:
                 self._store.add_run(run.record())
             self._store.set_meta(
@@ -270,7 +278,9 @@ class Experiment:
         backend.resume_points = points
         backend.formatted = formatted
         on_rung = None if policy is None else (lambda rung: self._policy_step(policy, rung))
-        self._engine = Engine(self._store, prepared, backend, on_rung=on_rung, checkpoints=True)
+        self._engine = Engine(
+            self._store, prepared, backend, on_rung=on_rung, checkpoints=True, decided_rung=decided, replay=replay
+        )
         if display if display is not None else _in_kernel():
             self.panel()
         if self._panel is not None:
@@ -283,9 +293,13 @@ class Experiment:
             raise
         logger.info("experiment %r: %d runs training in the background", self.name, len(prepared))
 
-    def _resumable(self, specs: list[RunSpec], fit: dict[str, Any]) -> tuple[list[Any], dict[int, tuple[int, str]]]:
+    def _resumable(
+        self, specs: list[RunSpec], fit: dict[str, Any]
+    ) -> tuple[list[Any], dict[int, tuple[int, str]], list[Any], int]:
         """The last run_fit's runs (and clones made from them) that can still train, rebuilt from the same
-        search, and where each one resumes: {run_id: (step, checkpoint folder)}."""
+        search; where each one resumes ({run_id: (step, checkpoint folder)}); the policy's decisions that were
+        logged but never applied, as commands to apply first; and the last rung the policy fully decided (a rung
+        completed after it is decided again)."""
         fits = self._store.meta("fits", [])
         if not fits:
             raise ValueError(
@@ -329,24 +343,66 @@ class Experiment:
                     parent.spec, self._split(parent, op.args["overrides"], op.args["warm_start"]), op.args["warm_start"]
                 )
                 prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, fit["seed"])
-        from rf_notebook.engine._torch import latest_checkpoint
+        from rf_notebook.engine._torch import resume_point
 
         live, points = [], {}
         for run_id, run in prepared.items():
             if self._store.run(run_id).status.is_terminal:
                 continue
-            point = latest_checkpoint(run.args.output_dir)
-            warm = Path(run.args.output_dir) / "warm-start"
-            if point is None and (warm / "trainer_state.json").is_file():  # a warm clone before its first rung
-                point = (json.loads((warm / "trainer_state.json").read_text())["global_step"], warm)
+            point = resume_point(run.args.output_dir)
             if point is not None:
-                points[run_id] = (point[0], str(point[1]))
+                points[run_id] = point
             live.append(run)
         if not live:
             raise ValueError(
                 f"experiment {self.name!r} has no unfinished run to resume (all finished, failed or deleted)"
             )
-        return live, points
+        return live, points, *self._replay(prepared, fit["seed"], len(fits))
+
+    def _replay(
+        self, prepared: dict[int, Any], seed: int, fit_number: int
+    ) -> tuple[list[Any], int, list[tuple[int, str]]]:
+        """Commands for the policy's ops that a process ended before applying, the last rung the policy fully
+        decided, and the other pending ops with why they never apply (refused once run_fit starts). Ops of a rung
+        whose decision was cut short are among those: that rung is decided again."""
+        from rf_notebook.commands import CloneModify, Stop
+
+        mark = self._store.meta("policy_rung") or {}
+        decided = mark.get("rung", 0) if mark.get("fit") == fit_number else 0
+        commands, refused = [], []
+        for op in self._store.ic_log():
+            if op.outcome != "pending":
+                continue
+            rung = op.args.get("rung")
+            if op.origin != "policy" or rung is None or rung > decided or op.run_id not in prepared:
+                refused.append(op)
+            elif op.op == "stop":
+                commands.append(Stop(op_id=op.op_id, run_id=op.run_id, requires=op.args.get("requires")))
+            else:
+                overrides, warm_start = op.args["overrides"], op.args["warm_start"]
+                parent = prepared[op.run_id]
+                spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
+                prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, seed)
+                commands.append(
+                    CloneModify(
+                        op_id=op.op_id,
+                        run_id=op.run_id,
+                        new_run_id=op.new_run_id,
+                        prepared=prepared[op.new_run_id],
+                        warm_start=bool(warm_start),
+                        overrides=dict(overrides),
+                    )
+                )
+        refusals = [
+            (
+                op.op_id,
+                f"the process ended while the policy was deciding chunk {op.args['rung']}; decided again on resume"
+                if op.origin == "policy" and op.args.get("rung", 0) > decided
+                else "the process ended before the op was applied",
+            )
+            for op in refused
+        ]
+        return commands, decided, refusals
 
     def _stopped_by_op(self, run_id: int) -> bool:
         """Whether the run's latest applied stop/resume op is a stop (a user's or a policy's decision)."""
@@ -381,7 +437,8 @@ class Experiment:
             )
             # Building a TRL config would otherwise reset Accelerate's process-wide state under the other runs.
             accelerator_config = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
-            args = trainer.CONFIG(**kwargs).build(accelerator_config=accelerator_config)
+            # replace(), not the constructor: these are rf_notebook's resolved values, the owned fields included
+            args = trainer.CONFIG().replace(**kwargs).build(accelerator_config=accelerator_config)
             lora = mc.peft_config.build()
         except Exception as exc:
             raise ValueError(f"run {spec.name!r} has an invalid config: {exc}") from exc
@@ -452,6 +509,15 @@ class Experiment:
                 f"`num_chunks` is {num_chunks}, but run {smallest.spec.name!r} has only {per_epoch(smallest)} "
                 f"optimizer steps per epoch of {num_samples} rows; use num_chunks <= {per_epoch(smallest)}"
             )
+        for run in prepared:  # GRPO / RLOO: chunk ends between whole generation cycles
+            cycle = TRAINERS[run.spec.trainer_type].rung_multiple(run.args)
+            if num_chunks > max(per_epoch(run) // cycle, 1):
+                raise ValueError(
+                    f"`num_chunks` is {num_chunks}, but run {run.spec.name!r} generates completions for {cycle} "
+                    f"optimizer steps at a time (steps_per_generation x num_iterations) and has only "
+                    f"{per_epoch(run) // cycle} such cycles per epoch of {num_samples} rows; chunk ends fall between "
+                    f"cycles: use num_chunks <= {max(per_epoch(run) // cycle, 1)}"
+                )
 
     # -- watching ----------------------------------------------------------------------------------------------
 
@@ -466,12 +532,15 @@ class Experiment:
         engine = self._engine
 
         def done(runs: list[RunRecord], ops: list[ICRecord]) -> bool:
-            return not engine.alive or not (_trainable(runs) or any(op.outcome == "pending" for op in ops))
+            mine = [r for r in runs if r.run_id in engine.runs]
+            return not engine.alive or not (_trainable(mine) or any(op.outcome == "pending" for op in ops))
 
         return self._store.wait_until(done, timeout)
 
     def _training(self) -> bool:
-        return self._engine is not None and self._engine.alive and _trainable(self._store.runs())
+        if self._engine is None or not self._engine.alive:
+            return False
+        return _trainable([r for r in self._store.runs() if r.run_id in self._engine.runs])
 
     def runs(self) -> list[RunRecord]:
         """Every run: id, name, resolved config, status and progress (snapshots)."""
@@ -610,15 +679,22 @@ class Experiment:
         From scratch by default; with `warm_start=True` the clone starts from the parent's current adapter
         weights, optimizer moments, step and data position, and the overrides apply from its next step on.
         """
-        return self._clone_modify(run_id, overrides, warm_start, origin="api")
+        return self._clone_modify(run_id, overrides, warm_start, origin="api")[1]
 
     def _clone_modify(
-        self, run_id: int, overrides: dict[str, Any], warm_start: bool, origin: str, reason: str | None = None
-    ) -> int:
+        self,
+        run_id: int,
+        overrides: dict[str, Any],
+        warm_start: bool,
+        origin: str,
+        reason: str | None = None,
+        rung: int | None = None,
+    ) -> tuple[int, int]:
+        """Log, check and queue a clone; return (op id, the new run's id)."""
         from rf_notebook.commands import CloneModify
 
         new_id = self._store.reserve_run_ids(1)[0]
-        args = {"overrides": overrides, "warm_start": warm_start}
+        args = {"overrides": overrides, "warm_start": warm_start, **({"rung": rung} if rung is not None else {})}
         op = self._store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id, reason=reason)
         try:
             self._precheck("clone_modify", run_id, warm_start)
@@ -638,7 +714,7 @@ class Experiment:
                 overrides=dict(overrides),
             )
         )
-        return new_id
+        return op.op_id, new_id
 
     @staticmethod
     def _split(parent: Any, overrides: dict[str, Any], warm_start: bool) -> dict[str, dict[str, Any]]:
@@ -665,16 +741,28 @@ class Experiment:
         columns = [f.name for f in dataclasses.fields(ICRecord)]
         return pd.DataFrame([dataclasses.asdict(r) for r in self._store.ic_log()], columns=columns)
 
-    def _submit_op(self, op: str, run_id: int, origin: str = "api", reason: str | None = None) -> int:
+    def _submit_op(
+        self,
+        op: str,
+        run_id: int,
+        origin: str = "api",
+        reason: str | None = None,
+        rung: int | None = None,
+        requires: int | None = None,
+    ) -> int:
+        """Log op `op` on `run_id`, refuse it at once if it cannot apply, else queue it for the scheduler. A
+        policy's ops carry their `rung`; a stop that `requires` another op applies only if that one did."""
         if op == "resume" and self._store.storage_error is not None:
             self._store.recover()  # the experiment paused on a failed write: the directory must work again
-        record = self._store.log_op(origin, op, run_id, {}, reason=reason)
+        args = {k: v for k, v in (("rung", rung), ("requires", requires)) if v is not None}
+        record = self._store.log_op(origin, op, run_id, args, reason=reason)
         try:
             self._precheck(op, run_id)
         except ValueError as exc:
             self._store.settle_op(record.op_id, "refused", str(exc))
             raise
-        self._engine.submit(_COMMANDS[op](op_id=record.op_id, run_id=run_id))
+        extra = {"requires": requires} if requires is not None else {}
+        self._engine.submit(_COMMANDS[op](op_id=record.op_id, run_id=run_id, **extra))
         return record.op_id
 
     def _policy_step(self, policy: Any, rung: int) -> None:
@@ -685,10 +773,14 @@ class Experiment:
         for m in self._store.metrics():
             if m.name == policy.metric:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
+        fit = set(self._store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
+        for op in self._store.ic_log():
+            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
+                fit.add(op.new_run_id)
         runs = [
             RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), {**_resolved(r.config), **r.params})
             for r in self._store.runs()
-            if r.run_id in self._engine.runs
+            if r.run_id in fit
         ]
         if not any(rung in run.values for run in runs):
             logger.warning(
@@ -698,35 +790,32 @@ class Experiment:
                 rung,
                 sorted({m.name for m in self._store.metrics()}),
             )
+        # Each decision is logged (pending) before any is applied, then the rung is marked decided: a process that
+        # ends before the mark decides the rung again on resume; one that ends after it applies the pending ops.
         for decision in policy.decide(rung, runs):
             try:
                 if decision.op == "stop":
-                    self._submit_op("stop", decision.run_id, origin="policy", reason=decision.reason)
+                    self._submit_op("stop", decision.run_id, origin="policy", reason=decision.reason, rung=rung)
                     continue
-                self._clone_modify(
-                    decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason
-                )
-                if decision.replaces is not None:  # only once its replacement is on its way
-                    self._submit_op("stop", decision.replaces, origin="policy", reason=decision.reason)
+                clone_op = self._clone_modify(
+                    decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason, rung=rung
+                )[0]
+                if decision.replaces is not None:  # stopped only if its replacement is applied: all or nothing
+                    self._submit_op(
+                        "stop", decision.replaces, origin="policy", reason=decision.reason, rung=rung, requires=clone_op
+                    )
             except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the others go on
                 logger.warning("policy decision %s on run %d refused: %s", decision.op, decision.run_id, exc)
+        self._store.set_meta("policy_rung", {"fit": len(self._store.meta("fits")), "rung": rung})
 
     def _stoppable(self) -> list[int]:
         return [r.run_id for r in self._store.runs() if r.status in (RunStatus.QUEUED, RunStatus.TRAINING)]
 
     def _precheck(self, op: str, run_id: int, warm_start: bool = False) -> None:
         """Refuse at once what cannot apply now (the scheduler checks again when it applies the op)."""
-        from rf_notebook.scheduler import refusal
-
         if self._engine is None or not self._engine.alive:
             raise ValueError(f"experiment {self.name!r} is not running (not started, or end() was called)")
-        try:
-            status = self._store.run(run_id).status
-        except KeyError:
-            status = None
-        reason = refusal(op, run_id, status, warm_start=warm_start)
-        if reason is None and op == "clone_modify" and run_id not in self._engine.runs:
-            reason = f"run {run_id} belongs to an earlier run_fit whose models were released"
+        reason = self._engine.refusal(op, run_id, warm_start=warm_start)
         if reason is not None:
             raise ValueError(reason)
 
@@ -797,6 +886,12 @@ def _check_num_gpus(num_gpus: Any) -> None:
         )
 
 
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def torch_device_index() -> int:
     import torch
 
@@ -829,10 +924,14 @@ def data_fingerprint(dataset: Any) -> str:
 
 
 def _config_changes(stored: Any, new: Any) -> str:
-    """What differs between a stored resolved config and a rebuilt one ("" if nothing); paths are ignored."""
+    """What differs between a stored resolved config and a rebuilt one ("" if nothing); the fields the experiment
+    owns (the run's folder, checkpoints, trackers: values rf_notebook sets, not the user) are ignored."""
+    from rf_notebook.configs import OWNED_FIELDS
+
     a, b = json.loads(json.dumps(stored, default=str)), json.loads(json.dumps(new, default=str))
     for config in (a, b):
-        config.get("training_args", {}).pop("output_dir", None)
+        for name in OWNED_FIELDS:
+            config.get("training_args", {}).pop(name, None)
     changes = []
     for section in sorted(set(a) | set(b)):
         x, y = a.get(section), b.get(section)

@@ -60,11 +60,13 @@ def chunk_plan(
     drop_last: bool = False,
     per_epoch: int | None = None,
     rows_per_step: float | None = None,
+    align: int = 1,
 ) -> ChunkPlan:
     """The rungs of one run. `max_steps > 0` wins over `num_train_epochs`, as in `transformers`.
 
     `per_epoch` and `rows_per_step` replace what batch size, accumulation and drop_last imply, for trainers
-    whose optimizer step is not a plain batch of rows (GRPO / RLOO: groups of completions per prompt).
+    whose optimizer step is not a plain batch of rows (GRPO / RLOO: groups of completions per prompt). Chunk ends
+    inside an epoch fall on multiples of `align` optimizer steps (GRPO / RLOO: a whole generation cycle).
     """
     if num_samples < 1:
         raise ValueError(f"the training set has {num_samples} rows, but must have at least 1")
@@ -72,18 +74,30 @@ def chunk_plan(
         raise ValueError(f"`num_chunks` is {num_chunks}, but must be >= 1")
     if per_epoch is None:
         per_epoch = steps_per_epoch(num_samples, batch_size, grad_accum, drop_last)
+    if align < 1:
+        raise ValueError(f"`align` is {align}, but must be >= 1")
     if num_chunks > per_epoch:
         raise ValueError(
             f"`num_chunks` is {num_chunks}, but a run with batch size {batch_size} x {grad_accum} accumulation "
             f"has only {per_epoch} optimizer steps per epoch of {num_samples} rows; use num_chunks <= {per_epoch}"
         )
+    if num_chunks > max(per_epoch // align, 1):
+        raise ValueError(
+            f"`num_chunks` is {num_chunks}, but a run whose generation cycle is {align} optimizer steps has only "
+            f"{per_epoch // align} whole cycles per epoch of {num_samples} rows; chunk ends fall between cycles: "
+            f"use num_chunks <= {max(per_epoch // align, 1)}"
+        )
     total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * per_epoch)
     samples_per_step = rows_per_step if rows_per_step is not None else batch_size * grad_accum
     within: list[int] = []  # step offsets of the chunk ends inside one epoch
     for k in range(1, num_chunks + 1):
-        step = per_epoch if k == num_chunks else math.floor(k * num_samples / num_chunks / samples_per_step + 0.5)
-        low = within[-1] + 1 if within else 1
-        high = per_epoch - (num_chunks - k)
+        if k == num_chunks:
+            within.append(per_epoch)
+            break
+        step = k * num_samples / num_chunks / samples_per_step
+        step = align * math.floor(step / align + 0.5)
+        low = within[-1] + align if within else align
+        high = align * (per_epoch // align) - (num_chunks - k) * align
         within.append(min(max(step, low), high))
     rungs: list[Rung] = []
     epoch = 0

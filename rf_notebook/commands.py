@@ -44,7 +44,10 @@ class ICOp(Command):
 
 @dataclasses.dataclass(frozen=True)
 class Stop(ICOp):
-    """Pause the run at its next optimizer step; its exact state is kept."""
+    """Pause the run at its next optimizer step; its exact state is kept. With `requires`, only if op `requires`
+    was applied (a policy's replacement: the run stops only once its replacing clone exists)."""
+
+    requires: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

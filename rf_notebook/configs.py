@@ -36,6 +36,11 @@ __all__ = [
     "RFRandomSearch",
     "RunSpec",
     "TRAINER_TYPES",
+    "OWNED_FIELDS",
+    "OwnedField",
+    "PRECISION_FIELDS",
+    "owned_refusal",
+    "owned_value_repr",
 ]
 
 TRAINER_TYPES = ("SFT", "DPO", "GRPO", "RLOO")
@@ -111,6 +116,103 @@ class Range:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Trainer arguments the experiment owns
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedField:
+    """A trainer argument whose job rf_notebook does itself, for every run apart from every other run.
+
+    A user's value is refused unless it asks for nothing beyond what rf_notebook does anyway (`accepts`: TRL's
+    default and the values that change nothing, so migrated notebooks keep working); either way the trainer gets
+    rf_notebook's value, never the user's (`trainers._common.base_args`).
+    """
+
+    why: str  # completes "<field> is <value>, but ..."
+    accepts: Callable[[Any], bool]
+    secret: bool = False  # never echo the value (a token)
+
+
+_FOLDER = (
+    "the experiment owns each run's folder: a run's files live in <experiments_dir>/<experiment_name>/runs/<run_id>, "
+    "shared with no other run; export a run's adapter with exp.export(run_id, path)"
+)
+_CHECKPOINTS = (
+    "the experiment owns checkpoints: it writes each run's own checkpoint at every chunk end (every epoch end is "
+    "one) and keeps the latest, and the trainer writes none (its checkpoints would hold every run's adapter of the "
+    "shared base); set how often with run_fit(num_chunks=...)"
+)
+_HUB = (
+    "the experiment does not push from inside training (the trainer would push mid-run, from a process and a base "
+    "model other runs share); export the run's adapter with exp.export(run_id, path), then push that folder "
+    "(e.g. huggingface_hub.upload_folder)"
+)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _is_false(value: Any) -> bool:
+    return value is None or value is False
+
+
+# The fields, why each is the experiment's, and the values accepted as changing nothing. The TRL defaults are
+# written out (tests check them against the pinned TRL, so an upgrade that changes one fails loudly).
+OWNED_FIELDS: dict[str, OwnedField] = {
+    "output_dir": OwnedField(_FOLDER, _is_none),
+    "logging_dir": OwnedField(  # gone from transformers 5; RapidFire AI's notebooks for older versions may set it
+        "the experiment records every run's metrics in its own folder; read them with exp.results()", _is_none
+    ),
+    # "epoch": every epoch end is a chunk end, where the run is checkpointed anyway. "steps" is TRL's default.
+    "save_strategy": OwnedField(_CHECKPOINTS, lambda v: v in ("no", "chunk", "epoch", "steps")),
+    "save_steps": OwnedField(_CHECKPOINTS, lambda v: v == 500 and not isinstance(v, bool)),
+    # Only the latest checkpoint of a run is kept, which is within any limit.
+    "save_total_limit": OwnedField(
+        _CHECKPOINTS, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    ),
+    "save_only_model": OwnedField(
+        _CHECKPOINTS + " (with the optimizer and schedule, so that a run resumes exactly)", _is_false
+    ),
+    "save_on_each_node": OwnedField(_CHECKPOINTS, lambda v: isinstance(v, bool)),  # one process, one node
+    "resume_from_checkpoint": OwnedField(
+        "a run resumes from the experiment's own checkpoints: run_fit(..., resume=True) continues every unfinished "
+        "run after a restart, and exp.clone_modify(run_id, {...}, warm_start=True) continues from a run's state",
+        lambda v: v is None or v is False or v == "",
+    ),
+    "push_to_hub": OwnedField(_HUB, _is_false),
+    "hub_model_id": OwnedField(_HUB, _is_none),
+    "hub_token": OwnedField(_HUB, _is_none, secret=True),
+    "hub_private_repo": OwnedField(_HUB, _is_none),
+    "hub_strategy": OwnedField(_HUB, lambda v: v == "every_save"),
+    "hub_always_push": OwnedField(_HUB, _is_false),
+    "hub_revision": OwnedField(_HUB, _is_none),
+    "log_completions_hub_repo": OwnedField(_HUB, _is_none),  # GRPO: pushes sampled completions
+    "report_to": OwnedField(
+        "rf_notebook logs every run itself (exp.results(), the panel); TRL's trackers (wandb, mlflow, tensorboard, "
+        "trackio) assume one run per process and would mix the interleaved runs into one",
+        lambda v: v is None or v in ("none", "no") or (isinstance(v, (list, tuple)) and all(x == "none" for x in v)),
+    ),
+}
+
+# Mixed precision: Accelerate's state holds one mode per process, so every run of a run_fit on a GPU shares it.
+PRECISION_FIELDS = ("bf16", "fp16")
+
+
+def owned_refusal(name: str, value: Any) -> str | None:
+    """Why `value` cannot be honoured for the experiment-owned trainer argument `name` (None: it changes nothing,
+    or `name` is not owned). The text completes "<name> is <value>, but ..."."""
+    owned = OWNED_FIELDS.get(name)
+    return None if owned is None or owned.accepts(value) else owned.why
+
+
+def owned_value_repr(name: str, value: Any) -> str:
+    """`value` as an error message may show it: a token is hidden."""
+    owned = OWNED_FIELDS.get(name)
+    return "<hidden>" if owned is not None and owned.secret and value is not None else repr(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Specs of TRL / PEFT configs
 
 
@@ -121,11 +223,13 @@ class _ConfigSpec:
     # Fields RapidFire AI's configs take that the pinned TRL no longer has: accepted with their meaning here and
     # not passed on. Each maps to a check returning why a value cannot be honoured (None: it can).
     _COMPAT: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+    # Fields the experiment owns (trainer arguments only): refused unless the value changes nothing.
+    _OWNED: ClassVar[Mapping[str, OwnedField]] = {}
 
     def __init__(self, **kwargs: Any):
         known = self.field_names()
         for key in kwargs:
-            if key not in known:
+            if key not in known and key not in self._OWNED:
                 hint = difflib.get_close_matches(key, known, n=1)
                 did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise TypeError(
@@ -137,6 +241,11 @@ class _ConfigSpec:
                 why = check(value)
                 if why is not None:
                     raise ValueError(f"{type(self).__name__}.{key} is {value!r}, but {why}")
+        for key in kwargs.keys() & self._OWNED.keys():
+            for value in _alternatives(kwargs[key]):
+                why = owned_refusal(key, value)
+                if why is not None:
+                    raise ValueError(f"{type(self).__name__}.{key} is {owned_value_repr(key, value)}, but {why}")
         self.kwargs = dict(kwargs)
 
     @classmethod
@@ -157,7 +266,12 @@ class _ConfigSpec:
 
     def build(self, **extra: Any) -> Any:
         """The real config object. Every value must be concrete (no `List` / `Range` left)."""
-        kwargs = {k: v for k, v in {**self.kwargs, **extra}.items() if k not in self._COMPAT}
+        fields = {f.name for f in dataclasses.fields(self.target())}
+        kwargs = {
+            k: v
+            for k, v in {**self.kwargs, **extra}.items()
+            if k not in self._COMPAT and (k in fields or k not in self._OWNED)  # e.g. logging_dir=None: no field
+        }
         for key, value in kwargs.items():
             if _has_search_space(value):
                 raise ValueError(f"{type(self).__name__}.{key} is still a search space ({value!r}); expand it first")
@@ -184,13 +298,19 @@ class RFLoraConfig(_ConfigSpec):
     _target_path = "peft:LoraConfig"
 
 
-class RFSFTConfig(_ConfigSpec):
+class _TrainingArgs(_ConfigSpec):
+    """A trainer's arguments: the fields the experiment owns are refused unless their value changes nothing."""
+
+    _OWNED = OWNED_FIELDS
+
+
+class RFSFTConfig(_TrainingArgs):
     """`trl.SFTConfig` whose fields may be `List` / `Range`."""
 
     _target_path = "trl:SFTConfig"
 
 
-class RFDPOConfig(_ConfigSpec):
+class RFDPOConfig(_TrainingArgs):
     """`trl.DPOConfig` whose fields may be `List` / `Range` (e.g. `beta`, `learning_rate`, `loss_type`)."""
 
     _target_path = "trl:DPOConfig"
@@ -204,13 +324,13 @@ class RFDPOConfig(_ConfigSpec):
     }
 
 
-class RFGRPOConfig(_ConfigSpec):
+class RFGRPOConfig(_TrainingArgs):
     """`trl.GRPOConfig` whose fields may be `List` / `Range` (e.g. `num_generations`, `beta`, `learning_rate`)."""
 
     _target_path = "trl:GRPOConfig"
 
 
-class RFRLOOConfig(_ConfigSpec):
+class RFRLOOConfig(_TrainingArgs):
     """`trl.RLOOConfig` whose fields may be `List` / `Range` (e.g. `num_generations`, `beta`, `learning_rate`)."""
 
     _target_path = "trl:RLOOConfig"
@@ -320,9 +440,15 @@ class RFModelConfig:
     def _children(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._field_names()}
 
-    def base_key(self) -> tuple[str, str]:
-        """What identifies a distinct base model: the name and the loading kwargs."""
-        return (str(self.model_name), _stable_repr(self.model_kwargs))
+    def base_key(self) -> tuple[str, str, str, str]:
+        """What identifies a distinct base, loaded once by `create_model_fn`: the model's name and loading kwargs,
+        and the tokenizer's (a run with another tokenizer must not train with the first run's)."""
+        return (
+            str(self.model_name),
+            _stable_repr(self.model_kwargs or {}),
+            str(self.tokenizer or self.model_name),  # None: the model's own tokenizer
+            _stable_repr(self.tokenizer_kwargs or {}),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 
 A key names a field of the run's training arguments or LoRA config, bare (`"learning_rate"`) or dotted
 (`"training_args.learning_rate"`, `"peft_config.r"`). Values must be JSON data (numbers, strings, booleans,
-lists, dicts, null): nothing a user types is evaluated. Each error names the field and what was expected. Pure.
+lists, dicts, null): nothing a user types is evaluated. The fields the experiment owns (`configs.OWNED_FIELDS`:
+the run's folder, checkpoints, trackers, pushes) and a precision other than the running runs' are refused.
+Each error names the field and what was expected. Pure.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import difflib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from rf_notebook.configs import PRECISION_FIELDS, owned_refusal, owned_value_repr
 
 __all__ = ["split_overrides", "SHAPE_FIELDS", "DATA_POSITION_FIELDS"]
 
@@ -79,9 +83,19 @@ def split_overrides(
         if not isinstance(key, str):
             raise TypeError(f"override key {key!r} is not a string; expected a field name")
         section, name = _resolve(key, fields)
+        parent = current.get(section, {}).get(name)
+        why = owned_refusal(name, value) if section == "training_args" else None
+        if why is not None:
+            raise ValueError(f"override {key!r} is {owned_value_repr(name, value)}, but {why}")
         _check_json(key, value)
-        _check_type(key, value, current.get(section, {}).get(name))
+        _check_type(key, value, parent)
         _check_range(key, name, value)
+        if section == "training_args" and name in PRECISION_FIELDS and bool(value) != bool(parent):
+            raise ValueError(
+                f"override {key!r} is {value!r}, but the run trains with {name}={parent!r} and every run of one "
+                "run_fit trains with one precision (Accelerate holds one mixed-precision mode per process); start "
+                f"another run_fit for {name}={value!r}"
+            )
         if warm_start and name in SHAPE_FIELDS:
             raise ValueError(
                 f"warm start cannot change {key!r}: it changes the adapter's shape; clone without "

@@ -297,6 +297,12 @@ class Store:
             self._changed.notify_all()
             return record
 
+    def op(self, op_id: int) -> ICRecord:
+        with self._lock:
+            if not 1 <= op_id <= len(self._ops):
+                raise KeyError(f"no op with id {op_id!r}; the log has {len(self._ops)}")
+            return self._ops[op_id - 1]
+
     def ic_log(self) -> list[ICRecord]:
         with self._lock:
             return list(self._ops)

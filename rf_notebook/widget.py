@@ -146,7 +146,7 @@ class Panel(anywidget.AnyWidget):
         self._final_version = version
         with self._lock:
             self.snapshot = self._feed.snapshot()
-        for display_id in list(self._display_ids):
+        for display_id in list(self._display_ids)[1:]:
             try:
                 from IPython.display import update_display
 
@@ -198,7 +198,7 @@ class Panel(anywidget.AnyWidget):
                     raise ValueError(f"overrides is {overrides!r}, but must be an object of field name -> value")
                 if not isinstance(warm_start, bool):
                     raise ValueError(f"warm_start is {warm_start!r}, but must be true or false")
-                new_id = exp._clone_modify(run_id, overrides, warm_start, origin="panel")
+                new_id = exp._clone_modify(run_id, overrides, warm_start, origin="panel")[1]
                 return {"ok": True, "run_id": new_id}
             raise ValueError(f"unknown op {op!r}; expected stop, resume, delete, clone_modify or stop_all")
         except (KeyError, TypeError, ValueError) as exc:

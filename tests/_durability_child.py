@@ -1,6 +1,6 @@
 """A process that runs (or resumes) a 4-config demo experiment and SIGKILLs itself at a chosen point.
 
-    python tests/_durability_child.py DIR start|resume [POINT:N]
+    python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt]
 
 POINT is where the N-th occurrence (counted in this process) kills it, with a real SIGKILL:
   step        inside an optimizer step (after forward and backward, before the optimizer update)
@@ -9,6 +9,9 @@ POINT is where the N-th occurrence (counted in this process) kills it, with a re
   ckpt-rename a checkpoint fully written but not yet renamed into place
   ckpt-clean  a new checkpoint in place, the older one not yet removed
   between     between two chunks (a run about to be put back on the model)
+  rung        a rung completed, its policy not yet asked
+  deciding    the policy deciding: an op logged, the rung not yet marked decided (N counts logged ops)
+  apply       a decided op about to be applied (N counts applied ops; with PBT, between a clone and its stop)
 Exit code 0: the experiment ran to its end without reaching the point.
 """
 
@@ -23,9 +26,16 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig, api, store
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+from rf_notebook.engine import _engine
 from rf_notebook.engine import _torch as backend_module
+from rf_notebook.policies import PBT, SuccessiveHalving
+
+POLICIES = {
+    "sh": lambda: SuccessiveHalving(eta=2),
+    "pbt": lambda: PBT(quantile=0.25, perturb={"learning_rate": (0.5, 2.0)}),
+}
 
 NUM_CHUNKS, MAX_STEPS, SEED = 4, 16, 3
 
@@ -85,18 +95,37 @@ def kill_at(point: str, n: int) -> None:
         wrap(shutil, "rmtree")
     elif point == "between":
         wrap(backend_module.TorchBackend, "activate")
+    elif point == "rung":
+        wrap(api.Experiment, "_policy_step")
+    elif point == "deciding":
+        wrap(store.Store, "log_op", before=False)
+    elif point == "apply":
+        wrap(_engine.Engine, "_apply")
     else:
         raise SystemExit(f"unknown point {point!r}")
 
 
 def main() -> None:
-    directory, mode = sys.argv[1], sys.argv[2]
-    if len(sys.argv) > 3:
-        point, n = sys.argv[3].split(":")
+    args = sys.argv[1:]
+    policy = None
+    if "--policy" in args:
+        i = args.index("--policy")
+        policy = POLICIES[args[i + 1]]()
+        del args[i : i + 2]
+    directory, mode = args[0], args[1]
+    if len(args) > 2:
+        point, n = args[2].split(":")
         kill_at(point, int(n))
     exp = Experiment("crash", experiments_dir=directory)
     exp.run_fit(
-        search(), demo_model_fn, *data(), num_chunks=NUM_CHUNKS, seed=SEED, display=False, resume=mode == "resume"
+        search(),
+        demo_model_fn,
+        *data(),
+        num_chunks=NUM_CHUNKS,
+        seed=SEED,
+        display=False,
+        resume=mode == "resume",
+        policy=policy,
     )
     exp.wait()
     exp.end()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -167,33 +168,37 @@ def _rows(n, **columns):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, message",
+    "kwargs, error, message, failed_runs",  # failed_runs: runs recorded before the error, each marked failed
     [
-        ({"num_chunks": 0}, ValueError, r"`num_chunks` is 0, but must be an int >= 1"),
+        ({"num_chunks": 0}, ValueError, r"`num_chunks` is 0, but must be an int >= 1", 0),
         (
             {"num_chunks": 9},
             ValueError,
             r"`num_chunks` is 9, but run 'r=2' has only 8 optimizer steps per epoch of 64 rows",
+            0,
         ),
         (
             {"train_dataset": _rows(8, question="1+1", answer="2")},
             ValueError,
             r"the train data set has columns \['question', 'answer'\], but SFT needs prompt\+completion or messages or text",
+            0,
         ),
-        ({"train_dataset": _rows(0, text="x")}, ValueError, "the train data set is empty"),
-        ({"eval_dataset": [1, 2, 3]}, TypeError, "the eval data set is a list, but must be a datasets.Dataset"),
-        ({"create_model_fn": lambda c: "model"}, TypeError, "create_model_fn returned str, but must return a"),
+        ({"train_dataset": _rows(0, text="x")}, ValueError, "the train data set is empty", 0),
+        ({"eval_dataset": [1, 2, 3]}, TypeError, "the eval data set is a list, but must be a datasets.Dataset", 0),
+        # the model is built when training starts: both runs of the sweep are recorded by then
+        ({"create_model_fn": lambda c: "model"}, TypeError, "create_model_fn returned str, but must return a", 2),
         (
             {"create_model_fn": lambda c: (object(), None)},
             TypeError,
             "create_model_fn returned a object as the model, but must return a transformers PreTrainedModel",
+            2,
         ),
-        ({"create_model_fn": 42}, TypeError, "`create_model_fn` is 42, but must be callable or None"),
-        ({"seed": "0"}, TypeError, r"`seed` is '0', but must be an int"),
-        ({"param_config": "grid"}, TypeError, "run_fit takes an RFGridSearch or RFRandomSearch, but got str"),
+        ({"create_model_fn": 42}, TypeError, "`create_model_fn` is 42, but must be callable or None", 0),
+        ({"seed": "0"}, TypeError, r"`seed` is '0', but must be an int", 0),
+        ({"param_config": "grid"}, TypeError, "run_fit takes an RFGridSearch or RFRandomSearch, but got str", 0),
     ],
 )
-def test_bad_run_fit_arguments(kwargs, error, message, data, tmp_path):
+def test_bad_run_fit_arguments(kwargs, error, message, failed_runs, data, tmp_path):
     args = {
         "param_config": sweep(),
         "create_model_fn": demo_model_fn,
@@ -208,7 +213,10 @@ def test_bad_run_fit_arguments(kwargs, error, message, data, tmp_path):
     with pytest.raises(error, match=message):
         exp.run_fit(**args)
     assert _schedulers() == before  # no thread left behind
-    assert all(r.status is RunStatus.FAILED for r in exp.runs())  # nothing left looking alive
+    runs = exp.runs()
+    assert len(runs) == failed_runs, runs  # refused before any run is recorded, or failed with every run recorded
+    for run in runs:  # nothing left looking alive, and the panel says why
+        assert run.status is RunStatus.FAILED and re.search(message, run.error or ""), run
 
 
 def test_an_invalid_trl_value_names_the_run(data, tmp_path):

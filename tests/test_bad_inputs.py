@@ -120,6 +120,18 @@ CONFIG_CASES = [
         TypeError,
         r"'lora_alpah'.*did you mean 'lora_alpha'",
     ),
+    (
+        "output-dir-of-its-own",
+        lambda: RFSFTConfig(output_dir="out", learning_rate=List([1e-3, 1e-4])),
+        ValueError,
+        r"RFSFTConfig.output_dir is 'out', but the experiment owns each run's folder",
+    ),
+    (
+        "tracker",
+        lambda: RFGRPOConfig(report_to="tensorboard"),
+        ValueError,
+        r"RFGRPOConfig.report_to is 'tensorboard', but rf_notebook logs every run itself",
+    ),
     ("empty-list", lambda: List([]), ValueError, r"List\(\[\]\) is empty, but must hold at least one value"),
     ("list-of-a-scalar", lambda: List(3), TypeError, r"List\(\) takes a list of values, but got 3"),
     ("empty-range", lambda: Range(1e-3, 1e-4), ValueError, r"Range\(0.001, 0.0001\) is empty: start must be < end"),
@@ -265,3 +277,41 @@ def test_bad_calls_on_an_experiment_change_nothing(history, call, error, message
         call(history)
     assert snapshot(history) == before  # nothing lost, nothing changed (a refused op is logged as refused)
     assert history._store.integrity() == "ok"
+
+
+# -- Clone-Modify overrides of fields the experiment owns, and of the precision ------------------------------------
+
+OVERRIDE_CASES = [
+    ("output-dir", {"output_dir": "/tmp/shared"}, r"override 'output_dir' is '/tmp/shared', but the experiment owns"),
+    (
+        "dotted-output-dir",
+        {"training_args.output_dir": "elsewhere"},
+        r"override 'training_args.output_dir' is 'elsewhere', but the experiment owns each run's folder",
+    ),
+    ("report-to", {"report_to": ["wandb"]}, r"override 'report_to' is \['wandb'\], but rf_notebook logs every run"),
+    ("save-steps", {"save_steps": 10}, r"override 'save_steps' is 10, but the experiment owns checkpoints"),
+    ("resume-from", {"resume_from_checkpoint": "x"}, r"override 'resume_from_checkpoint' is 'x', but a run resumes"),
+    ("push", {"push_to_hub": True}, r"override 'push_to_hub' is True, but the experiment does not push"),
+    ("hub-token", {"hub_token": "hf_secret"}, r"override 'hub_token' is <hidden>, but"),
+    (
+        "bf16",
+        {"bf16": True},
+        r"override 'bf16' is True, but the run trains with bf16=False and every run of one run_fit trains with one "
+        r"precision .* start another run_fit for bf16=True",
+    ),
+    ("fp16", {"fp16": True}, r"override 'fp16' is True, but the run trains with fp16=False"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", [c[1:] for c in OVERRIDE_CASES], ids=[c[0] for c in OVERRIDE_CASES])
+def test_overrides_of_what_the_experiment_owns_are_refused(overrides, message):
+    from rf_notebook.overrides import split_overrides
+
+    parent = RFSFTConfig(max_steps=4, use_cpu=True, bf16=False).build(output_dir="runs/1")
+    current = {"training_args": parent.to_dict(), "peft_config": RFLoraConfig(r=4).build().to_dict()}
+    fields = {"training_args": RFSFTConfig.field_names(), "peft_config": RFLoraConfig.field_names()}
+    with pytest.raises(ValueError, match=message) as caught:
+        split_overrides(overrides, current, fields, warm_start=False)
+    assert "hf_secret" not in str(caught.value)
+    harmless = {"report_to": "none", "push_to_hub": False, "save_strategy": "chunk", "bf16": False}
+    assert split_overrides(harmless, current, fields, warm_start=False)["training_args"] == harmless

@@ -7,12 +7,16 @@ import random
 import pytest
 
 from rf_notebook.configs import (
+    OWNED_FIELDS,
     List,
     Range,
+    RFDPOConfig,
     RFGridSearch,
+    RFGRPOConfig,
     RFLoraConfig,
     RFModelConfig,
     RFRandomSearch,
+    RFRLOOConfig,
     RFSFTConfig,
     format_value,
 )
@@ -158,3 +162,94 @@ def test_specs_build_the_real_classes():
     assert isinstance(lora, LoraConfig) and lora.r == 4
     with pytest.raises(ValueError, match="still a search space"):
         RFLoraConfig(r=List([4, 8])).build()
+
+
+# -- fields the experiment owns -------------------------------------------------------------------------------------
+
+TRAINING_CONFIGS = [RFSFTConfig, RFDPOConfig, RFGRPOConfig, RFRLOOConfig]
+
+# (field=value, what the refusal must say after "<Config>.<field> is <value>, but ")
+OWNED_REFUSALS = [
+    (
+        {"output_dir": "/tmp/shared"},
+        r"output_dir is '/tmp/shared', but the experiment owns each run's folder: a run's files live in "
+        r"<experiments_dir>/<experiment_name>/runs/<run_id>, shared with no other run; export a run's adapter with "
+        r"exp\.export\(run_id, path\)",
+    ),
+    ({"logging_dir": "logs"}, r"logging_dir is 'logs', but the experiment records every run's metrics"),
+    ({"save_strategy": "best"}, r"save_strategy is 'best', but the experiment owns checkpoints: it writes each run's"),
+    ({"save_steps": List([500, 50])}, r"save_steps is 50, but the experiment owns checkpoints.*run_fit\(num_chunks="),
+    ({"save_only_model": True}, r"save_only_model is True, but the experiment owns checkpoints.*resumes exactly"),
+    (
+        {"resume_from_checkpoint": "ckpt/step-10"},
+        r"resume_from_checkpoint is 'ckpt/step-10', but a run resumes from the experiment's own checkpoints: "
+        r"run_fit\(\.\.\., resume=True\)",
+    ),
+    ({"push_to_hub": True}, r"push_to_hub is True, but the experiment does not push.*exp\.export\(run_id, path\)"),
+    ({"hub_model_id": "me/model"}, r"hub_model_id is 'me/model', but the experiment does not push from inside"),
+    ({"hub_token": "hf_secret"}, r"hub_token is <hidden>, but the experiment does not push"),
+    (
+        {"report_to": "wandb"},
+        r"report_to is 'wandb', but rf_notebook logs every run itself.*assume one run per process",
+    ),
+    ({"report_to": List(["none", ["tensorboard"]])}, r"report_to is \['tensorboard'\], but rf_notebook logs"),
+]
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, message", OWNED_REFUSALS, ids=[str(next(iter(k))) for k, _ in OWNED_REFUSALS])
+def test_fields_the_experiment_owns_are_refused_naming_the_value_and_what_to_do(config, kwargs, message):
+    with pytest.raises(ValueError, match=rf"^{config.__name__}\.{message}") as caught:
+        config(max_steps=4, **kwargs)
+    assert "hf_secret" not in str(caught.value)  # a token is never echoed
+
+
+# What RapidFire AI's tutorials and TRL's defaults pass for these fields: nothing the experiment would not do anyway.
+HARMLESS = [
+    {"report_to": "none"},  # every fit tutorial ("Disables wandb")
+    {"save_strategy": "epoch"},  # the SFT chatqa and DPO alignment tutorials: every epoch end is a chunk end
+    {"save_strategy": "chunk"},  # RapidFire AI's own value
+    {"save_strategy": "no"},
+    {"report_to": None},
+    {"report_to": []},
+    {"report_to": "no"},
+    {"push_to_hub": False},
+    {"output_dir": None},
+    {"logging_dir": None},  # not a field of transformers 5: accepted, and not passed on
+    {"save_total_limit": 2},  # only the latest checkpoint of a run is kept: within any limit
+    {"resume_from_checkpoint": None},
+]
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda c: c.__name__)
+def test_values_that_change_nothing_stay_accepted(config):
+    import dataclasses
+
+    for kwargs in HARMLESS:
+        config(max_steps=4, **kwargs)
+    defaults = {f.name: f.default for f in dataclasses.fields(config.target()) if f.name in OWNED_FIELDS}
+    assert defaults.keys() >= {"output_dir", "save_strategy", "save_steps", "report_to", "push_to_hub"}
+    config(**defaults)  # TRL's own defaults, as a config printed from TRL carries them
+    built = config(logging_dir=None, save_strategy="epoch", use_cpu=True, bf16=False).build(output_dir="x")
+    assert built.output_dir == "x"
+
+
+def test_every_checkpoint_hub_and_tracker_field_of_trl_is_owned():
+    """A TRL upgrade that adds one fails here rather than letting a run write or push outside its folder."""
+    import dataclasses
+
+    for config in TRAINING_CONFIGS:
+        for field in dataclasses.fields(config.target()):
+            if field.name.startswith(("save_", "hub_", "push_", "resume_", "output_", "logging_dir", "report_")):
+                assert field.name in OWNED_FIELDS, f"{config.__name__}: {field.name} is not in OWNED_FIELDS"
+
+
+def test_the_base_is_the_model_and_its_tokenizer():
+    base = RFModelConfig("m").base_key()
+    assert RFModelConfig("m", tokenizer="m", tokenizer_kwargs={}, model_kwargs={}).base_key() == base  # the defaults
+    assert RFModelConfig("m", tokenizer="other-tokenizer").base_key() != base
+    assert RFModelConfig("m", tokenizer_kwargs={"padding_side": "left"}).base_key() != base
+    assert (
+        RFModelConfig("m", tokenizer_kwargs={"a": 1, "b": 2}).base_key()
+        == RFModelConfig("m", tokenizer_kwargs={"b": 2, "a": 1}).base_key()
+    )

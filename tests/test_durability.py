@@ -37,8 +37,9 @@ KILL_POINTS = [
 ]
 
 
-def child(directory: Path, mode: str, point: str | None = None) -> subprocess.CompletedProcess:
+def child(directory: Path, mode: str, point: str | None = None, policy: str | None = None):
     args = [sys.executable, str(CHILD), str(directory), mode, *([point] if point else [])]
+    args += ["--policy", policy] if policy else []
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
@@ -93,6 +94,51 @@ def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path)
     exported = exp.export(2, tmp_path / "winner")  # from the last checkpoint: no model loaded
     assert load_file(exported / "adapter_model.safetensors").keys() == final_adapter(crashed, 2).keys()
     exp._store.close()
+
+
+def decisions(directory: Path) -> tuple[list[tuple], list[tuple], int]:
+    """The policy's applied ops in order, every run's final status, and how many ops are still pending."""
+    from rf_notebook.store import Store
+
+    store = Store.open(directory / "crash")
+    try:
+        ops = [(o.origin, o.op, o.run_id, o.new_run_id, o.reason) for o in store.ic_log() if o.outcome == "applied"]
+        pending = sum(o.outcome == "pending" for o in store.ic_log())
+        return ops, [(r.run_id, r.status.value) for r in store.runs()], pending
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "policy, points",
+    [
+        # SH: killed at a rung before the policy ran, while it was deciding (one op logged, the rung not marked),
+        # before its first op applied, and between its two ops.
+        ("sh", ["rung:1", "deciding:1", "apply:1", "apply:2"]),
+        # PBT: killed before its clone applied, and between the clone and the stop of the run it replaces.
+        ("pbt", ["rung:1", "apply:1", "apply:2"]),
+    ],
+)
+def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, points, tmp_path):
+    reference = child(tmp_path / "ref", "start", policy=policy)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want_ops, want_runs, _ = decisions(tmp_path / "ref")
+    assert any(op == "stop" for _, op, *_ in want_ops), "the policy decided nothing: nothing was tested"
+
+    crashed = tmp_path / "crashed"
+    for i, point in enumerate(points):
+        proc = child(crashed, "start" if i == 0 else "resume", point, policy=policy)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: the process was not killed there\n{proc.stderr[-3000:]}"
+    final = child(crashed, "resume", policy=policy)
+    assert final.returncode == 0, final.stderr[-3000:]
+    got_ops, got_runs, pending = decisions(crashed)
+    assert got_ops == want_ops
+    assert got_runs == want_runs
+    for run_id, _ in want_runs:
+        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    assert pending == 0
 
 
 # -- in one process: resume after end(), clones, stopped runs, storage failures ----------------------------------

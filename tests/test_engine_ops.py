@@ -73,7 +73,7 @@ class FakeBackend:
     def connect(self, should_yield, record):
         self.should_yield, self.record = should_yield, record
 
-    def setup(self, runs):
+    def setup(self, runs, unloaded=()):
         return {run.run_id: FakeSlot(run, self) for run in runs}
 
     def build(self, run, warm_from=None):
@@ -93,6 +93,9 @@ class FakeBackend:
 
     def discard(self, slot, keep_adapter):
         slot.close()
+
+    def forget(self, run_id):
+        pass
 
     def export(self, run_id, path, record):
         return path
@@ -142,7 +145,9 @@ class EngineMachine(RuleBasedStateMachine):
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def send(self, kind, run_id, **extra):
-        op = self.store.log_op("test", kind.__name__.lower(), run_id, {})
+        """Log the op as the facade does (a clone with its new run's id and warm_start), then submit it."""
+        args = {"warm_start": extra["warm_start"]} if "warm_start" in extra else {}
+        op = self.store.log_op("test", kind.__name__.lower(), run_id, args, new_run_id=extra.get("new_run_id"))
         self.engine.submit(kind(op_id=op.op_id, run_id=run_id, **extra))
         self.ops_sent += 1
 
@@ -212,8 +217,11 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def warm_clones_start_at_their_parents_step(self):
         for op in self.store.ic_log():
-            if op.op == "clonemodify" and op.outcome == "applied" and op.new_run_id in self.backend.warm_starts:
-                assert self.backend.warm_starts[op.new_run_id] == op.step
+            if op.op == "clonemodify" and op.outcome == "applied":
+                if op.args["warm_start"]:
+                    assert self.backend.warm_starts.get(op.new_run_id) == op.step, (op, self.backend.warm_starts)
+                else:
+                    assert op.new_run_id not in self.backend.warm_starts, (op, self.backend.warm_starts)
 
 
 EngineMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=12, deadline=None)

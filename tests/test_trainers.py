@@ -149,3 +149,45 @@ def test_too_few_prompts_for_one_generation_batch_is_refused(tmp_path):
     exp = Experiment("few", experiments_dir=tmp_path)
     with pytest.raises(ValueError, match=r"gets no optimizer step out of 3 rows: one step needs 4 rows"):
         exp.run_fit(group, demo_model_fn, prompt_dataset("train", n=3), num_chunks=1, display=False)
+
+
+@pytest.mark.parametrize("trainer_type", sorted(TRAINERS))
+def test_the_run_folder_and_what_the_experiment_owns_are_never_the_users(trainer_type):
+    """Whatever reaches the trainer's arguments (a config built with replace(), a stored config), the run's own
+    folder, no trainer checkpoints, no trackers and no pushes win over the user's values."""
+    user = {
+        "output_dir": "/tmp/shared",
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "report_to": ["wandb"],
+        "push_to_hub": True,
+        "hub_model_id": "me/model",
+        "logging_dir": "logs",
+        "learning_rate": 1e-3,
+    }
+    args = TRAINERS[trainer_type].resolve_args(user, output_dir="exp/runs/7", seed=0, on_gpu=False)
+    assert args["output_dir"] == "exp/runs/7"
+    assert (args["save_strategy"], args["report_to"]) == ("no", "none")
+    assert not {"save_steps", "push_to_hub", "hub_model_id", "logging_dir"} & args.keys()  # TRL's defaults
+    assert args["learning_rate"] == 1e-3  # the user's other values stay
+
+
+def fake_run(name, bf16=False, fp16=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=SimpleNamespace(bf16=bf16, fp16=fp16), spec=SimpleNamespace(name=name))
+
+
+def test_one_precision_per_run_fit_on_a_gpu():
+    from rf_notebook.trainers._common import check_precision
+
+    runs = [fake_run("lr=1e-3", bf16=True), fake_run("lr=1e-4", bf16=True), fake_run("fp16 run", fp16=True)]
+    with pytest.raises(
+        ValueError,
+        match=r"run 'lr=1e-3' trains with bf16=True, fp16=False but run 'fp16 run' with bf16=False, fp16=True: on a "
+        r"GPU every run of one run_fit trains with one precision .*split the sweep into two run_fit calls",
+    ):
+        check_precision(runs, on_gpu=True)
+    check_precision(runs, on_gpu=False)  # on a CPU bf16 / fp16 are off already (float32)
+    check_precision(runs[:2], on_gpu=True)
+    check_precision([], on_gpu=True)

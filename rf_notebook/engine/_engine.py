@@ -8,7 +8,10 @@
 Loop: drain commands -> pick a run (an interrupted one first, else least progress) -> the backend puts back its
 adapter, forward patches and process state -> its trainer runs to the next rung, or until a command waits ->
 evaluate at a rung -> record. A run that raises is marked failed and the others go on; an op that cannot apply is
-recorded as refused, never raised in this thread. The backend (`_torch.TorchBackend`) does all the torch work;
+recorded as refused, never raised in this thread, and a run's status changes only once the work behind an op
+succeeded. With checkpoints on, a run that stays stopped (two rungs passed since its stop, or nothing else left to
+train) is written to its checkpoint and unloaded: its adapter, trainer and optimizer are freed, and a Resume (or a
+warm clone of it) rebuilds it exactly from there. The backend (`_torch.TorchBackend`) does all the torch work;
 this module knows nothing of torch, so tests drive it with a fake backend.
 """
 
@@ -19,7 +22,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rf_notebook import scheduler
@@ -43,16 +46,24 @@ class Engine:
         backend: Any,
         on_rung: Callable[[int], None] | None = None,
         checkpoints: bool = False,
+        decided_rung: int | None = None,
+        replay: Sequence[Command] = (),
     ):
         self.store, self.backend = store, backend
         self.checkpoints = checkpoints  # write each run's state at every rung (a durable experiment)
-        # Called on this thread when every live run has finished chunk k (a synchronous rung), once per k.
+        # Called on this thread when every live run has finished chunk k (a synchronous rung), once per k, for
+        # every k after `decided_rung` (None: every rung the runs have already passed counts as decided).
         self.on_rung = on_rung
+        self._decided_rung = decided_rung
         self._rung = 0
         backend.connect(should_yield=self.pending, record=self.record)
         self.runs = {r.run_id: r for r in runs}
         self.commands: CommandQueue = CommandQueue()
+        for command in replay:  # ops a previous process logged but never applied: applied before anything trains
+            self.commands.put(command)
         self._slots: dict[int, Any] = {}
+        self._unloaded: set[int] = set()  # stopped runs written to their checkpoint, nothing in memory
+        self._stopped_at: dict[int, int] = {}  # stopped run -> the rung the experiment was at when it stopped
         self._current: int | None = None  # a run interrupted in the middle of a chunk
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
@@ -100,6 +111,23 @@ class Engine:
             self.submit(Shutdown())
             self._thread.join(timeout)
 
+    def refusal(self, op: str, run_id: int, warm_start: bool = False) -> str | None:
+        """Why `op` cannot apply to run `run_id` now (None: it can). Any thread; the scheduler thread asks again
+        when it applies the op."""
+        try:
+            status = self.store.run(run_id).status
+        except KeyError:
+            status = None
+        reason = scheduler.refusal(op, run_id, status, warm_start=warm_start)
+        if reason is None and run_id not in self.runs:
+            reason = (
+                f"run {run_id} is not part of the current run_fit (its trainer and data are not loaded); ops apply "
+                f"to {_id_list(list(self.runs))}"
+            )
+        if reason is None and warm_start and run_id not in self._slots and run_id not in self._unloaded:
+            reason = f"run {run_id} has no live training state to warm-start from"
+        return reason
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -109,11 +137,17 @@ class Engine:
     def _main(self) -> None:
         start = time.perf_counter()
         try:
-            self._slots = self.backend.setup(list(self.runs.values()))
+            if self.checkpoints:  # a resumed experiment's stopped runs stay on disk until they are resumed
+                stopped = {r.run_id for r in self.store.runs() if r.status is RunStatus.STOPPED}
+                self._unloaded = {run_id for run_id in self.runs if run_id in stopped}
+            self._slots = self.backend.setup(
+                [r for r in self.runs.values() if r.run_id not in self._unloaded],
+                unloaded=[self.runs[run_id] for run_id in sorted(self._unloaded)],
+            )
             self.stats["setup_s"] = time.perf_counter() - start
             for run_id, slot in self._slots.items():
                 self._progress(run_id, slot)
-            self._rung = self._completed_rung()  # rungs behind every run (a resumed experiment) are decided
+            self._rung = self._completed_rung() if self._decided_rung is None else self._decided_rung
         except BaseException as exc:  # reported to the caller of start()
             self._setup_error = exc
             self._release()
@@ -131,10 +165,15 @@ class Engine:
             self._release()
 
     def _loop(self) -> None:
+        self._drain(block=False)  # replayed ops first, then rungs completed but never decided (a restart)
+        self._rungs()
         while not self._stopping:
             if self.store.storage_error is not None:
                 self._pause_all(self.store.storage_error)
-            self._drain(block=self._pick() is None)
+            idle = self._pick() is None
+            if idle and self.commands.empty():
+                self._unload_stopped(idle=True)
+            self._drain(block=idle)
             run_id = None if self._stopping else self._pick()
             if run_id is not None:
                 self._train(self._slots[run_id])
@@ -216,15 +255,41 @@ class Engine:
     def _rungs(self) -> None:
         """Hand each newly completed synchronous rung to `on_rung` (a policy); its ops wait in the queue and are
         applied before anything trains further."""
-        if self.on_rung is None:
-            return
         completed = self._completed_rung()
         while self._rung < completed:
             self._rung += 1
+            if self.on_rung is None:
+                continue
             try:
                 self.on_rung(self._rung)
             except Exception:  # a broken policy must not take the runs down
                 logger.exception("the policy failed at rung %d", self._rung)
+        self._unload_stopped(idle=False)
+
+    def _unload_stopped(self, idle: bool) -> None:
+        """Write each run that stays stopped to its checkpoint and free it: two rungs have passed since it stopped,
+        or nothing else is left to train. A run whose checkpoint cannot be written stays in memory."""
+        if not self.checkpoints or self.store.storage_error is not None:
+            return
+        for run_id, since in list(self._stopped_at.items()):
+            if run_id not in self._slots or self.store.run(run_id).status is not RunStatus.STOPPED:
+                del self._stopped_at[run_id]
+            elif idle or self._rung >= since + 2:
+                slot = self._slots[run_id]
+                del self._stopped_at[run_id]
+                try:
+                    self.backend.unload(slot)
+                except OSError as exc:  # it stays in memory, as it was
+                    self.store.fail_storage(f"cannot write run {run_id}'s checkpoint: {exc}")
+                    return
+                except Exception:  # it stays in memory; the others go on
+                    logger.exception("unloading stopped run %d", run_id)
+                    continue
+                del self._slots[run_id]
+                self._unloaded.add(run_id)
+                if self._current == run_id:
+                    self._current = None
+                logger.info("run %d stays stopped: checkpointed at step %d and unloaded", run_id, slot.step)
 
     def _progress(self, run_id: int, slot: Any) -> None:
         status = self.store.run(run_id).status
@@ -275,26 +340,30 @@ class Engine:
         raise TypeError(f"unknown command {command!r}")
 
     def _apply(self, op: ICOp) -> str:
-        """Apply an IC op if the run's current state allows it; record the outcome either way."""
-        try:
-            status = self.store.run(op.run_id).status
-        except KeyError:
-            status = None
-        warm = isinstance(op, CloneModify) and op.warm_start
-        reason = scheduler.refusal(_OP_NAMES[type(op)], op.run_id, status, warm_start=warm)
-        if reason is None and warm and op.run_id not in self._slots:
-            reason = f"run {op.run_id} has no live training state to warm-start from"
+        """Apply an IC op if the run's current state allows it; record the outcome either way. The run's status
+        changes only after the work behind the op succeeded (an exception here leaves it as it was, refused)."""
+        reason = self._refusal(op)
         if reason is not None:
             return self._settle(op, "refused", reason)
+        warm = isinstance(op, CloneModify) and op.warm_start
+        if op.run_id in self._unloaded and (isinstance(op, Resume) or warm):
+            self._slots[op.run_id] = self.backend.reload(self.runs[op.run_id])
+            self._unloaded.discard(op.run_id)
+            self._stopped_at[op.run_id] = self._rung  # a warm clone's parent stays stopped
         slot = self._slots.get(op.run_id)
         step = slot.step if slot is not None else self.store.run(op.run_id).step
         if isinstance(op, Stop):
             self.store.update_run(op.run_id, status=RunStatus.STOPPED)
+            self._stopped_at[op.run_id] = self._rung
         elif isinstance(op, Resume):
             self.store.update_run(op.run_id, status=RunStatus.QUEUED)
         elif isinstance(op, Delete):
+            if slot is not None:
+                self.backend.discard(slot, keep_adapter=False)
+                del self._slots[op.run_id]
+            self.backend.forget(op.run_id)
+            self._unloaded.discard(op.run_id)
             self.store.update_run(op.run_id, status=RunStatus.DELETED)
-            self.backend.discard(self._slots.pop(op.run_id), keep_adapter=False)
         elif isinstance(op, CloneModify):
             run = op.prepared
             new = self.backend.build(run, warm_from=slot if warm else None)
@@ -309,6 +378,14 @@ class Engine:
             self._rungs()  # the run that held a rung back is out of the schedule
         return outcome
 
+    def _refusal(self, op: ICOp) -> str | None:
+        reason = self.refusal(_OP_NAMES[type(op)], op.run_id, warm_start=isinstance(op, CloneModify) and op.warm_start)
+        if reason is None and isinstance(op, Stop) and op.requires is not None:
+            required = self.store.op(op.requires)
+            if required.outcome != "applied":
+                reason = f"its replacement (op {op.requires}) was {required.outcome}: {required.reason}"
+        return reason
+
     def _settle(self, op: ICOp, outcome: str, reason: str | None = None, step: int | None = None) -> str:
         self.store.settle_op(op.op_id, outcome, reason, step)
         return outcome
@@ -322,6 +399,11 @@ class Engine:
         self._slots.clear()
         self.backend.release()
         self.store.notify()
+
+
+def _id_list(ids: Any) -> str:
+    ids = sorted(ids)
+    return f"runs {ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2 else f"runs {ids}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -109,6 +109,11 @@ class RunSlot:
     def callbacks(self, sink: Any) -> list[TrainerCallback]:
         return [_Suspend(self), _Record(self, sink), _EpochStart(self)]
 
+    @property
+    def started(self) -> bool:
+        """Whether its `train()` has begun (its optimizer exists)."""
+        return self._greenlet is not None
+
     def resume_state(self) -> _process_state.ProcessState:
         """The random state a checkpoint of this run at its current step must carry."""
         if self.epoch_start is not None and self.epoch_start[0] == self.step:

@@ -88,6 +88,13 @@ class _Base:
             self.peft.add_adapter(name, lora)
         self.peft.set_adapter(name)
 
+    def remove_adapter(self, name: str) -> None:
+        """Delete a run's adapter (another one becomes active first; each run sets its own before training)."""
+        others = [other for other in self.peft.peft_config if other != name]
+        if others and name in self.peft.active_adapters:
+            self.peft.set_adapter(others[0])
+        self.peft.delete_adapter(name)
+
 
 class _ApplyOverrides(TrainerCallback):
     """For a warm start: once the parent's optimizer and LR schedule are loaded, put the clone's own learning
@@ -121,6 +128,20 @@ class _ApplyOverrides(TrainerCallback):
 # TRL trainer attributes that transformers' checkpoints do not keep: tokens seen (the `num_tokens` metric) and
 # GRPO / RLOO's micro-step counter (which buffered generation batch a step uses).
 _TRAINER_COUNTERS = ("_total_train_tokens", "_step")
+# GRPO / RLOO's generations still to be trained on (steps_per_generation > 1 or num_iterations > 1), kept with a
+# state written in the middle of a generation cycle: a warm start, or a run unloaded where it was stopped.
+_GENERATION_BUFFER = "rf_generation_buffer.pt"
+WARM_START = "warm-start"  # a warm clone's starting state, in its run folder
+
+
+def _mid_generation(trainer: Any) -> bool:
+    """Whether the trainer's next micro-step reuses buffered generations (TRL regenerates every
+    steps_per_generation x num_iterations micro-steps, or when the buffer is empty)."""
+    buffered = getattr(trainer, "_buffered_inputs", None)
+    if buffered is None:
+        return False
+    every = trainer.args.steps_per_generation * getattr(trainer, "num_iterations", 1)
+    return trainer._step % every != 0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -241,8 +262,9 @@ class TorchBackend:
         self.num_chunks = num_chunks
         self.should_yield: Callable[[], bool] = lambda: False
         self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
-        self._bases: dict[tuple[str, str], _Base] = {}
+        self._bases: dict[tuple[str, ...], _Base] = {}
         self._runs: dict[int, PreparedRun] = {}
+        self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
         self._references: dict[tuple[str, str], Any] = {}  # DPO reference models other than a base
         self.resume_points: dict[int, tuple[int, str]] = {}  # run id -> (step, checkpoint) for a resumed experiment
 
@@ -252,8 +274,10 @@ class TorchBackend:
 
     # -- building ----------------------------------------------------------------------------------------------
 
-    def setup(self, runs: list[PreparedRun]) -> dict[int, RunSlot]:
-        """Load each distinct base once, then build every run."""
+    def setup(self, runs: list[PreparedRun], unloaded: list[PreparedRun] = ()) -> dict[int, RunSlot]:
+        """Load each distinct base once, then build every run of `runs`; the `unloaded` ones (stopped, on disk)
+        are only remembered, for a later `reload` or `export`."""
+        self._unloaded.update({run.run_id: run for run in unloaded})
         import datasets
 
         bars = datasets.is_progress_bar_enabled()
@@ -326,6 +350,7 @@ class TorchBackend:
         if key not in self._bases:
             self._bases[key] = self._load_base(run.spec.model_config)
         base = self._bases[key]
+        self._unloaded.pop(run.run_id, None)
         self._runs[run.run_id] = run
         base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
         base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
@@ -363,6 +388,7 @@ class TorchBackend:
             num_train_epochs=args.num_train_epochs,
             per_epoch=trainer.steps_per_epoch(rows, args),
             rows_per_step=trainer.rows_per_step(args),
+            align=trainer.rung_multiple(args),
         )
         if warm_from is not None:
             slot.resume_from = self._checkpoint(warm_from, run)
@@ -375,11 +401,18 @@ class TorchBackend:
             for key, value in (json.loads(counters.read_text()) if counters.is_file() else {}).items():
                 if key in _TRAINER_COUNTERS:
                     setattr(slot.trainer, key, value)
+            buffer = Path(slot.resume_from) / _GENERATION_BUFFER
+            if buffer.is_file():
+                import torch
+
+                slot.trainer._buffered_inputs = torch.load(
+                    buffer, weights_only=True, map_location=slot.trainer.args.device
+                )
         return slot
 
     def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str:
         """The parent's state where the clone's `train(resume_from_checkpoint=...)` reads it."""
-        path = Path(run.args.output_dir) / "warm-start"
+        path = Path(run.args.output_dir) / WARM_START
         self._write_state(parent, path)
         return os.fspath(path)
 
@@ -399,6 +432,8 @@ class TorchBackend:
         torch.save(rng, path / "rng_state.pth")
         counters = {k: getattr(slot.trainer, k) for k in _TRAINER_COUNTERS if hasattr(slot.trainer, k)}
         (path / "rf_trainer_counters.json").write_text(json.dumps(counters))
+        if _mid_generation(slot.trainer):
+            torch.save(slot.trainer._buffered_inputs, path / _GENERATION_BUFFER)
         for file in path.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
@@ -417,8 +452,9 @@ class TorchBackend:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(folder)
-        for old in folder.iterdir():
-            if old != final:
+        for old in folder.iterdir():  # this run's older and unfinished checkpoints (step-N, .tmp-step-N), nothing else
+            name = old.name.removeprefix(".tmp-")
+            if old != final and name.startswith("step-") and name.removeprefix("step-").isdigit():
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -441,13 +477,29 @@ class TorchBackend:
         if self.eval_dataset is not None and slot.trainer is not None and slot.evaluated_at != slot.step:
             slot.trainer.evaluate()
 
+    def unload(self, slot: RunSlot) -> None:
+        """Write a stopped run to its checkpoint and free everything it holds (adapter, trainer, optimizer); the run
+        stays known, and `reload` rebuilds it exactly from there. A run that has not trained since it was built is
+        still exactly what it was built from (its checkpoint, its warm start, or nothing): nothing is written."""
+        if slot.started:
+            self.checkpoint(slot)
+        self.discard(slot, keep_adapter=False)
+
+    def reload(self, run: PreparedRun) -> RunSlot:
+        """Rebuild an unloaded run from its newest checkpoint, else the warm start it was cloned with, else from
+        scratch (it stopped before its first chunk end)."""
+        return self.build(run, resume_from=resume_point(run.args.output_dir))
+
+    def forget(self, run_id: int) -> None:
+        """A deleted run: nothing of it stays in memory (its last checkpoint stays on disk)."""
+        self._unloaded.pop(run_id, None)
+
     def discard(self, slot: RunSlot, keep_adapter: bool) -> None:
         """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too."""
         slot.close()
         if not keep_adapter:
-            base = self.base_of(slot.run_id)
-            base.peft.delete_adapter(slot.adapter)
-            del self._runs[slot.run_id]
+            self.base_of(slot.run_id).remove_adapter(slot.adapter)
+            self._unloaded[slot.run_id] = self._runs.pop(slot.run_id)
         gc.collect()
         try:
             import torch
@@ -460,6 +512,8 @@ class TorchBackend:
     # -- taking results away -----------------------------------------------------------------------------------
 
     def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
+        if run_id in self._unloaded:  # written to its checkpoint when it was unloaded or deleted
+            return os.fspath(export_checkpoint(self._unloaded[run_id].args.output_dir, path, record))
         out = Path(path)
         self._write_adapter(run_id, out)
         (out / "rf_config.json").write_text(json.dumps(record, indent=2, default=str))
@@ -484,6 +538,7 @@ class TorchBackend:
         self._bases.clear()
         self._references.clear()
         self._runs.clear()
+        self._unloaded.clear()
         gc.collect()
 
 
@@ -496,6 +551,16 @@ def latest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
         if suffix.isdigit() and (path / "trainer_state.json").is_file():
             found.append((int(suffix), path))
     return max(found) if found else None
+
+
+def resume_point(output_dir: str | Path) -> tuple[int, str] | None:
+    """Where a run that is not in memory continues: (step, folder) of its newest checkpoint, else of the warm
+    start it was cloned with (a warm clone before its first chunk end), else None (from scratch)."""
+    point = latest_checkpoint(output_dir)
+    warm = Path(output_dir) / WARM_START
+    if point is None and (warm / "trainer_state.json").is_file():
+        point = (json.loads((warm / "trainer_state.json").read_text())["global_step"], warm)
+    return None if point is None else (point[0], os.fspath(point[1]))
 
 
 def export_checkpoint(output_dir: str | Path, path: str | Path, record: Mapping[str, Any]) -> Path:

@@ -1,5 +1,5 @@
-"""What every trainer type shares: the argument defaults rf_notebook sets, the data set column check, and how
-preference / RL trainers are told that the shared base is their reference model."""
+"""What every trainer type shares: the argument defaults rf_notebook sets, the data set column check, the one
+precision per run_fit, and how preference / RL trainers are told that the shared base is their reference model."""
 
 from __future__ import annotations
 
@@ -7,33 +7,59 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["base_args", "check_columns", "base_is_reference"]
+from rf_notebook.configs import OWNED_FIELDS, PRECISION_FIELDS
+
+__all__ = ["base_args", "check_columns", "check_precision", "base_is_reference"]
 
 
 def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
-    """A run's trainer keyword arguments: the user's values over rf_notebook's defaults.
+    """A run's trainer keyword arguments: the user's values over rf_notebook's defaults, and the fields the
+    experiment owns (`configs.OWNED_FIELDS`) set by rf_notebook alone, after the user's.
 
     Defaults: the experiment's seed (also as `data_seed`, so the sample order is the seed's whatever else
     happened in the process), a loss logged at every step and logged as it is (a NaN loss shows as NaN, not
-    as the mean of the steps before: transformers' `logging_nan_inf_filter`), no checkpoints written by the
-    trainer (the engine keeps per-run state itself), no reporting integrations, and on CPU no bf16 and no
-    activation checkpointing.
+    as the mean of the steps before: transformers' `logging_nan_inf_filter`), and on CPU no bf16 and no
+    activation checkpointing. Owned: the run's own folder `output_dir`, no checkpoints written by the trainer
+    (the engine keeps per-run state itself), no reporting integrations, no pushes. A user's value of an owned
+    field never reaches the trainer (the configs refuse those that would change anything): two runs never share
+    a folder, whatever their configs say.
     """
     args: dict[str, Any] = {
-        "output_dir": output_dir,
         "seed": seed,
         "logging_steps": 1,
         "logging_nan_inf_filter": False,
-        "save_strategy": "no",
-        "report_to": "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
     if not on_gpu:
         args.update(bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True)
-    args.update(user)
+    args.update({key: value for key, value in user.items() if key not in OWNED_FIELDS})
+    args.update(output_dir=output_dir, save_strategy="no", report_to="none")  # the rest keep TRL's defaults
     args.setdefault("data_seed", args["seed"])
     return args
+
+
+def check_precision(runs: Sequence[Any], *, on_gpu: bool) -> None:
+    """Refuse, before anything is loaded, the runs of one run_fit that train with different mixed precision.
+
+    On a GPU, Accelerate's state holds one mixed-precision mode per process, so runs differing in `bf16` /
+    `fp16` would fail inside Accelerate during setup. `runs` are prepared runs: `.args` is the real trainer
+    config, `.spec.name` the run's name. On a CPU bf16 / fp16 are already off (float32): nothing to check.
+    """
+    if not on_gpu or not runs:
+        return
+    (first, want), *others = [
+        (run.spec.name, {name: getattr(run.args, name, None) for name in PRECISION_FIELDS}) for run in runs
+    ]
+    for other, got in others:
+        differ = [name for name in PRECISION_FIELDS if got[name] != want[name]]
+        if differ:
+            raise ValueError(
+                f"run {first!r} trains with {', '.join(f'{n}={want[n]!r}' for n in differ)} but run {other!r} with "
+                f"{', '.join(f'{n}={got[n]!r}' for n in differ)}: on a GPU every run of one run_fit trains with one "
+                "precision (Accelerate holds one mixed-precision mode per process); give every run the same "
+                "bf16 / fp16, or split the sweep into two run_fit calls"
+            )
 
 
 def check_columns(

@@ -64,6 +64,15 @@ def rows_per_step(args: Any) -> float:
     return prompts * args.gradient_accumulation_steps / micro_batches
 
 
+def rung_multiple(args: Any) -> int:
+    """Optimizer steps per generation cycle: TRL generates for steps_per_generation x num_iterations micro-batches
+    at once and trains on the buffered completions in between, so chunk ends fall where that buffer is used up
+    (every run is then compared after the same prompts, and a chunk end carries no buffered generations)."""
+    _, micro_batches = _geometry(args)
+    accumulation = args.gradient_accumulation_steps
+    return micro_batches * accumulation // math.gcd(micro_batches, accumulation) // accumulation
+
+
 def build_trainer(
     trainer_name: str,
     model: Any,

@@ -14,7 +14,15 @@ from rf_notebook.configs import RFDPOConfig, RFModelConfig
 from rf_notebook.trainers import sft
 from rf_notebook.trainers._common import base_args, base_is_reference, check_columns
 
-__all__ = ["CONFIG", "check_dataset", "resolve_args", "steps_per_epoch", "rows_per_step", "build_trainer"]
+__all__ = [
+    "CONFIG",
+    "check_dataset",
+    "resolve_args",
+    "steps_per_epoch",
+    "rows_per_step",
+    "rung_multiple",
+    "build_trainer",
+]
 
 CONFIG = RFDPOConfig
 
@@ -32,6 +40,7 @@ def resolve_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu:
 
 steps_per_epoch = sft.steps_per_epoch  # one row (a preference pair) per batch slot, as in SFT
 rows_per_step = sft.rows_per_step
+rung_multiple = sft.rung_multiple
 
 
 def build_trainer(

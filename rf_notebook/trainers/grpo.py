@@ -8,11 +8,20 @@ import functools
 from rf_notebook.configs import RFGRPOConfig
 from rf_notebook.trainers import _online
 
-__all__ = ["CONFIG", "check_dataset", "resolve_args", "steps_per_epoch", "rows_per_step", "build_trainer"]
+__all__ = [
+    "CONFIG",
+    "check_dataset",
+    "resolve_args",
+    "steps_per_epoch",
+    "rows_per_step",
+    "rung_multiple",
+    "build_trainer",
+]
 
 CONFIG = RFGRPOConfig
 check_dataset = functools.partial(_online.check_dataset, trainer_type="GRPO")
 resolve_args = functools.partial(_online.resolve_args, spec=CONFIG)
 steps_per_epoch = _online.steps_per_epoch
 rows_per_step = _online.rows_per_step
+rung_multiple = _online.rung_multiple
 build_trainer = functools.partial(_online.build_trainer, "GRPOTrainer")

@@ -1,8 +1,9 @@
 """SFT runs: `trl.SFTTrainer` on one named LoRA adapter of the shared base model.
 
 Each trainer module has the same small surface: `CONFIG` (the spec of its arguments), `check_dataset` (columns,
-before anything trains), `resolve_args` (the user's values over rf_notebook's defaults), `steps_per_epoch` and
-`rows_per_step` (for the chunk plan) and `build_trainer` (the one trainer a run keeps for its whole life).
+before anything trains), `resolve_args` (the user's values over rf_notebook's defaults), `steps_per_epoch`,
+`rows_per_step` and `rung_multiple` (for the chunk plan) and `build_trainer` (the one trainer a run keeps for its
+whole life).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from rf_notebook import chunking
 from rf_notebook.configs import RFModelConfig, RFSFTConfig
 from rf_notebook.trainers._common import base_args, check_columns
 
-__all__ = ["CONFIG", "check_dataset", "resolve_args", "steps_per_epoch", "rows_per_step", "build_trainer"]
+__all__ = [
+    "CONFIG",
+    "check_dataset",
+    "resolve_args",
+    "steps_per_epoch",
+    "rows_per_step",
+    "rung_multiple",
+    "build_trainer",
+]
 
 CONFIG = RFSFTConfig
 
@@ -38,6 +47,11 @@ def steps_per_epoch(num_rows: int, args: Any) -> int:
 
 def rows_per_step(args: Any) -> float:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps
+
+
+def rung_multiple(args: Any) -> int:
+    """Chunk ends fall on multiples of this many optimizer steps (any step: nothing is carried between steps)."""
+    return 1
 
 
 def build_trainer(

@@ -146,7 +146,7 @@ class Panel(anywidget.AnyWidget):
         self._final_version = version
         with self._lock:
             self.snapshot = self._feed.snapshot()
-        for display_id in list(self._display_ids)[1:]:
+        for display_id in list(self._display_ids):
             try:
                 from IPython.display import update_display
 

@@ -358,7 +358,9 @@ class TorchBackend:
         callbacks = slot.callbacks(self.record)
         if self.on_nonfinite == "fail":
             callbacks.append(_FailOnNonFinite())
-        if warm_from is not None:
+        # A warm clone starts from its parent's optimizer and LR schedule, also when it resumes from its warm start
+        # (a restart or a reload before its first chunk end): its own learning rate and weight decay go in on top.
+        if warm_from is not None or (resume_from is not None and Path(resume_from[1]).name == WARM_START):
             callbacks.append(_ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
         trainer = TRAINERS[run.spec.trainer_type]
         model_config = run.spec.model_config
@@ -410,9 +412,15 @@ class TorchBackend:
                 )
         return slot
 
-    def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str:
-        """The parent's state where the clone's `train(resume_from_checkpoint=...)` reads it."""
+    def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str | None:
+        """The parent's state where the clone's `train(resume_from_checkpoint=...)` reads it. A parent that has not
+        trained since it was built is still the state it was built from: a copy of that (None: from scratch)."""
         path = Path(run.args.output_dir) / WARM_START
+        if not parent.started:
+            if parent.resume_from is None:
+                return None
+            shutil.copytree(parent.resume_from, path, dirs_exist_ok=True)
+            return os.fspath(path)
         self._write_state(parent, path)
         return os.fspath(path)
 

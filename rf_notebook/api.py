@@ -15,13 +15,13 @@ import dataclasses
 import json
 import logging
 import re
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rf_notebook import _kernel
 from rf_notebook.commands import Delete, Export, Resume, Stop
 from rf_notebook.configs import RFModelConfig, RunSpec, _Search, _stable_repr
 from rf_notebook.store import ICRecord, RunRecord, RunStatus, Store
@@ -281,7 +281,7 @@ class Experiment:
         self._engine = Engine(
             self._store, prepared, backend, on_rung=on_rung, checkpoints=True, decided_rung=decided, replay=replay
         )
-        if display if display is not None else _in_kernel():
+        if display if display is not None else _kernel.in_kernel():
             self.panel()
         if self._panel is not None:
             self._panel.training_started()
@@ -535,7 +535,8 @@ class Experiment:
             mine = [r for r in runs if r.run_id in engine.runs]
             return not engine.alive or not (_trainable(mine) or any(op.outcome == "pending" for op in ops))
 
-        return self._store.wait_until(done, timeout)
+        # In a kernel, the panel's buttons keep working meanwhile (Run All reaches this while training runs).
+        return _kernel.wait(lambda seconds: self._store.wait_until(done, seconds), timeout)
 
     def _training(self) -> bool:
         if self._engine is None or not self._engine.alive:
@@ -852,13 +853,6 @@ class Experiment:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
         if self._panel is not None:
             self._panel.stop_writer()
-
-
-def _in_kernel() -> bool:
-    """True inside a Jupyter kernel (where a widget can be shown), False in scripts and plain IPython."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _resolved(config: Any) -> dict[str, Any]:

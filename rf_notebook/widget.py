@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anywidget
 import traitlets
 
+from rf_notebook import _kernel
 from rf_notebook._feed import Feed
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class Panel(anywidget.AnyWidget):
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.on_msg(self._on_message)
+        _kernel.route_to_subshell(self.comm)  # clicks are handled on their subshell while a cell blocks
 
     # -- showing -----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,132 @@
+"""The Jupyter kernel around an experiment: whether there is one, and keeping the panel's buttons alive while a
+cell blocks (Run All reaches `exp.wait()` while training runs).
+
+ipykernel 7 reads every shell message on a thread of its own and hands it to the main thread, or to the thread of
+a kernel subshell when the message names one. Two ways keep a click from waiting behind a blocked cell:
+
+- Subshells. JupyterLab >= 4.4 and Notebook >= 7.4 send widget messages on a subshell (their setting
+  "commsOverSubshells", on by default). ipykernel 7.4 then sends a comm's messages to the shell of the last message
+  that comm sent, which for a panel shown from a cell (and fed by a writer thread) is the main shell, the very one
+  the blocked cell holds. `route_to_subshell(comm)` keeps the front end's choice, so the click is handled on the
+  subshell's thread while the main thread waits. The panel's handler only validates, enqueues and replies under
+  its own lock, so any thread may run it.
+- A serving wait. Where clicks reach the main shell (VS Code, Colab, subshells switched off), `wait` drains the
+  main shell's queue every 50 ms from inside the blocking call: comm messages are handled there, every other
+  message (the next cells' execute requests) is put back, in order, when the wait returns or is interrupted.
+
+Both reach into ipykernel's internals (read against 7.4: the shell channel thread's inproc stream to the main
+thread, `dispatch_shell`, `Comm._reply_subshell_for`); where those are missing this module does nothing and the
+wait is a plain blocking one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["in_kernel", "route_to_subshell", "wait"]
+
+SERVE_INTERVAL_S = 0.05
+
+
+def kernel() -> Any:
+    """The running ipykernel kernel, or None (a script, plain IPython)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None)
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (where a widget can be shown), False in scripts and plain IPython."""
+    return kernel() is not None
+
+
+def route_to_subshell(comm: Any) -> None:
+    """Have the kernel handle `comm`'s incoming messages on the subshell the front end sent them on."""
+    if callable(getattr(comm, "_reply_subshell_for", None)):
+        comm._reply_subshell_for = lambda data, default: default
+
+
+def wait(step: Callable[[float], bool], timeout: float | None) -> bool:
+    """Call `step(seconds)` (wait at most that long; True once done) until it is done or `timeout` ran out, serving
+    the panel's messages in between when this is a kernel's main thread. Returns whether it is done."""
+    server = _Server.here()
+    if server is None:
+        return step(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with server:
+        while True:
+            server.serve()
+            left = SERVE_INTERVAL_S if deadline is None else min(SERVE_INTERVAL_S, deadline - time.monotonic())
+            if step(max(left, 0.0)):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+
+class _Server:
+    """Handles the comm messages waiting for a blocked main thread; defers the rest (see the module docstring)."""
+
+    def __init__(self, kernel: Any, stream: Any):
+        self.kernel, self.stream = kernel, stream
+        self.deferred: list[Any] = []
+
+    @classmethod
+    def here(cls) -> _Server | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        k = kernel()
+        try:
+            stream = k.shell_channel_thread.manager._shell_channel_to_main.to_stream
+            k.dispatch_shell, k.session.feed_identities, k.set_parent  # noqa: B018 (all of these are used)
+        except AttributeError:  # not ipykernel 7, or its internals moved: a plain wait
+            return None
+        return cls(k, stream)
+
+    def __enter__(self) -> _Server:
+        self.callback, self.copy = self.stream._recv_callback, self.stream._recv_copy
+        self.parent = (self.kernel._get_shell_context_var(self.kernel._shell_parent_ident), self.kernel.get_parent())
+        return self
+
+    def serve(self) -> None:
+        import zmq
+
+        self.stream.on_recv(self._take, copy=self.copy)
+        try:
+            self.stream.flush(zmq.POLLIN)
+        finally:
+            self.stream.on_recv(self.callback, copy=self.copy)
+
+    def _take(self, frames: Any) -> None:
+        k = self.kernel
+        try:
+            _, rest = k.session.feed_identities(frames, copy=False)
+            msg_type = k.session.deserialize(rest, content=False, copy=False)["header"]["msg_type"]
+        except Exception:  # not ours to judge: the kernel reports it when it gets it back
+            msg_type = None
+        if msg_type != "comm_msg":
+            self.deferred.append(frames)
+            return
+        handling = k.dispatch_shell(frames, subshell_id=None)
+        try:
+            handling.send(None)  # the panel's handler never awaits: it runs to the end here
+        except StopIteration:
+            pass
+        except Exception:
+            logger.exception("handling a panel message while waiting")
+        else:
+            handling.close()
+            logger.warning("a comm message handler awaited while a cell was blocked; its rest was dropped")
+        finally:
+            k.set_parent(*self.parent, channel="shell")  # what the blocked cell prints stays in its own output
+
+    def __exit__(self, *exc: Any) -> None:
+        for frames in self.deferred:  # first in, first out, ahead of anything newer
+            self.stream._run_callback(self.callback, frames)
+        self.deferred.clear()

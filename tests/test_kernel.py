@@ -1,0 +1,102 @@
+"""The panel's buttons while another cell blocks (Run All reaches `exp.wait()` during training), on a real ipykernel.
+
+A kernel runs a demo sweep with its panel, then `exp.wait()`; while that cell is busy, a Stop click arrives as
+the front end sends it: on the main shell (VS Code, Colab, subshells off: served from inside `wait()`), and on a
+kernel subshell (JupyterLab >= 4.4 / Notebook >= 7.4). The stop must be applied within 2 s while the cell still
+runs, and the cell queued after it (as Run All queues them) must run after it, in order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+
+SETUP = """
+import os, time
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+group = RFGridSearch(RFModelConfig(DEMO_MODEL, peft_config=RFLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    training_args=RFSFTConfig(learning_rate=List([3e-3, 1e-3]), per_device_train_batch_size=8, max_steps=400)),
+    trainer_type="SFT")
+exp = Experiment("busy", experiments_dir={directory!r})
+exp.run_fit(group, demo_model_fn, arithmetic_dataset("train", n=64), None, num_chunks=4, seed=0)
+import threading
+threads, handle_op = [], exp._panel.handle_op
+exp._panel.handle_op = lambda request: threads.append(threading.current_thread().name) or handle_op(request)
+print("COMM", exp._panel.comm.comm_id)
+"""
+
+
+@pytest.fixture
+def kernel():
+    manager, client = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+    yield client
+    client.stop_channels()
+    manager.shutdown_kernel(now=True)
+
+
+def output_of(client, msg_id, timeout=300):
+    """The text a cell printed, once it is idle."""
+    text = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        msg = client.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            text.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            raise AssertionError("\n".join(msg["content"]["traceback"]))
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(text)
+    raise AssertionError("the cell did not finish")
+
+
+@pytest.mark.parametrize("channel", ["main shell", "subshell"])
+def test_a_click_acts_while_a_cell_blocks_in_wait(channel, kernel, tmp_path):
+    setup = output_of(kernel, kernel.execute(SETUP.format(directory=str(tmp_path))))
+    comm_id = setup.split("COMM ")[-1].split()[0]
+    subshell = None
+    if channel == "subshell":
+        kernel.control_channel.send(kernel.session.msg("create_subshell_request", {}))
+        subshell = kernel.get_control_msg(timeout=30)["content"]["subshell_id"]
+
+    blocked = kernel.execute("t0 = time.time(); exp.wait(); print('WAITED', round(time.time() - t0, 1))")
+    after = kernel.execute("print('AFTER', [r.status.value for r in exp.runs()])")  # queued as Run All does
+    time.sleep(3)  # training runs; the wait cell is busy
+
+    def click(run_id: int) -> tuple[float, dict]:
+        content = {"type": "op", "op": "stop", "run_id": run_id, "id": run_id}
+        msg = kernel.session.msg("comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": content}})
+        if subshell is not None:
+            msg["header"]["subshell_id"] = subshell
+        sent = time.time()
+        kernel.shell_channel.send(msg)
+        while time.time() - sent < 10:
+            reply = kernel.get_iopub_msg(timeout=10)
+            data = reply["content"].get("data", {}).get("content", {}) if reply["msg_type"] == "comm_msg" else {}
+            if data.get("type") == "reply" and data.get("id") == run_id:
+                return time.time() - sent, data
+        raise AssertionError(f"no reply to the click on run {run_id} while the cell was blocked")
+
+    latency, content = click(1)
+    assert content["ok"], content
+    assert latency < 2.0, f"the click was answered after {latency:.1f} s"
+    assert click(2)[1]["ok"]  # nothing left to train: wait() returns
+    waited = output_of(kernel, blocked)
+    assert "WAITED" in waited
+    assert output_of(kernel, after).startswith("AFTER ['stopped', 'stopped']")  # ran after the wait, in order
+    status = output_of(
+        kernel, kernel.execute("print([(o.op, o.run_id, o.origin, o.outcome) for o in exp._store.ic_log()][:1])")
+    )
+    assert "('stop', 1, 'panel', 'applied')" in status
+    # On a subshell the click is handled on the subshell's own thread; on the main shell, inside wait()
+    handled_on = output_of(kernel, kernel.execute("print(threads)"))
+    if subshell is None:
+        assert handled_on.strip() == "['MainThread', 'MainThread']"
+    else:
+        assert "MainThread" not in handled_on and handled_on.count("subshell") == 2, handled_on
+    output_of(kernel, kernel.execute("exp.end()"))

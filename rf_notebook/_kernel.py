@@ -113,7 +113,9 @@ class _Server:
         if msg_type != "comm_msg":
             self.deferred.append(frames)
             return
-        handling = k.dispatch_shell(frames, subshell_id=None)
+        # concurrent: as ipykernel itself handles comms during a running async cell (no busy/idle of its own, no
+        # pre/post handler hooks, which would swap the kernel's saved SIGINT handler under the blocked cell)
+        handling = k.dispatch_shell(frames, subshell_id=None, concurrent=True)
         try:
             handling.send(None)  # the panel's handler never awaits: it runs to the end here
         except StopIteration:
@@ -127,6 +129,6 @@ class _Server:
             k.set_parent(*self.parent, channel="shell")  # what the blocked cell prints stays in its own output
 
     def __exit__(self, *exc: Any) -> None:
-        for frames in self.deferred:  # first in, first out, ahead of anything newer
-            self.stream._run_callback(self.callback, frames)
-        self.deferred.clear()
+        deferred, self.deferred = self.deferred, []
+        while deferred:  # first in, first out, ahead of anything newer; an interrupt here must not lose one
+            self.stream._run_callback(self.callback, deferred.pop(0))

@@ -361,20 +361,21 @@ class Experiment:
 
     def _replay(
         self, prepared: dict[int, Any], seed: int, fit_number: int
-    ) -> tuple[list[Any], int, list[tuple[int, str]]]:
+    ) -> tuple[list[Any], int | None, list[tuple[int, str]]]:
         """Commands for the policy's ops that a process ended before applying, the last rung the policy fully
         decided, and the other pending ops with why they never apply (refused once run_fit starts). Ops of a rung
         whose decision was cut short are among those: that rung is decided again."""
         from rf_notebook.commands import CloneModify, Stop
 
         mark = self._store.meta("policy_rung") or {}
-        decided = mark.get("rung", 0) if mark.get("fit") == fit_number else 0
+        # No mark (no policy ran, or an experiment recorded before marks existed): the rungs passed count as decided.
+        decided = mark["rung"] if mark.get("fit") == fit_number else None
         commands, refused = [], []
         for op in self._store.ic_log():
             if op.outcome != "pending":
                 continue
             rung = op.args.get("rung")
-            if op.origin != "policy" or rung is None or rung > decided or op.run_id not in prepared:
+            if op.origin != "policy" or rung is None or decided is None or rung > decided or op.run_id not in prepared:
                 refused.append(op)
             elif op.op == "stop":
                 commands.append(Stop(op_id=op.op_id, run_id=op.run_id, requires=op.args.get("requires")))
@@ -397,7 +398,7 @@ class Experiment:
             (
                 op.op_id,
                 f"the process ended while the policy was deciding chunk {op.args['rung']}; decided again on resume"
-                if op.origin == "policy" and op.args.get("rung", 0) > decided
+                if op.origin == "policy" and decided is not None and op.args.get("rung", 0) > decided
                 else "the process ended before the op was applied",
             )
             for op in refused

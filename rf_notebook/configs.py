@@ -166,7 +166,12 @@ OWNED_FIELDS: dict[str, OwnedField] = {
     ),
     # "epoch": every epoch end is a chunk end, where the run is checkpointed anyway. "steps" is TRL's default.
     "save_strategy": OwnedField(_CHECKPOINTS, lambda v: v in ("no", "chunk", "epoch", "steps")),
-    "save_steps": OwnedField(_CHECKPOINTS, lambda v: v == 500 and not isinstance(v, bool)),
+    # How often the trainer would save: it saves nothing, so any valid interval changes nothing.
+    "save_steps": OwnedField(_CHECKPOINTS, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+    "load_best_model_at_end": OwnedField(
+        _CHECKPOINTS + "; pick the best run and its adapter with exp.best_run() and exp.export(run_id, path)",
+        _is_false,
+    ),
     # Only the latest checkpoint of a run is kept, which is within any limit.
     "save_total_limit": OwnedField(
         _CHECKPOINTS, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)

@@ -289,7 +289,11 @@ OVERRIDE_CASES = [
         r"override 'training_args.output_dir' is 'elsewhere', but the experiment owns each run's folder",
     ),
     ("report-to", {"report_to": ["wandb"]}, r"override 'report_to' is \['wandb'\], but rf_notebook logs every run"),
-    ("save-steps", {"save_steps": 10}, r"override 'save_steps' is 10, but the experiment owns checkpoints"),
+    (
+        "load-best",
+        {"load_best_model_at_end": True},
+        r"override 'load_best_model_at_end' is True, but the experiment owns checkpoints",
+    ),
     ("resume-from", {"resume_from_checkpoint": "x"}, r"override 'resume_from_checkpoint' is 'x', but a run resumes"),
     ("push", {"push_to_hub": True}, r"override 'push_to_hub' is True, but the experiment does not push"),
     ("hub-token", {"hub_token": "hf_secret"}, r"override 'hub_token' is <hidden>, but"),

@@ -178,7 +178,10 @@ OWNED_REFUSALS = [
     ),
     ({"logging_dir": "logs"}, r"logging_dir is 'logs', but the experiment records every run's metrics"),
     ({"save_strategy": "best"}, r"save_strategy is 'best', but the experiment owns checkpoints: it writes each run's"),
-    ({"save_steps": List([500, 50])}, r"save_steps is 50, but the experiment owns checkpoints.*run_fit\(num_chunks="),
+    (
+        {"load_best_model_at_end": List([False, True])},
+        r"load_best_model_at_end is True, but the experiment owns checkpoints.*exp\.best_run\(\)",
+    ),
     ({"save_only_model": True}, r"save_only_model is True, but the experiment owns checkpoints.*resumes exactly"),
     (
         {"resume_from_checkpoint": "ckpt/step-10"},
@@ -209,6 +212,7 @@ HARMLESS = [
     {"report_to": "none"},  # every fit tutorial ("Disables wandb")
     {"save_strategy": "epoch"},  # the SFT chatqa and DPO alignment tutorials: every epoch end is a chunk end
     {"save_strategy": "chunk"},  # RapidFire AI's own value
+    {"save_strategy": "steps", "save_steps": 50, "save_total_limit": 3},  # RapidFire AI users' scripts
     {"save_strategy": "no"},
     {"report_to": None},
     {"report_to": []},

@@ -276,17 +276,17 @@ class Engine:
                 del self._stopped_at[run_id]
             elif idle or self._rung >= since + 2:
                 slot = self._slots[run_id]
-                del self._stopped_at[run_id]
                 try:
                     self.backend.unload(slot)
-                except OSError as exc:  # it stays in memory, as it was
+                except OSError as exc:  # it stays in memory, as it was, and is tried again after a recovery
                     self.store.fail_storage(f"cannot write run {run_id}'s checkpoint: {exc}")
                     return
                 except Exception:  # it stays in memory; the others go on
                     logger.exception("unloading stopped run %d", run_id)
+                    del self._stopped_at[run_id]
                     continue
-                del self._slots[run_id]
-                self._unloaded.add(run_id)
+                self._unloaded.add(run_id)  # before it leaves _slots: another thread's refusal() sees one of them
+                del self._slots[run_id], self._stopped_at[run_id]
                 if self._current == run_id:
                     self._current = None
                 logger.info("run %d stays stopped: checkpointed at step %d and unloaded", run_id, slot.step)
@@ -349,6 +349,7 @@ class Engine:
         if op.run_id in self._unloaded and (isinstance(op, Resume) or warm):
             self._slots[op.run_id] = self.backend.reload(self.runs[op.run_id])
             self._unloaded.discard(op.run_id)
+            self._progress(op.run_id, self._slots[op.run_id])  # the step it really continues from
             self._stopped_at[op.run_id] = self._rung  # a warm clone's parent stays stopped
         slot = self._slots.get(op.run_id)
         step = slot.step if slot is not None else self.store.run(op.run_id).step

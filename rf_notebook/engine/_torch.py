@@ -350,9 +350,21 @@ class TorchBackend:
         if key not in self._bases:
             self._bases[key] = self._load_base(run.spec.model_config)
         base = self._bases[key]
-        self._unloaded.pop(run.run_id, None)
+        unloaded = self._unloaded.pop(run.run_id, None)
         self._runs[run.run_id] = run
         base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
+        try:
+            return self._build_slot(run, base, warm_from, resume_from)
+        except BaseException:  # nothing half-built stays: an export must never find a fresh, untrained adapter
+            base.remove_adapter(run.adapter)
+            del self._runs[run.run_id]
+            if unloaded is not None:
+                self._unloaded[run.run_id] = unloaded
+            raise
+
+    def _build_slot(
+        self, run: PreparedRun, base: _Base, warm_from: RunSlot | None, resume_from: tuple[int, str] | None
+    ) -> RunSlot:
         base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
         slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
         callbacks = slot.callbacks(self.record)

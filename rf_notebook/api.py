@@ -272,6 +272,8 @@ class Experiment:
             self._store.set_meta(
                 "fits", [*self._store.meta("fits", []), {**fit, "run_ids": [r.run_id for r in prepared]}]
             )
+            if policy is not None:  # no rung decided yet; a resume decides every rung passed after the mark
+                self._store.set_meta("policy_rung", {"fit": len(self._store.meta("fits")), "rung": 0})
         backend = TorchBackend(
             create_model_fn or default_model_fn, train_dataset, eval_dataset, num_chunks, on_nonfinite=on_nonfinite
         )
@@ -368,7 +370,8 @@ class Experiment:
         from rf_notebook.commands import CloneModify, Stop
 
         mark = self._store.meta("policy_rung") or {}
-        # No mark (no policy ran, or an experiment recorded before marks existed): the rungs passed count as decided.
+        # No mark for this run_fit (it started without a policy, or was recorded before marks existed): the rungs it
+        # passed count as decided.
         decided = mark["rung"] if mark.get("fit") == fit_number else None
         commands, refused = [], []
         for op in self._store.ic_log():

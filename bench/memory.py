@@ -148,7 +148,7 @@ def pruned(model: str, argv: list[str] | None) -> dict:
         "ratio_kept": points[2]["resident"] / base,
     }
     rows = []
-    for r in save(f"memory-pruned-{model}", result):
+    for r in [r for r in save(f"memory-pruned-{model}", result) if r["benchmark"].startswith("memory-pruned")]:
         for p in r["points"]:
             rows.append(
                 [
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "worst_increment_ratio": max(increments) / per_run_needed if increments else None,
     }
     rows = []
-    for r in save(f"memory-{args.model}", result):
+    for r in [r for r in save(f"memory-{args.model}", result) if not r["benchmark"].startswith("memory-pruned")]:
         for p in r["points"]:
             inc = p["increment_per_run"]
             rows.append(

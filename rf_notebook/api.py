@@ -340,11 +340,9 @@ class Experiment:
             prepared[run_id] = run
         for op in self._store.ic_log():  # clones, in the order they were made (a clone of a clone follows)
             if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in prepared:
-                parent = prepared[op.run_id]
-                spec = _clone_spec(
-                    parent.spec, self._split(parent, op.args["overrides"], op.args["warm_start"]), op.args["warm_start"]
+                prepared[op.new_run_id] = self._prepare_clone(
+                    prepared[op.run_id], op.new_run_id, op.args["overrides"], op.args["warm_start"], fit["seed"]
                 )
-                prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, fit["seed"])
         from rf_notebook.engine._torch import resume_point
 
         live, points = [], {}
@@ -384,9 +382,9 @@ class Experiment:
                 commands.append(Stop(op_id=op.op_id, run_id=op.run_id, requires=op.args.get("requires")))
             else:
                 overrides, warm_start = op.args["overrides"], op.args["warm_start"]
-                parent = prepared[op.run_id]
-                spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
-                prepared[op.new_run_id] = self._prepare(op.new_run_id, spec, seed)
+                prepared[op.new_run_id] = self._prepare_clone(
+                    prepared[op.run_id], op.new_run_id, overrides, warm_start, seed
+                )
                 commands.append(
                     CloneModify(
                         op_id=op.op_id,
@@ -704,8 +702,7 @@ class Experiment:
         try:
             self._precheck("clone_modify", run_id, warm_start)
             parent = self._engine.runs[run_id]
-            spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
-            prepared = self._prepare(new_id, spec, parent.args.seed)
+            prepared = self._prepare_clone(parent, new_id, overrides, warm_start, parent.args.seed)
         except (KeyError, TypeError, ValueError) as exc:
             self._store.settle_op(op.op_id, "refused", str(exc))
             raise
@@ -720,6 +717,11 @@ class Experiment:
             )
         )
         return op.op_id, new_id
+
+    def _prepare_clone(self, parent: Any, new_id: int, overrides: dict[str, Any], warm_start: bool, seed: int) -> Any:
+        """Clone `new_id` of the prepared run `parent` with validated `overrides`, prepared like any run."""
+        spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
+        return self._prepare(new_id, spec, seed)
 
     @staticmethod
     def _split(parent: Any, overrides: dict[str, Any], warm_start: bool) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,18 @@ from typing import Any
 
 from rf_notebook.configs import OWNED_FIELDS, PRECISION_FIELDS
 
-__all__ = ["base_args", "check_columns", "check_precision", "base_is_reference"]
+__all__ = ["MODULE_SURFACE", "base_args", "check_columns", "check_precision", "base_is_reference"]
+
+# What every trainer module (sft, dpo, grpo, rloo) defines: its whole surface, the same names for each type.
+MODULE_SURFACE = (
+    "CONFIG",
+    "check_dataset",
+    "resolve_args",
+    "steps_per_epoch",
+    "rows_per_step",
+    "rung_multiple",
+    "build_trainer",
+)
 
 
 def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:

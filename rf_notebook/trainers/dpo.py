@@ -12,17 +12,9 @@ from typing import Any
 
 from rf_notebook.configs import RFDPOConfig, RFModelConfig
 from rf_notebook.trainers import sft
-from rf_notebook.trainers._common import base_args, base_is_reference, check_columns
+from rf_notebook.trainers._common import MODULE_SURFACE, base_args, base_is_reference, check_columns
 
-__all__ = [
-    "CONFIG",
-    "check_dataset",
-    "resolve_args",
-    "steps_per_epoch",
-    "rows_per_step",
-    "rung_multiple",
-    "build_trainer",
-]
+__all__ = list(MODULE_SURFACE)
 
 CONFIG = RFDPOConfig
 

@@ -7,16 +7,9 @@ import functools
 
 from rf_notebook.configs import RFGRPOConfig
 from rf_notebook.trainers import _online
+from rf_notebook.trainers._common import MODULE_SURFACE
 
-__all__ = [
-    "CONFIG",
-    "check_dataset",
-    "resolve_args",
-    "steps_per_epoch",
-    "rows_per_step",
-    "rung_multiple",
-    "build_trainer",
-]
+__all__ = list(MODULE_SURFACE)
 
 CONFIG = RFGRPOConfig
 check_dataset = functools.partial(_online.check_dataset, trainer_type="GRPO")

@@ -13,17 +13,9 @@ from typing import Any
 
 from rf_notebook import chunking
 from rf_notebook.configs import RFModelConfig, RFSFTConfig
-from rf_notebook.trainers._common import base_args, check_columns
+from rf_notebook.trainers._common import MODULE_SURFACE, base_args, check_columns
 
-__all__ = [
-    "CONFIG",
-    "check_dataset",
-    "resolve_args",
-    "steps_per_epoch",
-    "rows_per_step",
-    "rung_multiple",
-    "build_trainer",
-]
+__all__ = list(MODULE_SURFACE)
 
 CONFIG = RFSFTConfig
 

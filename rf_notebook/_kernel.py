@@ -13,10 +13,14 @@ a kernel subshell when the message names one. Two ways keep a click from waiting
 - A serving wait. Where clicks reach the main shell (VS Code, Colab, subshells switched off), `wait` drains the
   main shell's queue every 50 ms from inside the blocking call: comm messages are handled there, every other
   message (the next cells' execute requests) is put back, in order, when the wait returns or is interrupted.
+  ipykernel 7 (the shell channel thread's inproc stream to the main thread) and ipykernel 6 (Colab's kernel: the
+  shell stream on the main thread and the kernel's message queue) each get their own small server.
 
-Both reach into ipykernel's internals (read against 7.4: the shell channel thread's inproc stream to the main
-thread, `dispatch_shell`, `Comm._reply_subshell_for`); where those are missing this module does nothing and the
-wait is a plain blocking one.
+Both reach into ipykernel's internals (read against 7.4 and 6.29: the streams, `dispatch_shell`, the comm handler,
+`Comm._reply_subshell_for`); where those are missing this module does nothing and the wait is a plain blocking one.
+We do not use jupyter-ui-poll (the same technique): it replays the deferred cells itself after the blocked one and
+swaps ipykernel 7's main-thread asyncio lock for a null context, while here the kernel gets its own messages back,
+in order, and runs them as it would have.
 """
 
 from __future__ import annotations
@@ -82,16 +86,17 @@ class _Server:
         if threading.current_thread() is not threading.main_thread():
             return None
         k = kernel()
-        try:
-            stream = k.shell_channel_thread.manager._shell_channel_to_main.to_stream
-            k.dispatch_shell, k.session.feed_identities, k.set_parent  # noqa: B018 (all of these are used)
-        except AttributeError:  # not ipykernel 7, or its internals moved: a plain wait
+        if k is None:
             return None
-        return cls(k, stream)
+        for kind in (_Server7, _Server6):
+            stream = kind.stream_of(k)
+            if stream is not None:
+                return kind(k, stream)
+        return None  # an ipykernel whose internals moved: a plain wait
 
     def __enter__(self) -> _Server:
         self.callback, self.copy = self.stream._recv_callback, self.stream._recv_copy
-        self.parent = (self.kernel._get_shell_context_var(self.kernel._shell_parent_ident), self.kernel.get_parent())
+        self.parent = self._current_parent()
         return self
 
     def serve(self) -> None:
@@ -113,22 +118,99 @@ class _Server:
         if msg_type != "comm_msg":
             self.deferred.append(frames)
             return
-        # concurrent: as ipykernel itself handles comms during a running async cell (no busy/idle of its own, no
-        # pre/post handler hooks, which would swap the kernel's saved SIGINT handler under the blocked cell)
-        handling = k.dispatch_shell(frames, subshell_id=None, concurrent=True)
         try:
-            handling.send(None)  # the panel's handler never awaits: it runs to the end here
-        except StopIteration:
-            pass
+            self._handle_comm(frames)
         except Exception:
             logger.exception("handling a panel message while waiting")
-        else:
-            handling.close()
-            logger.warning("a comm message handler awaited while a cell was blocked; its rest was dropped")
         finally:
-            k.set_parent(*self.parent, channel="shell")  # what the blocked cell prints stays in its own output
+            self._restore_parent()  # what the blocked cell prints stays in its own output
 
     def __exit__(self, *exc: Any) -> None:
         deferred, self.deferred = self.deferred, []
         while deferred:  # first in, first out, ahead of anything newer; an interrupt here must not lose one
-            self.stream._run_callback(self.callback, deferred.pop(0))
+            self._give_back(deferred.pop(0))
+
+    # -- what differs between kernel generations -------------------------------------------------------------------
+
+    @staticmethod
+    def stream_of(k: Any) -> Any:
+        raise NotImplementedError
+
+    def _current_parent(self) -> Any:
+        raise NotImplementedError
+
+    def _restore_parent(self) -> None:
+        raise NotImplementedError
+
+    def _handle_comm(self, frames: Any) -> None:
+        raise NotImplementedError
+
+    def _give_back(self, frames: Any) -> None:
+        raise NotImplementedError
+
+
+class _Server7(_Server):
+    """ipykernel 7: the shell channel thread forwards main-shell messages to the main thread over an inproc stream."""
+
+    @staticmethod
+    def stream_of(k: Any) -> Any:
+        try:
+            stream = k.shell_channel_thread.manager._shell_channel_to_main.to_stream
+            k.dispatch_shell, k.session.feed_identities, k.set_parent, k._get_shell_context_var  # noqa: B018
+        except AttributeError:
+            return None
+        return stream
+
+    def _current_parent(self) -> Any:
+        return self.kernel._get_shell_context_var(self.kernel._shell_parent_ident), self.kernel.get_parent()
+
+    def _restore_parent(self) -> None:
+        self.kernel.set_parent(*self.parent, channel="shell")
+
+    def _handle_comm(self, frames: Any) -> None:
+        # concurrent: as ipykernel itself handles comms during a running async cell (no busy/idle of its own, no
+        # pre/post handler hooks, which would swap the kernel's saved SIGINT handler under the blocked cell)
+        handling = self.kernel.dispatch_shell(frames, subshell_id=None, concurrent=True)
+        try:
+            handling.send(None)  # the panel's handler never awaits: it runs to the end here
+        except StopIteration:
+            pass
+        else:
+            handling.close()
+            logger.warning("a comm message handler awaited while a cell was blocked; its rest was dropped")
+
+    def _give_back(self, frames: Any) -> None:
+        self.stream._run_callback(self.callback, frames)
+
+
+class _Server6(_Server):
+    """ipykernel 6 (Colab's kernel): the main thread reads the shell stream into the kernel's message queue, whose
+    `dispatch_shell` coroutine would first wait for the control thread; a comm message goes straight to the
+    kernel's comm handler instead, and a deferred message back into the queue, behind those already there."""
+
+    @staticmethod
+    def stream_of(k: Any) -> Any:
+        try:
+            stream, handler = k.shell_stream, k.shell_handlers["comm_msg"]
+            k.msg_queue.put_nowait, k._message_counter, k._parent_ident, k.get_parent  # noqa: B018
+            stream._recv_callback  # noqa: B018
+        except (AttributeError, KeyError):
+            return None
+        return stream if callable(handler) else None
+
+    def _current_parent(self) -> Any:
+        return self.kernel._parent_ident.get("shell"), self.kernel.get_parent("shell")
+
+    def _restore_parent(self) -> None:
+        self.kernel.set_parent(*self.parent, channel="shell")
+
+    def _handle_comm(self, frames: Any) -> None:
+        k = self.kernel
+        idents, rest = k.session.feed_identities(frames, copy=False)
+        msg = k.session.deserialize(rest, content=True, copy=False)
+        k.set_parent(idents, msg, channel="shell")
+        k.shell_handlers["comm_msg"](self.stream, idents, msg)
+
+    def _give_back(self, frames: Any) -> None:
+        k = self.kernel
+        k.msg_queue.put_nowait((next(k._message_counter), k.dispatch_shell, (frames,)))

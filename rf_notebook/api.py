@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rf_notebook import _kernel
+from rf_notebook import _kernel, _progress
 from rf_notebook.commands import Delete, Export, Resume, Stop
 from rf_notebook.configs import RFModelConfig, RunSpec, _Search, _stable_repr
 from rf_notebook.store import ICRecord, RunRecord, RunStatus, Store
@@ -523,11 +523,13 @@ class Experiment:
 
     # -- watching ----------------------------------------------------------------------------------------------
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> bool:
         """Block until no run is left to train (every run finished, failed, deleted or stopped) and every IC op
         submitted so far has been applied or refused.
 
-        Returns False if `timeout` (seconds) ran out first.
+        Returns False if `timeout` (seconds) ran out first. `progress`: show one live progress line (steps, chunks
+        done of total, runs by status, elapsed, ETA) while waiting; by default where nothing else shows progress,
+        i.e. outside a notebook with stderr a terminal.
         """
         if self._engine is None:
             return True
@@ -537,8 +539,14 @@ class Experiment:
             mine = [r for r in runs if r.run_id in engine.runs]
             return not engine.alive or not (_trainable(mine) or any(op.outcome == "pending" for op in ops))
 
-        # In a kernel, the panel's buttons keep working meanwhile (Run All reaches this while training runs).
-        return _kernel.wait(lambda seconds: self._store.wait_until(done, seconds), timeout)
+        def step(seconds: float | None) -> bool:
+            return self._store.wait_until(done, seconds)
+
+        if not _progress.wanted(progress, _kernel.in_kernel()):
+            # In a kernel, the panel's buttons keep working meanwhile (Run All reaches this while training runs).
+            return _kernel.wait(step, timeout)
+        with _progress.ProgressLine(self._store, self.name, lambda: engine.runs) as line:
+            return _kernel.wait(line.wrap(step), timeout)
 
     def _training(self) -> bool:
         if self._engine is None or not self._engine.alive:

@@ -6,6 +6,9 @@ model per experiment; the protocol with the JavaScript side (js/src) is written 
 Threads: the panel is created and displayed on the kernel's main thread. One writer thread sends deltas (at most
 5 a second, only when the store changed) and, when the experiment ends or pauses, writes the complete state into
 the synced `snapshot` trait and refreshes the static HTML of every display, so a saved notebook shows the result.
+Where no view ever asked for the state (nbclient, papermill, a terminal: nothing runs the widget's JavaScript),
+that refresh replaces the widget by the static picture alone: nbconvert shows a widget view whenever the notebook
+stores widget state, and offline (its widget script comes from a CDN) that view is blank.
 Button clicks arrive as custom messages on the main thread; the handler validates, enqueues the op through the
 experiment (origin "panel") and replies accepted / refused. It never touches a model.
 """
@@ -71,6 +74,8 @@ class Panel(anywidget.AnyWidget):
         self._cursor = self.snapshot["cursor"]  # metric rows pushed so far (push mode)
         self._display_ids: list[str] = []
         self._final_version: int | None = None  # store version of the last final snapshot written
+        self._refreshed: dict[str, tuple[int, bool]] = {}  # display id -> (store version, static only) it shows
+        self._viewed = False  # a view has sent a message: some front end runs the widget
         self._lock = threading.Lock()  # one writer at a time: the thread and the message handler
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
@@ -89,12 +94,18 @@ class Panel(anywidget.AnyWidget):
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         """The widget, plus a static HTML rendering for places that run no widget JavaScript."""
-        from rf_notebook._static_html import render_html
-
         bundle = super()._repr_mimebundle_(**kwargs)
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data = {**data, "text/html": render_html(self.snapshot, _headline_metrics(self.snapshot))}
-        return data, metadata
+        return {**data, **self._static_bundle()}, metadata
+
+    def _static_bundle(self) -> dict[str, str]:
+        from rf_notebook._static_html import render_html
+
+        header = self.snapshot.get("header", {})
+        text = f"rf_notebook panel: experiment {self._experiment.name!r}, {len(self.snapshot.get('runs', []))} runs"
+        if header.get("done"):
+            text += ", done"
+        return {"text/plain": text, "text/html": render_html(self.snapshot, _headline_metrics(self.snapshot))}
 
     def training_started(self) -> None:
         """Called by `run_fit` (main thread): restart the clock and make sure the writer runs."""
@@ -141,18 +152,25 @@ class Panel(anywidget.AnyWidget):
         super().send(message)
 
     def _write_final(self) -> None:
-        """The complete state into the synced trait, and the static HTML of every display refreshed."""
+        """The complete state into the synced trait, and the static HTML of every display refreshed: with the widget
+        where a front end shows it, as the static picture alone where none ever did."""
         version = self._experiment._store.version
-        if version == self._final_version:
-            return
-        self._final_version = version
-        with self._lock:
-            self.snapshot = self._feed.snapshot()
+        if version != self._final_version:
+            self._final_version = version
+            with self._lock:
+                self.snapshot = self._feed.snapshot()
+        static = not self._viewed
         for display_id in list(self._display_ids):
+            if self._refreshed.get(display_id) == (version, static):
+                continue
+            self._refreshed[display_id] = (version, static)
             try:
                 from IPython.display import update_display
 
-                update_display(self, display_id=display_id)
+                if static:
+                    update_display(self._static_bundle(), display_id=display_id, raw=True)
+                else:
+                    update_display(self, display_id=display_id)
             except Exception:  # outside a kernel there is nothing to update
                 logger.debug("could not refresh display %s", display_id, exc_info=True)
 
@@ -161,6 +179,7 @@ class Panel(anywidget.AnyWidget):
     def _on_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
         if not isinstance(content, dict):
             return
+        self._viewed = True
         kind, request_id = content.get("type"), content.get("id")
         if kind == "sync":
             with self._lock:  # in push mode, cut where the writer's next delta starts: no gap, no overlap

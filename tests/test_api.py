@@ -58,6 +58,34 @@ def test_run_fit_returns_while_training_goes_on_in_the_background(data, tmp_path
     assert _schedulers() == threads - 1
 
 
+def test_wait_outside_a_notebook_shows_one_live_progress_line_and_nothing_else(data, tmp_path, capsys):
+    exp = Experiment("progress", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=24), demo_model_fn, *data, num_chunks=3, seed=0)  # 3 epochs of 3 chunks
+    assert exp.wait(timeout=300, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""  # no per-step dicts, no data set map bars
+    frames = [f.strip() for f in re.split(r"[\r\n]", err) if f.strip()]
+    assert frames and all(f.startswith("progress ") for f in frames), err
+    assert re.search(r"100%\|.*\| chunks 18/18 · 2 finished \[\d\d:\d\d<00:00\]$", frames[-1]), frames[-1]
+    assert len({re.search(r"(\d+)%", f).group(1) for f in frames}) >= 3, "the line did not move while training"
+    exp.end()
+
+
+def test_the_progress_line_is_on_where_a_person_watches_a_terminal():
+    import io
+
+    from rf_notebook._progress import wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert wanted(None, in_kernel=False, stream=Terminal())
+    assert not wanted(None, in_kernel=False, stream=io.StringIO())  # a pipe, a CI log
+    assert not wanted(None, in_kernel=True, stream=Terminal())  # the panel shows progress there
+    assert wanted(True, in_kernel=True) and not wanted(False, in_kernel=False, stream=Terminal())
+
+
 def test_runs_results_and_best_run(finished):
     runs = finished.runs()
     assert [(r.run_id, r.name, r.status) for r in runs] == [

@@ -4,11 +4,19 @@ A kernel runs a demo sweep with its panel, then `exp.wait()`; while that cell is
 the front end sends it: on the main shell (VS Code, Colab, subshells off: served from inside `wait()`), and on a
 kernel subshell (JupyterLab >= 4.4 / Notebook >= 7.4). The stop must be applied within 2 s while the cell still
 runs, and the cell queued after it (as Run All queues them) must run after it, in order.
+
+Both on ipykernel 7.4 (this environment's) and on ipykernel 6.29 (Colab's kernel generation: no subshells, its own
+message queue), the latter from a small overlay environment that adds only ipykernel 6 to this one.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,9 +38,48 @@ print("COMM", exp._panel.comm.comm_id)
 """
 
 
-@pytest.fixture
-def kernel():
-    manager, client = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+IPYKERNEL_6 = "ipykernel==6.29.5"
+
+
+@pytest.fixture(scope="session")
+def ipykernel6(tmp_path_factory) -> Path:
+    """A kernelspec folder whose kernel is ipykernel 6.29 over this environment's packages (a venv whose .pth adds
+    this one's site-packages; only ipykernel and what it lacks are installed into it, from PyPI)."""
+    root = tmp_path_factory.mktemp("ipykernel6")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    python = root / "venv" / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    ours = sysconfig.get_paths()["purelib"]
+    (Path(site) / "_rf_notebook_base.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", IPYKERNEL_6], check=True
+    )
+    spec = root / "kernels" / "ipykernel6"
+    spec.mkdir(parents=True)
+    argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "ipykernel 6", "language": "python"}))
+    return root / "kernels"
+
+
+@pytest.fixture(params=["ipykernel 7.4", "ipykernel 6.29"])
+def kernel(request):
+    if request.param == "ipykernel 6.29":
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager(kernel_dirs=[str(request.getfixturevalue("ipykernel6"))])
+        manager = jupyter_client.KernelManager(kernel_name="ipykernel6", kernel_spec_manager=specs)
+        manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+    else:
+        manager, client = jupyter_client.manager.start_new_kernel(kernel_name="python3")
+    version = output_of(client, client.execute("import ipykernel; print(ipykernel.__version__)"), timeout=60).strip()
+    assert version == request.param.split()[-1] or version.startswith(request.param.split()[-1] + "."), version
+    client.rf_ipykernel = version
     yield client
     client.stop_channels()
     manager.shutdown_kernel(now=True)
@@ -57,6 +104,8 @@ def output_of(client, msg_id, timeout=300):
 
 @pytest.mark.parametrize("channel", ["main shell", "subshell"])
 def test_a_click_acts_while_a_cell_blocks_in_wait(channel, kernel, tmp_path):
+    if channel == "subshell" and kernel.rf_ipykernel.startswith("6."):
+        pytest.skip("ipykernel 6 has no subshells")
     setup = output_of(kernel, kernel.execute(SETUP.format(directory=str(tmp_path))))
     comm_id = setup.split("COMM ")[-1].split()[0]
     subshell = None

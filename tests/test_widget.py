@@ -144,6 +144,37 @@ def test_final_snapshot_trait_and_static_html_when_the_experiment_ends():
     assert "<img src=x" not in html and "&lt;img src=x" in html
 
 
+@pytest.mark.parametrize("viewed", [True, False])
+def test_final_refresh_keeps_the_widget_only_where_a_view_runs_it(monkeypatch, viewed):
+    """nbclient / papermill run no widget JavaScript; their saved outputs must not be a widget view, which nbconvert
+    would pick over the static HTML (and draw blank offline)."""
+    import IPython.display
+
+    updates = []
+    monkeypatch.setattr(IPython.display, "update_display", lambda obj, **kw: updates.append((obj, kw)))
+    store = store_with_runs(n=1, steps=2)
+    panel, _ = recording_panel(store)
+    panel._display_ids += ["fit-cell", "panel-cell"]
+    if viewed:
+        panel._on_message(panel, {"type": "sync", "id": "v:1"}, [])
+    store.log_metrics(1, 1, 1, {"loss": 1.0})
+    store.log_metrics(1, 2, 1, {"loss": 0.5})
+    store.update_run(1, step=2, status=RunStatus.FINISHED)
+    panel.stop_writer()
+    assert [kw["display_id"] for _, kw in updates] == ["fit-cell", "panel-cell"]
+    for obj, kw in updates:
+        if viewed:
+            assert obj is panel and not kw.get("raw")
+        else:
+            assert kw["raw"] and set(obj) == {"text/plain", "text/html"}
+            assert obj["text/html"].count("<polyline") == 1 and "finished" in obj["text/html"]
+    panel.stop_writer()  # nothing changed since: no second refresh
+    assert len(updates) == 2
+    panel._display_ids.append("late-cell")  # exp.panel() after the end: refreshed by the next final write
+    panel._write_final()
+    assert [kw["display_id"] for _, kw in updates[2:]] == ["late-cell"]
+
+
 def test_a_sync_answer_ends_where_the_writers_next_delta_starts():
     store = store_with_runs(n=1)
     panel, sent = recording_panel(store)

@@ -15,6 +15,7 @@ import {
 } from "./state.js";
 
 const PULL_INTERVAL_MS = 700;
+let dialogCount = 0; // ids of dialog titles, unique in the page
 const LIVE = new Set(["queued", "training"]);
 
 /** Create an element: `h("td", {class: "x", onclick}, "text", child)`; strings become text nodes. */
@@ -319,10 +320,11 @@ export class Panel {
         "span",
         { class: "rfnb-confirm-box", hidden: true },
         "Delete? ",
-        h("button", { class: "rfnb-confirm", onclick: () => this.deleteRun(run.id) }, "Yes, delete"),
-        h("button", { class: "rfnb-cancel", onclick: () => this.askDelete(null) }, "Cancel"),
       ),
     };
+    row.confirmYes = h("button", { class: "rfnb-confirm", onclick: () => this.deleteRun(run.id) }, "Yes, delete");
+    row.confirmNo = h("button", { class: "rfnb-cancel", onclick: () => this.askDelete(null) }, "Cancel");
+    row.confirm.append(row.confirmYes, row.confirmNo);
     row.tr = h(
       "tr",
       {
@@ -366,6 +368,16 @@ export class Panel {
     const stopped = run.status === "stopped";
     text(row.primary, stopped ? "Resume" : "Stop");
     row.primary.className = stopped ? "rfnb-resume" : "rfnb-stop";
+    // Each button names its run to assistive technology: "Stop r=4, lr=3e-3", not one of many "Stop"s.
+    const named = (el, action) => {
+      const label = `${action} ${run.name}`;
+      if (el.getAttribute("aria-label") !== label) el.setAttribute("aria-label", label);
+    };
+    named(row.primary, stopped ? "Resume" : "Stop");
+    named(row.del, "Delete");
+    named(row.clone, "Clone-Modify");
+    named(row.confirmYes, "Yes, delete");
+    named(row.confirmNo, "Cancel deleting");
     row.primary.disabled = !(stopped || LIVE.has(run.status));
     row.del.disabled = run.status === "deleted";
     row.clone.disabled = run.status === "deleted";
@@ -433,17 +445,30 @@ export class Panel {
     const run = this.state.runs.find((r) => r.id === runId);
     if (!run) return;
     const fields = [];
+    // Every value input is labelled with its field's name ("learning_rate"), a new pair's as soon as it is typed.
     const addField = (name = "", value = "", fixedName = false) => {
-      const nameInput = h("input", { class: "rfnb-field-name", value: name, readonly: fixedName, placeholder: "field" });
+      const n = fields.length + 1;
+      const nameInput = h("input", {
+        class: "rfnb-field-name",
+        value: name,
+        readonly: fixedName,
+        placeholder: "field",
+        "aria-label": fixedName ? `field ${n} name` : `new field ${n} name`,
+      });
       const valueInput = h("input", { class: "rfnb-field-value", value, placeholder: "value (JSON)" });
+      const labelValue = () => valueInput.setAttribute("aria-label", nameInput.value.trim() || `new field ${n} value`);
+      labelValue();
+      nameInput.addEventListener("input", labelValue);
       fields.push({ nameInput, valueInput, initial: value });
       list.append(h("div", { class: "rfnb-field" }, nameInput, valueInput));
+      return nameInput;
     };
     const list = h("div", { class: "rfnb-fields" });
     for (const path of this.state.params) {
       if (path in (run.params ?? {})) addField(shortName(path), JSON.stringify(run.params[path]), true);
     }
     const warm = h("input", { type: "checkbox", class: "rfnb-warm" });
+    const titleId = `rfnb-dialog-title-${++dialogCount}`;
     const error = h("div", { class: "rfnb-dialog-error", role: "alert" });
     const submit = h("button", { class: "rfnb-submit" }, "Submit");
     const close = () => {
@@ -469,10 +494,10 @@ export class Panel {
     });
     this.dialog = h(
       "div",
-      { class: "rfnb-dialog", role: "dialog" },
-      h("div", { class: "rfnb-dialog-title" }, `Clone-Modify: ${run.name}`),
+      { class: "rfnb-dialog", role: "dialog", "aria-modal": "true", "aria-labelledby": titleId },
+      h("div", { class: "rfnb-dialog-title", id: titleId }, `Clone-Modify: ${run.name}`),
       list,
-      h("button", { class: "rfnb-add-field", onclick: () => addField() }, "+ field"),
+      h("button", { class: "rfnb-add-field", "aria-label": "add a field", onclick: () => addField().focus() }, "+ field"),
       h("label", { class: "rfnb-warm-label" }, warm, " Warm start (continue from this run's weights, optimizer and step)"),
       error,
       h("div", { class: "rfnb-dialog-buttons" }, submit, h("button", { class: "rfnb-dialog-cancel", onclick: close }, "Cancel")),

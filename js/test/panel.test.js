@@ -193,6 +193,33 @@ describe("panel", () => {
     expect(el.querySelector(".rfnb-dialog")).toBeNull();
   });
 
+  it("names every row button after its run and labels each form value with its field", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    model.emit({ type: "snapshot", state: snapshot([run(1), run(2, { status: "stopped" })]) });
+    const label = (sel) => el.querySelector(sel).getAttribute("aria-label");
+    expect(label('tr[data-run="1"] button.rfnb-stop')).toBe("Stop run 1");
+    expect(label('tr[data-run="2"] button.rfnb-resume')).toBe("Resume run 2");
+    expect(label('tr[data-run="1"] button.rfnb-delete')).toBe("Delete run 1");
+    expect(label('tr[data-run="1"] button.rfnb-confirm')).toBe("Yes, delete run 1");
+    model.emit({ type: "snapshot", state: snapshot([run(1, { status: "stopped" }), run(2)]) });
+    expect(label('tr[data-run="1"] button.rfnb-resume')).toBe("Resume run 1"); // follows the status
+    row(el, 2).querySelector("button.rfnb-clone").click();
+    expect(label('tr[data-run="2"] button.rfnb-clone')).toBe("Clone-Modify run 2");
+    const dialog = el.querySelector(".rfnb-dialog");
+    const title = dialog.querySelector(".rfnb-dialog-title");
+    expect(dialog.getAttribute("aria-labelledby")).toBe(title.id);
+    expect(dialog.querySelector(".rfnb-field-value").getAttribute("aria-label")).toBe("learning_rate");
+    dialog.querySelector(".rfnb-add-field").click();
+    const [, name] = dialog.querySelectorAll(".rfnb-field-name");
+    const [, value] = dialog.querySelectorAll(".rfnb-field-value");
+    expect(document.activeElement).toBe(name);
+    expect(value.getAttribute("aria-label")).toBe("new field 2 value");
+    name.value = "weight_decay";
+    name.dispatchEvent(new Event("input"));
+    expect(value.getAttribute("aria-label")).toBe("weight_decay");
+  });
+
   it("renders run names, errors and op reasons as text, never as HTML", () => {
     const model = fakeModel();
     const { el } = mount(model);

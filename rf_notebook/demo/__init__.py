@@ -2,7 +2,7 @@
 
 Everything here works offline on a CPU in minutes:
 
-    from rf_notebook.demo import demo_model_fn, arithmetic_dataset, exact_match_metrics
+    from rf_notebook.demo import demo_model_fn, arithmetic_dataset, answer_exact_match, GREEDY_ANSWER
     model, tokenizer = demo_model_fn(RFModelConfig(model_name=DEMO_MODEL))
 
 The model files in `tiny-arith/` are shipped with the package; `python -m rf_notebook.demo._build` is the
@@ -14,13 +14,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rf_notebook.demo._data import arithmetic_dataset, exact_match_metrics, greedy_exact_match
+from rf_notebook.demo._data import (
+    GREEDY_ANSWER,
+    answer_exact_match,
+    arithmetic_dataset,
+    exact_match_metrics,
+    greedy_exact_match,
+)
 from rf_notebook.demo._rl import digit_reward, exact_match_reward, preference_dataset, prompt_dataset
 
 __all__ = [
     "DEMO_MODEL",
     "MODEL_DIR",
     "demo_model_fn",
+    "GREEDY_ANSWER",
+    "answer_exact_match",
     "arithmetic_dataset",
     "exact_match_metrics",
     "greedy_exact_match",

@@ -11,7 +11,14 @@ import logging
 import time
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
-from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, exact_match_metrics, greedy_exact_match
+from rf_notebook.demo import (
+    DEMO_MODEL,
+    GREEDY_ANSWER,
+    answer_exact_match,
+    arithmetic_dataset,
+    demo_model_fn,
+    greedy_exact_match,
+)
 
 
 def sweep(max_steps: int) -> RFGridSearch:
@@ -22,7 +29,8 @@ def sweep(max_steps: int) -> RFGridSearch:
             training_args=RFSFTConfig(
                 learning_rate=List([3e-3, 3e-4]), per_device_train_batch_size=16, max_steps=max_steps
             ),
-            compute_metrics=exact_match_metrics,
+            compute_metrics=answer_exact_match,  # the greedy answer, generated at every chunk end
+            generation_config=GREEDY_ANSWER,
         ),
         trainer_type="SFT",
     )
@@ -50,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         num_chunks=args.num_chunks,
         seed=args.seed,
     )
-    exp.wait()
+    exp.wait()  # one live progress line in a terminal
     board = exp.leaderboard(metric="eval_loss", mode="min")
     print(f"\n4-config SFT sweep on {DEMO_MODEL}: {time.time() - start:.0f} s\n")
     print(f"{'rank':<5} {'run':<16} {'status':<9} {'eval loss':>9} {'exact match':>11}")

@@ -5,9 +5,14 @@
     {"prompt": [{"role": "user", "content": "23+58"}], "completion": [{"role": "assistant", "content": "81"}]}
 
 The train and eval splits are drawn from disjoint sets of (a, b) pairs, so eval measures generalisation.
-`exact_match_metrics` is a `compute_metrics` for the SFT trainer: a completion counts as exact when the model's
-greedy choice is right at every completion token (teacher-forced argmax, which is exactly greedy decoding's
-answer, computed in one forward pass).
+Two ways to score the answers at every evaluation:
+
+- `answer_exact_match` with `generation_config=GREEDY_ANSWER` on the model config: the run's adapter generates an
+  answer for every eval prompt and the metric compares the texts (what the notebooks and `python -m
+  rf_notebook.demo` use; the generation-based path of `RFModelConfig`).
+- `exact_match_metrics`: a `compute_metrics` on the trainer's logits, the same number from one teacher-forced
+  forward pass (a completion counts when the argmax is right at every completion token). TRL >= 1.16 deprecates
+  logits for metrics (a FutureWarning at every evaluation), so it is kept for comparing with plain TRL.
 """
 
 from __future__ import annotations
@@ -15,11 +20,20 @@ from __future__ import annotations
 import random
 from typing import Any
 
-__all__ = ["arithmetic_dataset", "arithmetic_pairs", "exact_match_metrics", "greedy_exact_match"]
+__all__ = [
+    "GREEDY_ANSWER",
+    "answer_exact_match",
+    "arithmetic_dataset",
+    "arithmetic_pairs",
+    "exact_match_metrics",
+    "greedy_exact_match",
+]
 
 _PAIR_SEED = 1234
 _EVAL_POOL = 512  # the first pairs of the fixed shuffle are reserved for eval
 SPLIT_SIZES = {"train": 1024, "eval": 128}
+# generate() arguments for scoring the demo's answers: greedy, the longest sum (198) and the end-of-turn token.
+GREEDY_ANSWER = {"max_new_tokens": 4, "do_sample": False}
 
 
 def arithmetic_pairs(split: str) -> list[tuple[int, int]]:
@@ -49,6 +63,19 @@ def arithmetic_dataset(split: str = "train", n: int | None = None):
         for a, b in pairs[:n]
     ]
     return datasets.Dataset.from_list(rows)
+
+
+def answer_exact_match(eval_pred: tuple[list[str], list[str]]) -> dict[str, float]:
+    """Generation-based `compute_metrics`: share of generated answers equal to the reference answer.
+
+    Takes `(predictions, references)`, the decoded texts `RFModelConfig(generation_config=...)` evaluation passes,
+    and returns `{"exact_match": ...}`.
+    """
+    predictions, references = eval_pred
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    return {"exact_match": hits / max(len(references), 1)}
 
 
 def exact_match_metrics(eval_pred: Any) -> dict[str, float]:

@@ -163,6 +163,14 @@ class JupyterServer:
             raw = r.read()
         return json.loads(raw) if raw else None
 
+    def put_setting(self, plugin: str, values: dict[str, Any]) -> None:
+        """Store the user settings of a JupyterLab plugin (pages opened afterwards read them); {} restores defaults."""
+        body = json.dumps({"raw": json.dumps(values)}).encode()
+        req = urllib.request.Request(f"{self.base_url}/lab/api/settings/{plugin}", data=body, method="PUT")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=20) as r:
+            assert r.status in (200, 204), r.status
+
     def shutdown_all_sessions(self) -> None:
         """Stop every kernel session (tests share one server; don't let kernels pile up on 2 cores)."""
         try:
@@ -295,6 +303,12 @@ class NotebookDriver:
             return self._js("return e2e ? e2e.kernelState(path) : {noHelper: true};")
         except Exception as exc:
             return {"error": str(exc)}
+
+    def kernel_property(self, name: str) -> Any:
+        """A property of the frontend's kernel connection (e.g. "commsOverSubshells")."""
+        return self._js(
+            "const k = e2e.panel(path).sessionContext.session.kernel; return k ? k[arg] ?? null : null;", name
+        )
 
     def screenshot(self, step: str) -> Path | None:
         return self.shots(step) if self.shots else None

@@ -19,6 +19,7 @@ _EXPORTS = {
     "RFModelConfig": "rf_notebook.configs",
     "RFLoraConfig": "rf_notebook.configs",
     "RFSFTConfig": "rf_notebook.configs",
+    "LegacyFieldWarning": "rf_notebook.configs",
     "RFDPOConfig": "rf_notebook.configs",
     "RFGRPOConfig": "rf_notebook.configs",
     "RFRLOOConfig": "rf_notebook.configs",
@@ -27,6 +28,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "LegacyFieldWarning",
     "Experiment",
     "List",
     "Range",
@@ -43,6 +45,7 @@ __all__ = [
 if TYPE_CHECKING:
     from rf_notebook.api import Experiment
     from rf_notebook.configs import (
+        LegacyFieldWarning,
         List,
         Range,
         RFDPOConfig,

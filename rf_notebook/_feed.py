@@ -147,6 +147,7 @@ class Feed:
             "chunks_done": record.chunks_done,
             "chunks_total": record.chunks_total,
             "error": record.error,
+            "warning": record.warning,
             "params": {k: _json_value(v) for k, v in record.params.items()},
             "samples_per_step": record.rows_per_step or 1,
             "latest": {k: _finite(v) for k, v in latest.items()},

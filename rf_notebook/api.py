@@ -46,7 +46,7 @@ def _end_all() -> None:
     (a training thread still holding suspended greenlets at exit aborts the process)."""
     for exp in list(_EXPERIMENTS):
         try:
-            exp.end()
+            exp.end(wait=False)
         except Exception:  # exiting anyway; one experiment's failure must not keep the others running
             logger.exception("ending experiment %r at exit", exp.name)
 
@@ -129,7 +129,7 @@ class Experiment:
 
     def _release_directory(self) -> None:
         """Hand the directory to a newer Experiment object of this process (its history stays readable here)."""
-        self.end()
+        self.end(wait=False)
         self._store.close()
 
     # -- starting ----------------------------------------------------------------------------------------------
@@ -459,14 +459,38 @@ class Experiment:
 
     def _fit_device(self, user_args: dict[str, Any], mc: RFModelConfig, on_gpu: bool) -> tuple[dict, RFModelConfig]:
         """What a notebook written for a GPU asks that this machine cannot honour, adjusted with one warning per
-        experiment: bf16 / fp16 on a CPU (trained in float32), `device_map` (every run shares one device)."""
+        experiment, decided before anything trains: bf16 / fp16 on a CPU (the base loaded and trained in float32),
+        `device_map` (every run shares one device), `load_in_4bit` / `load_in_8bit` (a `BitsAndBytesConfig` where
+        bitsandbytes and a GPU are there, else an unquantized base), bitsandbytes' 8-bit / paged optimizers without
+        them (AdamW)."""
         changes = []
+        kwargs = dict(mc.model_kwargs or {})
+        quantizable = on_gpu and _has_bitsandbytes()
         if not on_gpu:
             for flag in ("bf16", "fp16"):
                 if user_args.get(flag):
                     user_args[flag] = False
-                    changes.append(f"{flag}=True (this machine has no GPU: float32 on the CPU)")
-        kwargs = dict(mc.model_kwargs or {})
+                    changes.append(f"{flag}=True (this machine has no GPU: trained in float32)")
+            for key in ("dtype", "torch_dtype"):  # transformers 5's name, and the older one
+                if key in kwargs and _dtype_name(kwargs[key]) not in ("float32", "None"):
+                    name = _dtype_name(kwargs[key])
+                    changes.append(f"model_kwargs {key}={name} (no GPU: the base is loaded in float32)")
+                    kwargs[key] = "float32"
+        for flag in ("load_in_4bit", "load_in_8bit"):  # transformers 5 takes these only in a quantization_config
+            if flag not in kwargs or not kwargs.pop(flag):
+                continue  # False: nothing to quantize (and transformers 5 refuses the flag itself)
+            if quantizable:
+                from transformers import BitsAndBytesConfig
+
+                kwargs.setdefault("quantization_config", BitsAndBytesConfig(**{flag: True}))
+            else:
+                why = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
+                changes.append(f"model_kwargs {flag}=True ({why}: the base is loaded unquantized)")
+        optim = str(user_args.get("optim", ""))
+        if ("8bit" in optim or optim.startswith("paged_") or "bnb" in optim) and not quantizable:
+            why = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
+            changes.append(f"optim={optim!r} ({why}: adamw_torch)")
+            user_args["optim"] = "adamw_torch"
         if "device_map" in kwargs:
             wanted = kwargs.pop("device_map")
             if on_gpu:
@@ -476,6 +500,7 @@ class Experiment:
                     f"model_kwargs device_map={wanted!r} (the base model stays whole on "
                     f"{'the GPU' if on_gpu else 'the CPU'}, shared by every run)"
                 )
+        if kwargs != dict(mc.model_kwargs or {}):
             mc = mc.replace(model_kwargs=kwargs)
         for change in changes:
             if change not in self._device_warnings:
@@ -594,7 +619,7 @@ class Experiment:
 
     def get_runs_info(self):
         """One row per run: run_id, name, status, completed_steps, total_steps, chunks_done, chunks_total, error,
-        source ("initial", or the origin of the IC op that made it: "api", "panel", "policy"), cloned_from,
+        warning (what went wrong without ending the run, e.g. a compute_metrics that raised), source ("initial", or the origin of the IC op that made it: "api", "panel", "policy"), cloned_from,
         warm_started_from and config (the resolved trainer, adapter and model arguments)."""
         import pandas as pd
 
@@ -612,6 +637,7 @@ class Experiment:
                     "chunks_done": r.chunks_done,
                     "chunks_total": r.chunks_total,
                     "error": r.error,
+                    "warning": r.warning,
                     "source": "initial" if op is None else op.origin,
                     "cloned_from": None if op is None else op.run_id,
                     "warm_started_from": op.run_id if op is not None and op.args.get("warm_start") else None,
@@ -619,7 +645,7 @@ class Experiment:
                 }
             )
         columns = ["run_id", "name", "status", "completed_steps", "total_steps", "chunks_done", "chunks_total"]
-        columns += ["error", "source", "cloned_from", "warm_started_from", "config"]
+        columns += ["error", "warning", "source", "cloned_from", "warm_started_from", "config"]
         return pd.DataFrame(rows, columns=columns)
 
     def leaderboard(self, metric: str = "eval_loss", mode: str = "min"):
@@ -683,6 +709,19 @@ class Experiment:
     def delete(self, run_id: int) -> int:
         """End a run and free its adapter, optimizer and trainer; its metrics stay (marked deleted)."""
         return self._submit_op("delete", run_id)
+
+    def stop_all(self) -> list[int]:
+        """Stop every run still queued or training (the panel's Stop all); returns the ids of the stop ops."""
+        return self._stop_all(origin="api")
+
+    def _stop_all(self, origin: str) -> list[int]:
+        op_ids = []
+        for run_id in self._stoppable():
+            try:
+                op_ids.append(self._submit_op(op="stop", run_id=run_id, origin=origin))
+            except ValueError:  # it ended meanwhile; the refusal is in the log, the others still stop
+                pass
+        return op_ids
 
     def clone_modify(self, run_id: int, overrides: dict[str, Any], warm_start: bool = False) -> int:
         """Start a new run from `run_id`'s config with `overrides` (field name -> JSON value); return its id.
@@ -858,8 +897,22 @@ class Experiment:
 
         return export_checkpoint(record.config.get("training_args", {}).get("output_dir", ""), path, info)
 
-    def end(self) -> None:
-        """Stop training (if still running) and release every model, adapter and trainer."""
+    def end(self, wait: bool = True) -> None:
+        """Finish the experiment and release every model, adapter and trainer.
+
+        Runs still training are first trained to their end, as after RapidFire AI's blocking `run_fit`: one line
+        says so, and the panel's buttons keep working meanwhile (its Stop all ends the wait). `end(wait=False)`
+        stops them where they are instead (they can continue with `run_fit(..., resume=True)`). An interrupt while
+        waiting leaves the experiment running.
+        """
+        if wait and self._training():
+            live = sum(r.status in (RunStatus.QUEUED, RunStatus.TRAINING) for r in self._store.runs())
+            print(
+                f"{self.name}: waiting for {live} run{'s' if live != 1 else ''} to finish training before ending "
+                "(stop them with the panel's Stop all, exp.stop_all(), or end(wait=False))",
+                flush=True,
+            )
+            self.wait()
         if self._engine is not None:
             self._engine.shutdown()
             for r in self._store.runs():
@@ -892,6 +945,17 @@ def _check_num_gpus(num_gpus: Any) -> None:
             f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
             "num_gpus=1 or leave it unset"
         )
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _dtype_name(value: Any) -> str:
+    """ "bfloat16" for torch.bfloat16 or "bfloat16"; "auto" stays "auto"."""
+    return str(value).removeprefix("torch.")
 
 
 def _on_gpu() -> bool:

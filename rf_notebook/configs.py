@@ -15,11 +15,13 @@ real object, one per run, once every `List` / `Range` has been resolved. This mo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import itertools
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -117,6 +119,69 @@ class Range:
 
 # --------------------------------------------------------------------------------------------------------------
 # Trainer arguments the experiment owns
+
+
+class LegacyFieldWarning(UserWarning):
+    """A field of the TRL / transformers versions RapidFire AI pins, taken as today's equivalent (old -> new)."""
+
+
+def _ratios(value: Any) -> list[Any]:
+    return [value.low, value.high] if isinstance(value, Range) else _alternatives(value)
+
+
+def _warmup_ratio(kwargs: dict[str, Any]) -> str:
+    ratio = kwargs.pop("warmup_ratio")
+    if kwargs.get("warmup_steps") not in (None, 0):
+        raise ValueError(
+            f"warmup_ratio={ratio!r} and warmup_steps={kwargs['warmup_steps']!r} are both set; transformers >= 5 has "
+            "only warmup_steps (a value below 1 is the ratio of the total steps): set that one"
+        )
+    for value in _ratios(ratio):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(
+                f"warmup_ratio is {value!r}, but transformers >= 5 takes a warmup ratio as warmup_steps below 1: "
+                "use a ratio in [0, 1), or warmup_steps=<number of steps>"
+            )
+    kwargs["warmup_steps"] = ratio
+    return f"warmup_ratio={ratio!r} -> warmup_steps={ratio!r} (transformers >= 5: a value below 1 is the ratio)"
+
+
+def _renamed(old: str, new: str, note: str = "") -> Callable[[dict[str, Any]], str]:
+    def rename(kwargs: dict[str, Any]) -> str:
+        value = kwargs.pop(old)
+        if kwargs.get(new) is not None:
+            both = f"{old}={value!r} and {new}={kwargs[new]!r}"
+            raise ValueError(f"{both} are both set; {old} is now {new}: set that one")
+        kwargs[new] = value
+        return f"{old}={value!r} -> {new}={value!r}{note}"
+
+    return rename
+
+
+def _dpo_lengths(kwargs: dict[str, Any]) -> str:
+    """TRL 0.x cut a DPO prompt to max_prompt_length (keeping its end) and each completion to
+    max_completion_length; TRL >= 1 has only max_length over both together (`truncation_mode`)."""
+    prompt, completion = kwargs.pop("max_prompt_length", None), kwargs.pop("max_completion_length", None)
+    named = (("max_prompt_length", prompt), ("max_completion_length", completion))
+    old = ", ".join(f"{k}={v!r}" for k, v in named if v is not None)
+    concrete = all(isinstance(v, int) and not isinstance(v, bool) for v in (prompt, completion))
+    if kwargs.get("max_length") is None and concrete:
+        kwargs["max_length"] = prompt + completion
+        return (
+            f"{old} -> max_length={prompt + completion} (TRL >= 1 caps prompt and completion together; pre-truncate "
+            "long prompts in the data for the old split)"
+        )
+    kept = f"max_length={kwargs['max_length']!r}" if kwargs.get("max_length") is not None else "TRL's max_length"
+    return f"{old} -> dropped: {kept} caps prompt and completion together in TRL >= 1"
+
+
+def _grpo_prompt_length(kwargs: dict[str, Any]) -> str:
+    value = kwargs.pop("max_prompt_length")
+    return f"max_prompt_length={value!r} -> dropped: TRL >= 1 never truncates GRPO prompts (pre-truncate the data)"
+
+
+# Fields every trainer's arguments had in transformers 4.x / TRL 0.x (RapidFire AI's pins) -> today's.
+_LEGACY_TRAINING = {"warmup_ratio": _warmup_ratio}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,28 +295,90 @@ class _ConfigSpec:
     _COMPAT: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
     # Fields the experiment owns (trainer arguments only): refused unless the value changes nothing.
     _OWNED: ClassVar[Mapping[str, OwnedField]] = {}
+    # Fields of older TRL / transformers versions: each rewrites the arguments into today's fields (or drops
+    # itself) and says what it did, once, as a LegacyFieldWarning.
+    _LEGACY: ClassVar[Mapping[str, Callable[[dict[str, Any]], str]]] = {}
 
     def __init__(self, **kwargs: Any):
-        known = self.field_names()
+        object.__setattr__(self, "kwargs", self._checked(kwargs))
+
+    @classmethod
+    def _unknown(cls, key: str) -> str | None:
+        known = cls.field_names()
+        if key in known or key in cls._OWNED or key in cls._LEGACY:
+            return None
+        hint = difflib.get_close_matches(key, known, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return (
+            f"{cls.__name__} got an unknown field {key!r}{did_you_mean}; "
+            f"expected a field of {cls._target_path.replace(':', '.')}"
+        )
+
+    @classmethod
+    def _checked(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` if every field is known and every value can be honoured; else the error naming the first that
+        cannot."""
         for key in kwargs:
-            if key not in known and key not in self._OWNED:
-                hint = difflib.get_close_matches(key, known, n=1)
-                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise TypeError(
-                    f"{type(self).__name__} got an unknown field {key!r}{did_you_mean}; "
-                    f"expected a field of {self._target_path.replace(':', '.')}"
-                )
-        for key, check in self._COMPAT.items():
+            why = cls._unknown(key)
+            if why is not None:
+                raise TypeError(why)
+        kwargs = dict(kwargs)
+        for key, translate in cls._LEGACY.items():
+            if key in kwargs:  # (one function may handle several keys: the first takes them all)
+                try:
+                    done = translate(kwargs)
+                except ValueError as exc:
+                    raise ValueError(f"{cls.__name__}: {exc}") from None
+                warnings.warn(f"{cls.__name__}: {done}", LegacyFieldWarning, stacklevel=4)
+        for key, check in cls._COMPAT.items():
             for value in _alternatives(kwargs.get(key)):
                 why = check(value)
                 if why is not None:
-                    raise ValueError(f"{type(self).__name__}.{key} is {value!r}, but {why}")
-        for key in kwargs.keys() & self._OWNED.keys():
+                    raise ValueError(f"{cls.__name__}.{key} is {value!r}, but {why}")
+        for key in kwargs.keys() & cls._OWNED.keys():
             for value in _alternatives(kwargs[key]):
                 why = owned_refusal(key, value)
                 if why is not None:
-                    raise ValueError(f"{type(self).__name__}.{key} is {owned_value_repr(key, value)}, but {why}")
-        self.kwargs = dict(kwargs)
+                    raise ValueError(f"{cls.__name__}.{key} is {owned_value_repr(key, value)}, but {why}")
+        return dict(kwargs)
+
+    # RapidFire AI's configs are the TRL / PEFT classes themselves, so its tutorials read and set fields as
+    # attributes (`lora.r = 16` on a `copy()`): both work here, an assignment checked as the constructor checks.
+    def __getattr__(self, name: str) -> Any:
+        kwargs = self.__dict__.get("kwargs")
+        if name.startswith("_") or kwargs is None:
+            raise AttributeError(name)
+        if name in kwargs:
+            return kwargs[name]
+        for f in dataclasses.fields(self.target()):
+            if f.name == name and f.init:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+        if name in self._COMPAT or name in self._OWNED:
+            return None
+        raise AttributeError(self._unknown(name) or f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "kwargs":
+            value = self._checked(dict(value))
+        elif self._unknown(name) is not None:
+            raise AttributeError(self._unknown(name))
+        elif name in self._LEGACY:  # today's fields for it, replacing what an earlier value was taken as
+            value = self._checked({**self.kwargs, **self._checked({name: value})})
+        else:
+            value = self._checked({**self.kwargs, name: value})
+        object.__setattr__(self, "kwargs", value)
+
+    def __delattr__(self, name: str) -> None:
+        if name not in self.kwargs:
+            raise AttributeError(f"{type(self).__name__} has no value set for {name!r}")
+        object.__setattr__(self, "kwargs", {k: v for k, v in self.kwargs.items() if k != name})
+
+    def copy(self) -> _ConfigSpec:
+        """An independent copy (its values deep-copied, functions shared); change it by attribute assignment."""
+        return copy.deepcopy(self)
 
     @classmethod
     def target(cls) -> type:
@@ -266,7 +393,7 @@ class _ConfigSpec:
 
     def replace(self, **kwargs: Any) -> _ConfigSpec:
         new = object.__new__(type(self))
-        new.kwargs = {**self.kwargs, **kwargs}
+        object.__setattr__(new, "kwargs", {**self.kwargs, **kwargs})
         return new
 
     def build(self, **extra: Any) -> Any:
@@ -307,18 +434,21 @@ class _TrainingArgs(_ConfigSpec):
     """A trainer's arguments: the fields the experiment owns are refused unless their value changes nothing."""
 
     _OWNED = OWNED_FIELDS
+    _LEGACY = _LEGACY_TRAINING
 
 
 class RFSFTConfig(_TrainingArgs):
     """`trl.SFTConfig` whose fields may be `List` / `Range`."""
 
     _target_path = "trl:SFTConfig"
+    _LEGACY = {**_LEGACY_TRAINING, "max_seq_length": _renamed("max_seq_length", "max_length")}
 
 
 class RFDPOConfig(_TrainingArgs):
     """`trl.DPOConfig` whose fields may be `List` / `Range` (e.g. `beta`, `learning_rate`, `loss_type`)."""
 
     _target_path = "trl:DPOConfig"
+    _LEGACY = {**_LEGACY_TRAINING, "max_prompt_length": _dpo_lengths, "max_completion_length": _dpo_lengths}
     _COMPAT: ClassVar[dict[str, Callable[[Any], str | None]]] = {
         # Each run's adapter is named by rf_notebook; the reference is the base with the adapter disabled.
         "model_adapter_name": lambda v: None if v is None or isinstance(v, str) else "must be a string or None",
@@ -333,6 +463,7 @@ class RFGRPOConfig(_TrainingArgs):
     """`trl.GRPOConfig` whose fields may be `List` / `Range` (e.g. `num_generations`, `beta`, `learning_rate`)."""
 
     _target_path = "trl:GRPOConfig"
+    _LEGACY = {**_LEGACY_TRAINING, "max_prompt_length": _grpo_prompt_length}
 
 
 class RFRLOOConfig(_TrainingArgs):
@@ -441,6 +572,17 @@ class RFModelConfig:
 
     def replace(self, **kwargs: Any) -> RFModelConfig:
         return dataclasses.replace(self, **kwargs)
+
+    def copy(self) -> RFModelConfig:
+        """An independent copy (nested configs and values deep-copied, functions shared)."""
+        return copy.deepcopy(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._field_names():
+            hint = difflib.get_close_matches(name, self._field_names(), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise AttributeError(f"RFModelConfig has no field {name!r}{did_you_mean}; known: {self._field_names()}")
+        object.__setattr__(self, name, value)
 
     def _children(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._field_names()}

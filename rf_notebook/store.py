@@ -56,6 +56,7 @@ class RunRecord:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # flattened values, "peft_config.r": 8
     rungs: tuple[int, ...] = ()  # the optimizer steps at which the run's chunks end
     rows_per_step: float = 0.0  # data set rows (prompts, pairs) one optimizer step consumes
+    warning: str | None = None  # something that went wrong without ending the run (a compute_metrics that raised)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,12 +202,7 @@ class Panel(anywidget.AnyWidget):
         op, run_id = request.get("op"), request.get("run_id")
         try:
             if op == "stop_all":
-                op_ids = []
-                for r in exp._stoppable():
-                    try:
-                        op_ids.append(exp._submit_op(op="stop", run_id=r, origin="panel"))
-                    except ValueError:  # it ended meanwhile; the refusal is in the log, the others still stop
-                        pass
+                op_ids = exp._stop_all(origin="panel")
                 return {"ok": True, "message": f"stopping {len(op_ids)} runs", "op_ids": op_ids}
             if isinstance(run_id, bool) or not isinstance(run_id, int):
                 raise ValueError(f"run_id is {run_id!r}, but must be an int")

@@ -128,7 +128,7 @@ def main() -> None:
         policy=policy,
     )
     exp.wait()
-    exp.end()
+    exp.end(wait=False)
     statuses = sorted({r.status.value for r in exp.runs()})
     print("statuses", statuses, "stats", exp.stats())
 

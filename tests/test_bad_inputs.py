@@ -202,7 +202,7 @@ def history(tmp_path_factory):
     exp.stop(2)
     assert exp.wait(timeout=300)
     yield exp
-    exp.end()
+    exp.end(wait=False)
 
 
 def snapshot(exp):
@@ -253,7 +253,7 @@ HISTORY_CASES = [
     (
         "resume-other-data",
         lambda e: (
-            e.end(),
+            e.end(wait=False),
             e.run_fit(
                 search(args=RFSFTConfig(learning_rate=List([3e-3, 1e-3]), max_steps=4, per_device_train_batch_size=8)),
                 demo_model_fn,

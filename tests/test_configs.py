@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -257,3 +258,74 @@ def test_the_base_is_the_model_and_its_tokenizer():
         RFModelConfig("m", tokenizer_kwargs={"a": 1, "b": 2}).base_key()
         == RFModelConfig("m", tokenizer_kwargs={"b": 2, "a": 1}).base_key()
     )
+
+
+def test_copy_and_attribute_assignment_change_what_the_search_trains():
+    """RapidFire AI's DPO tutorial builds its variants this way: copies changed by attribute assignment."""
+    lora, dpo = RFLoraConfig(r=8, lora_alpha=16), RFDPOConfig(beta=0.1, learning_rate=1e-3)
+    lora_2, dpo_2 = lora.copy(), dpo.copy()
+    lora_2.r = 16
+    dpo_2.beta = List([0.2, 0.5])
+    first = RFModelConfig(model_name="m", peft_config=lora, training_args=dpo)
+    second = first.copy()
+    second.peft_config, second.training_args = lora_2, dpo_2
+    runs = RFGridSearch(List([first, second]), trainer_type="DPO").expand()
+    assert [(r.model_config.peft_config.r, r.model_config.training_args.beta) for r in runs] == [
+        (8, 0.1),
+        (16, 0.2),
+        (16, 0.5),
+    ]
+    assert lora.r == 8 and dpo.beta == 0.1  # the originals are untouched
+    assert lora_2.lora_dropout == 0.0 and lora_2.target_modules is None  # unset: the real class's default
+    nested = first.copy()
+    nested.peft_config.r = 4  # a copy of the model config copies its nested configs too
+    assert first.peft_config.r == 8 and nested.peft_config.r == 4
+
+
+def test_attribute_assignment_is_checked_as_the_constructor_checks():
+    lora, sft = RFLoraConfig(r=8), RFSFTConfig(learning_rate=1e-4)
+    with pytest.raises(AttributeError, match=r"unknown field 'rr' \(did you mean 'r'\?\)"):
+        lora.rr = 16
+    with pytest.raises(ValueError, match="output_dir"):
+        sft.output_dir = "shared"
+    with pytest.raises(AttributeError, match="unknown field 'nope'"):
+        sft.nope  # noqa: B018
+    with pytest.raises(AttributeError, match=r"no field 'peft_configg' \(did you mean 'peft_config'\?\)"):
+        model().peft_configg = RFLoraConfig(r=4)
+    assert lora.kwargs == {"r": 8} and sft.kwargs == {"learning_rate": 1e-4}  # a refused value changed nothing
+    del sft.learning_rate
+    default = next(f.default for f in dataclasses.fields(RFSFTConfig.target()) if f.name == "learning_rate")
+    assert sft.kwargs == {} and sft.learning_rate == default
+
+
+def test_fields_of_the_versions_rapidfire_pins_become_todays_with_one_warning():
+    from rf_notebook.configs import LegacyFieldWarning
+
+    with pytest.warns(LegacyFieldWarning) as caught:
+        dpo = RFDPOConfig(beta=0.1, warmup_ratio=0.1, max_prompt_length=512, max_completion_length=512)
+        grpo = RFGRPOConfig(warmup_ratio=List([0.05, 0.1]), max_prompt_length=256, max_completion_length=256)
+        sft = RFSFTConfig(max_seq_length=128)
+    assert dpo.kwargs == {"beta": 0.1, "warmup_steps": 0.1, "max_length": 1024}
+    assert grpo.kwargs == {"warmup_steps": List([0.05, 0.1]), "max_completion_length": 256}
+    assert sft.kwargs == {"max_length": 128}
+    said = [str(w.message) for w in caught]
+    assert said == [
+        "RFDPOConfig: warmup_ratio=0.1 -> warmup_steps=0.1 (transformers >= 5: a value below 1 is the ratio)",
+        "RFDPOConfig: max_prompt_length=512, max_completion_length=512 -> max_length=1024 (TRL >= 1 caps prompt and "
+        "completion together; pre-truncate long prompts in the data for the old split)",
+        "RFGRPOConfig: warmup_ratio=List([0.05, 0.1]) -> warmup_steps=List([0.05, 0.1]) (transformers >= 5: a value "
+        "below 1 is the ratio)",
+        "RFGRPOConfig: max_prompt_length=256 -> dropped: TRL >= 1 never truncates GRPO prompts (pre-truncate the data)",
+        "RFSFTConfig: max_seq_length=128 -> max_length=128",
+    ]
+    dpo.build(bf16=False, use_cpu=True)  # today's TRL takes what they became
+    with pytest.warns(LegacyFieldWarning, match="-> dropped: max_length=2048"):
+        assert RFDPOConfig(max_prompt_length=512, max_length=2048).kwargs == {"max_length": 2048}
+    with pytest.warns(LegacyFieldWarning):
+        copy = dpo.copy()
+        copy.warmup_ratio = 0.2  # replaces what the first ratio became
+    assert copy.warmup_steps == 0.2 and dpo.warmup_steps == 0.1
+    with pytest.raises(ValueError, match=r"RFSFTConfig: warmup_ratio is 1.0, but .* a ratio in \[0, 1\)"):
+        RFSFTConfig(warmup_ratio=1.0)
+    with pytest.raises(ValueError, match="warmup_ratio=0.1 and warmup_steps=10 are both set"):
+        RFSFTConfig(warmup_ratio=0.1, warmup_steps=10)

@@ -166,4 +166,4 @@ def test_interleaved_runs_equal_plain_trl(trainer_type, tmp_path):
         torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), atol=1e-5, rtol=1e-5)
         evals = results[(results.run_id == run.run_id) & (results.metric == "eval_loss")]
         assert len(evals) == run.chunks_total, f"{run.name}: one evaluation at every chunk end"
-    exp.end()
+    exp.end(wait=False)

@@ -181,7 +181,7 @@ def test_restart_keeps_user_stops_and_resumes_warm_clones(data, tmp_path):
     exp.stop(2)
     clone = exp.clone_modify(1, {"learning_rate": 5e-4}, warm_start=True)
     wait_for(lambda: clone in {r.run_id for r in exp.runs()} and steps_logged(exp, clone))
-    exp.end()  # as a kernel restart would leave it: runs unfinished, the process state gone
+    exp.end(wait=False)  # as a kernel restart would leave it: runs unfinished, the process state gone
     assert exp._store.run(1).status is RunStatus.STOPPED
 
     again = Experiment("restart", experiments_dir=tmp_path)  # takes the directory over from `exp`
@@ -198,13 +198,13 @@ def test_restart_keeps_user_stops_and_resumes_warm_clones(data, tmp_path):
     again.resume(2)  # and the stopped run can still be resumed after the restart
     assert again.wait(timeout=300)
     assert steps_logged(again, 2) == list(range(1, 25))
-    again.end()
+    again.end(wait=False)
 
 
 def test_resume_refuses_a_changed_data_set_or_search(data, tmp_path):
     exp = Experiment("changed", experiments_dir=tmp_path)
     exp.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=2, seed=1, display=False)
-    exp.end()
+    exp.end(wait=False)
     before = exp._store.metrics()
     again = Experiment("changed", experiments_dir=tmp_path)
     other_train = data[0].select(range(1, 96))
@@ -237,7 +237,7 @@ def test_a_second_process_cannot_open_a_live_experiment(data, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and "is open in another live process" in proc.stdout
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(data, tmp_path, monkeypatch):
@@ -267,7 +267,7 @@ def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(da
     assert exp.wait(timeout=300)
     assert {r.status for r in exp.runs()} == {RunStatus.FINISHED} and exp._store.storage_error is None
     assert steps_logged(exp, 1) == list(range(1, 13))
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_a_failed_database_write_pauses_and_recovery_rewrites_everything(data, tmp_path, monkeypatch):
@@ -290,7 +290,7 @@ def test_a_failed_database_write_pauses_and_recovery_rewrites_everything(data, t
     assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}
     exp.resume(1), exp.resume(2)  # recover(): the database is rewritten from memory, with no hole
     assert exp.wait(timeout=300)
-    exp.end()
+    exp.end(wait=False)
     in_memory = [(m.run_id, m.step, m.name) for m in exp._store.metrics()]
     exp._store.close()
     reread = Experiment("dbfull", experiments_dir=tmp_path)
@@ -323,14 +323,14 @@ def test_a_policy_makes_the_same_decisions_after_a_restart(data, tmp_path):
     assert ref.wait(timeout=300)
     expected = ops(ref)
     assert len(expected) >= 3  # halvings at rungs 1 and 2
-    ref.end()
+    ref.end(wait=False)
 
     exp = Experiment("policy", experiments_dir=tmp_path)
     exp.run_fit(
         group(lrs, 16), demo_model_fn, *data, num_chunks=4, seed=2, display=False, policy=SuccessiveHalving(eta=2)
     )
     wait_for(lambda: len(ops(exp)) >= 2 and max(r.chunks_done for r in exp.runs()) >= 2)
-    exp.end()  # interrupted after the first halving
+    exp.end(wait=False)  # interrupted after the first halving
     again = Experiment("policy", experiments_dir=tmp_path)
     again.run_fit(
         group(lrs, 16),
@@ -345,4 +345,4 @@ def test_a_policy_makes_the_same_decisions_after_a_restart(data, tmp_path):
     assert again.wait(timeout=300)
     assert ops(again) == expected
     assert [r.status for r in again.runs()] == [r.status for r in ref.runs()]
-    again.end()
+    again.end(wait=False)

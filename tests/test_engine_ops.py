@@ -70,8 +70,8 @@ class FakeBackend:
         self.trained: list[tuple[int, int, RunStatus]] = []
         self.warm_starts: dict[int, int] = {}  # clone id -> the parent's step it started from
 
-    def connect(self, should_yield, record):
-        self.should_yield, self.record = should_yield, record
+    def connect(self, should_yield, record, warn):
+        self.should_yield, self.record, self.warn = should_yield, record, warn
 
     def setup(self, runs, unloaded=()):
         return {run.run_id: FakeSlot(run, self) for run in runs}

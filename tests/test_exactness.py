@@ -87,7 +87,7 @@ def reference(data, tmp_path_factory):
 
 def _plan(exp: Experiment, train, evl):
     exp.run_fit(RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=1, seed=SEED)
-    exp.end()
+    exp.end(wait=False)
     return exp.runs()
 
 
@@ -115,4 +115,4 @@ def test_interleaved_runs_equal_plain_trl(num_chunks, data, reference, tmp_path)
         torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), atol=1e-5, rtol=1e-5)
         evals = results[(results.run_id == run.run_id) & (results.metric == "eval_loss")]
         assert len(evals) == run.chunks_total  # one evaluation at every rung
-    exp.end()
+    exp.end(wait=False)

@@ -61,7 +61,7 @@ def test_a_nan_loss_fails_its_run_only(data, tmp_path):
     assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
     gc.collect()
     assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_on_nonfinite_continue_keeps_training(data, tmp_path):
@@ -71,7 +71,7 @@ def test_on_nonfinite_continue_keeps_training(data, tmp_path):
     assert exp._store.run(1).status is RunStatus.FINISHED
     losses = [m.value for m in exp._store.metrics(1) if m.name == "loss"]
     assert len(losses) == 8 and not all(math.isfinite(v) for v in losses)
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_an_out_of_memory_step_fails_its_run_only(data, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_an_out_of_memory_step_fails_its_run_only(data, tmp_path, monkeypatch):
     gc.collect()
     assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
     assert [m.step for m in exp._store.metrics(2) if m.name == "loss"] == [1, 2, 3]  # step 3 logged, 4 raised
-    exp.end()
+    exp.end(wait=False)
 
 
 def broken_reward(completions, **_):
@@ -117,4 +117,4 @@ def test_a_raising_reward_function_fails_its_run_only(tmp_path):
     assert_contained(exp, 2, "RuntimeError: reward service unavailable")
     gc.collect()
     assert refs[2][0]() is None
-    exp.end()
+    exp.end(wait=False)

@@ -74,7 +74,7 @@ def test_ops_on_an_earlier_run_fits_runs_are_refused_before_anything_changes(dat
     assert exp._store.run(3).status is RunStatus.FINISHED
     exp.run_fit(group(lrs=(2e-4,), max_steps=4), demo_model_fn, *data, num_chunks=1, seed=1, display=False)
     assert exp.wait(timeout=300)  # the next run_fit is not blocked either
-    exp.end()
+    exp.end(wait=False)
 
 
 # -- GRPO / RLOO generation buffers --------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_buffered_grpo_interleaved_equals_plain_trl(tmp_path):
         exported = load_file(exp.export(run.run_id, tmp_path / f"run{run.run_id}") / "adapter_model.safetensors")
         for key, value in weights.items():
             torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"{run.name}: {key}")
-    exp.end()
+    exp.end(wait=False)
 
 
 def wait_for(predicate, timeout=30):
@@ -172,7 +172,7 @@ def test_a_run_stopped_mid_chunk_is_unloaded_and_resumes_exactly(name, tmp_path,
     logged = results[(results.run_id == 1) & (results.metric == "loss")].sort_values("step")
     assert logged.step.tolist() == list(range(1, 17))
     torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), atol=1e-5, rtol=1e-5)
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_a_warm_clone_taken_inside_a_generation_cycle_continues_its_parent_exactly(tmp_path, monkeypatch):
@@ -197,7 +197,7 @@ def test_a_warm_clone_taken_inside_a_generation_cycle_continues_its_parent_exact
     child = load_file(exp.export(clone, tmp_path / "clone") / "adapter_model.safetensors")
     for key, value in parent.items():
         torch.testing.assert_close(child[key], value, atol=1e-5, rtol=0, msg=key)
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_unloaded_runs_free_their_trainers(data, tmp_path):
@@ -210,4 +210,4 @@ def test_unloaded_runs_free_their_trainers(data, tmp_path):
     gc.collect()
     assert trainer() is None, "the stopped run's trainer (and optimizer) is still in memory"
     assert exp._store.run(2).status is RunStatus.STOPPED
-    exp.end()
+    exp.end(wait=False)

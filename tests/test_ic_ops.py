@@ -67,7 +67,7 @@ def uninterrupted(data, tmp_path_factory):
     exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
     assert exp.wait(timeout=300)
     result = {run_id: (losses(exp, run_id), adapter(exp, run_id, path)) for run_id in (1, 2)}
-    exp.end()
+    exp.end(wait=False)
     return result
 
 
@@ -94,7 +94,7 @@ def test_stop_then_resume_is_exactly_an_uninterrupted_run(data, uninterrupted, t
         assert losses(exp, run_id) == pytest.approx(ref_losses, abs=1e-5)
         assert_same_weights(adapter(exp, run_id, tmp_path), ref_weights)
     assert list(exp.ic_log().outcome) == ["applied", "applied"]
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_delete_frees_the_run_and_keeps_its_metrics(data, tmp_path):
@@ -119,7 +119,7 @@ def test_delete_frees_the_run_and_keeps_its_metrics(data, tmp_path):
         exp.stop(1)
     with pytest.raises(Exception, match="run 1 has no adapter any more"):
         exp.export(1, tmp_path / "nope")
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_clone_modify_trains_a_new_run_from_scratch(data, tmp_path):
@@ -138,7 +138,7 @@ def test_clone_modify_trains_a_new_run_from_scratch(data, tmp_path):
     assert lrs.max() <= 1e-4
     log = exp.ic_log()
     assert log.iloc[0].op == "clone_modify" and log.iloc[0].new_run_id == 2 and log.iloc[0].outcome == "applied"
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_a_warm_start_without_overrides_continues_the_parents_trajectory(data, uninterrupted, tmp_path):
@@ -155,7 +155,7 @@ def test_a_warm_start_without_overrides_continues_the_parents_trajectory(data, u
     assert clone_losses == pytest.approx({s: v for s, v in parent_losses.items() if s > at}, abs=1e-5)
     assert_same_weights(adapter(exp, clone, tmp_path), parent_weights)
     assert_same_weights(adapter(exp, 1, tmp_path), parent_weights)  # the parent is untouched
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_a_warm_start_applies_a_new_learning_rate_from_the_next_step(data, tmp_path):
@@ -170,7 +170,7 @@ def test_a_warm_start_applies_a_new_learning_rate_from_the_next_step(data, tmp_p
     for step, lr in clone_lr.items():  # same cosine schedule, scaled by the new base learning rate
         assert lr == pytest.approx(parent_lr[step] * 0.1, rel=1e-6)
     assert exp.runs()[1].name == "lr=3e-3 > lr=3e-4 (warm)" or exp.runs()[1].name.endswith("lr=3e-4 (warm)")
-    exp.end()
+    exp.end(wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def finished(data, tmp_path_factory):
     exp.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=2, seed=0)
     assert exp.wait(timeout=300)
     yield exp
-    exp.end()
+    exp.end(wait=False)
 
 
 @pytest.mark.parametrize(
@@ -230,4 +230,4 @@ def test_warm_start_refuses_a_new_adapter_shape(data, tmp_path):
         exp.clone_modify(1, {"r": 8}, warm_start=True)
     with pytest.raises(ValueError, match="warm start cannot change 'per_device_train_batch_size'"):
         exp.clone_modify(1, {"per_device_train_batch_size": 4}, warm_start=True)
-    exp.end()
+    exp.end(wait=False)

@@ -148,4 +148,4 @@ def test_a_click_acts_while_a_cell_blocks_in_wait(channel, kernel, tmp_path):
         assert handled_on.strip() == "['MainThread', 'MainThread']"
     else:
         assert "MainThread" not in handled_on and handled_on.count("subshell") == 2, handled_on
-    output_of(kernel, kernel.execute("exp.end()"))
+    output_of(kernel, kernel.execute("exp.end(wait=False)"))

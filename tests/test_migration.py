@@ -22,6 +22,7 @@ from rf_notebook import (
     RFRandomSearch,
     RFSFTConfig,
 )
+from rf_notebook.configs import LegacyFieldWarning
 from rf_notebook.demo import MODEL_DIR
 from rf_notebook.demo._data import arithmetic_pairs
 
@@ -115,7 +116,7 @@ def test_sft_chatqa_shape(tmp_path):
     assert len(device) == 1, [str(w.message) for w in caught]
     assert "bf16=True" in str(device[0].message) and "device_map='auto'" in str(device[0].message)
     assert CALLS["n"] == (64 + 1) + (8 + 1)  # once per row (plus a first-row check), not once per run
-    experiment.wait()
+    experiment.end()  # the tutorial's next cell (its run_fit blocked): every run trains to its end first
 
     info = experiment.get_runs_info()
     assert list(info.status) == ["finished", "finished"] and list(info.source) == ["initial", "initial"]
@@ -125,7 +126,6 @@ def test_sft_chatqa_shape(tmp_path):
     assert eval_steps == [3, 4, 6, 8]  # eval_strategy's steps 3 and 6, and the chunk ends 4 and 8
     assert (results[results.eval_answered.notna()].eval_answered == 8).all()
     assert sorted(results[(results.run_id == 1) & results.loss.notna()].step) == [2, 4, 6, 8]  # logging_steps=2
-    experiment.end()
 
 
 def test_dpo_shape(tmp_path):
@@ -140,23 +140,43 @@ def test_dpo_shape(tmp_path):
             for a, b in pairs
         ]
     )
-    base_dpo_config = RFDPOConfig(
-        beta=List([0.1, 0.5]),
-        loss_type="sigmoid",
-        per_device_train_batch_size=8,
-        max_steps=4,
-        learning_rate=1e-3,
-        model_adapter_name="default",  # RapidFire's tutorial passes these (older TRL)
-        ref_adapter_name="reference",
-        force_use_ref_model=False,
-        save_strategy="chunk",
-    )
+    with pytest.warns(LegacyFieldWarning):  # fields of the TRL / transformers versions RapidFire pins
+        base_dpo_config = RFDPOConfig(
+            beta=0.1,
+            loss_type="sigmoid",
+            per_device_train_batch_size=8,
+            max_steps=4,
+            learning_rate=1e-3,
+            warmup_ratio=0.1,
+            max_prompt_length=32,
+            max_completion_length=8,
+            optim="adamw_8bit",
+            model_adapter_name="default",
+            ref_adapter_name="reference",
+            force_use_ref_model=False,
+            save_strategy="chunk",
+        )
+    base_lora_config = RFLoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    # the tutorial's variants: copies changed by attribute assignment
+    lora_config_2, dpo_config_2 = base_lora_config.copy(), base_dpo_config.copy()
+    lora_config_2.r = 16
+    dpo_config_2.beta = 0.5
+    dpo_config_2.loss_type = "robust"
     config_set = List(
         [
             RFModelConfig(
                 model_name=MODEL,
-                peft_config=RFLoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                peft_config=base_lora_config,
                 training_args=base_dpo_config,
+                model_type="causal_lm",
+                model_kwargs={},
+                ref_model_name=None,
+                tokenizer_kwargs={},
+            ),
+            RFModelConfig(
+                model_name=MODEL,
+                peft_config=lora_config_2,
+                training_args=dpo_config_2,
                 model_type="causal_lm",
                 model_kwargs={},
                 ref_model_name=None,
@@ -180,10 +200,16 @@ def test_dpo_shape(tmp_path):
     assert slots[1].trainer.ref_model is None  # the shared base, adapter disabled
     reference = slots[3].trainer.ref_model
     assert reference is not None and not any(p.requires_grad for p in reference.parameters())
-    experiment.wait()
-    assert set(experiment.get_runs_info().status) == {"finished"}
-    assert "rewards/accuracies" in experiment.get_results().columns
     experiment.end()
+    info = experiment.get_runs_info()
+    assert set(info.status) == {"finished"} and set(info.completed_steps) == {4}
+    trained = [
+        (c["peft_config"]["r"], c["training_args"]["beta"], c["training_args"].get("loss_type")) for c in info.config
+    ]
+    assert trained == [(8, 0.1, "sigmoid"), (16, 0.5, "robust"), (8, 0.1, None)]  # each its own config
+    assert {c["training_args"]["optim"] for c in info.config[:2]} == {"adamw_torch"}  # no bitsandbytes here
+    assert info.config[0]["training_args"]["max_length"] == 40 and info.config[0]["training_args"]["warmup_steps"]
+    assert "rewards/accuracies" in experiment.get_results().columns
 
 
 def correctness_reward_func(prompts, completions, answer, **kwargs) -> list[float]:
@@ -213,22 +239,26 @@ def test_grpo_shape(tmp_path):
             learning_rate=List([1e-3, 3e-4]),
             num_generations=2,
             per_device_train_batch_size=4,
+            max_prompt_length=64,
             max_completion_length=4,
             max_steps=4,
+            warmup_ratio=0.1,
+            optim="adamw_8bit",
         ),
         formatting_func=format_row,
         reward_funcs=[correctness_reward_func, length_reward_func],
         model_type="causal_lm",
-        model_kwargs={},
+        model_kwargs={"load_in_4bit": False, "device_map": "auto", "torch_dtype": "float16", "use_cache": False},
         tokenizer_kwargs={},
     )
     experiment = Experiment(experiment_name="exp-grpo", mode="fit", experiment_path=tmp_path)
     experiment.run_fit(RFGridSearch(configs=config, trainer_type="GRPO"), sample_create_model, raw, None, num_chunks=2)
-    experiment.wait()
-    results = experiment.get_results()
-    assert set(experiment.get_runs_info().status) == {"finished"}
-    assert {"rewards/correctness_reward_func/mean", "rewards/length_reward_func/mean"} <= set(results.columns)
     experiment.end()
+    results = experiment.get_results()
+    info = experiment.get_runs_info()
+    assert set(info.status) == {"finished"} and set(info.completed_steps) == {4}
+    assert [c["training_args"]["learning_rate"] for c in info.config] == [1e-3, 3e-4]
+    assert {"rewards/correctness_reward_func/mean", "rewards/length_reward_func/mean"} <= set(results.columns)
 
 
 # -- units -------------------------------------------------------------------------------------------------------
@@ -313,3 +343,30 @@ def test_rapidfire_fields_are_validated(make, error, message, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(error, match=message):
         make()
+
+
+def test_what_a_gpu_notebook_asks_is_decided_before_anything_trains(tmp_path):
+    """GRPO lite's model_kwargs and the tutorials' 8-bit optimizer, on a machine without a GPU or bitsandbytes:
+    adjusted up front, with the one device warning telling the truth about what the base is loaded in."""
+    import torch
+
+    experiment = Experiment("gpu-notebook", experiments_dir=tmp_path)
+    asked = RFModelConfig(
+        model_name=MODEL,
+        model_kwargs={"load_in_4bit": False, "load_in_8bit": True, "device_map": "auto", "torch_dtype": torch.float16},
+    )
+    args, adjusted = experiment._fit_device({"optim": "adamw_8bit", "bf16": True}, asked, on_gpu=False)
+    assert args == {"optim": "adamw_torch", "bf16": False}
+    assert adjusted.model_kwargs == {"torch_dtype": "float32"}  # nothing transformers 5 would refuse
+    assert asked.model_kwargs["load_in_8bit"] is True  # the user's config is untouched
+    said = "; ".join(experiment._device_warnings)
+    for part in (
+        "bf16=True (this machine has no GPU: trained in float32)",
+        "model_kwargs torch_dtype=float16 (no GPU: the base is loaded in float32)",
+        "model_kwargs load_in_8bit=True (this machine has no GPU: the base is loaded unquantized)",
+        "optim='adamw_8bit' (this machine has no GPU: adamw_torch)",
+    ):
+        assert part in said, said
+    model, _ = sample_create_model(adjusted)  # the tutorial's own loader takes the adjusted kwargs
+    assert next(model.parameters()).dtype == torch.float32
+    experiment.end(wait=False)

@@ -58,7 +58,7 @@ def test_a_running_experiment_listens_on_no_socket(tmp_path):
         seen.extend(listening_sockets())
     seen.extend(listening_sockets())
     panel.stop_writer()
-    exp.end()
+    exp.end(wait=False)
     assert seen == []
 
 

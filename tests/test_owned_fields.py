@@ -42,7 +42,7 @@ def test_runs_told_to_share_a_folder_keep_their_own_checkpoints_and_exports(tmp_
     with pytest.raises(ValueError, match=r"override 'output_dir' is '/elsewhere', but the experiment owns each run"):
         exp.clone_modify(1, {"output_dir": "/elsewhere"})
     assert exp.ic_log().outcome.tolist() == ["refused"]
-    exp.end()
+    exp.end(wait=False)
 
     assert any(not torch.equal(live[1][k], live[2][k]) for k in live[1])  # two different adapters
     for run_id in (1, 2):  # after end(): each run's own last checkpoint, the adapter it ended with
@@ -92,7 +92,7 @@ def test_runs_with_another_tokenizer_get_their_own_base(tmp_path):
     exp = Experiment("tokenizers", experiments_dir=tmp_path)
     exp.run_fit(group, model_fn, TRAIN, num_chunks=1, seed=0, display=False)
     assert exp.wait(timeout=300)
-    exp.end()
+    exp.end(wait=False)
     assert [r.status for r in exp.runs()] == [RunStatus.FINISHED] * 4
     # one base per distinct (model, tokenizer): each pair loaded once, with its own tokenizer kwargs
     assert sorted(k["padding_side"] for k in loaded) == ["left", "right"]

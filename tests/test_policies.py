@@ -144,7 +144,7 @@ def test_successive_halving_on_real_runs_logs_its_decisions_and_can_be_overridde
     exp.resume(3)
     assert exp.wait(timeout=300)
     assert exp.runs()[2].status.value == "finished"
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_pbt_on_real_runs_clones_the_leader_with_a_warm_start(tmp_path):
@@ -170,4 +170,4 @@ def test_pbt_on_real_runs_clones_the_leader_with_a_warm_start(tmp_path):
     stops = log[(log.origin == "policy") & (log.op == "stop")]
     assert first.run_id != 4 and 4 in set(stops.run_id)  # lr 1e-6 is the worst at chunk 2: replaced
     assert (stops.op_id > first.op_id).all()  # stopped only after its replacement was accepted
-    exp.end()
+    exp.end(wait=False)

@@ -138,7 +138,7 @@ def test_grpo_epoch_is_cut_into_chunks_as_the_trainer_counts_it(tmp_path):
     results = exp.results()
     assert sorted(results[results.metric == "loss"].step) == list(range(1, 14))
     assert {"reward", "reward_std", "kl", "completions/mean_length"} <= set(results.metric)
-    exp.end()
+    exp.end(wait=False)
 
 
 def test_too_few_prompts_for_one_generation_batch_is_refused(tmp_path):

@@ -232,7 +232,7 @@ def running():
         panel, sent = recording_panel(exp._store)
         panel._experiment = exp
         yield exp, panel, sent
-        exp.end()
+        exp.end(wait=False)
 
 
 def click(panel, sent, **request):

@@ -307,6 +307,7 @@ export class Panel {
       name: h("span", { class: "rfnb-run-name" }),
       swatch: h("span", { class: "rfnb-swatch" }),
       error: h("div", { class: "rfnb-error", hidden: true }),
+      warning: h("div", { class: "rfnb-warning", hidden: true }),
       status: h("span", { class: "rfnb-badge rfnb-status" }),
       chunks: h("td", { class: "rfnb-chunks" }),
       loss: cell(),
@@ -334,7 +335,7 @@ export class Panel {
           if (!e.target.closest("button, input")) this.toggleHighlight(run.id);
         },
       },
-      h("td", { class: "rfnb-name" }, row.swatch, row.name, row.error),
+      h("td", { class: "rfnb-name" }, row.swatch, row.name, row.error, row.warning),
       h("td", {}, row.status),
       row.chunks,
       row.loss,
@@ -358,6 +359,9 @@ export class Panel {
     row.error.hidden = !failed;
     text(row.error, failed ? lastLine(run.error) : "");
     row.error.title = failed ? run.error : "";
+    const warned = !failed && Boolean(run.warning); // e.g. a compute_metrics that raised: the run trains on
+    row.warning.hidden = !warned;
+    text(row.warning, warned ? run.warning : "");
     text(row.status, run.status);
     row.status.className = `rfnb-badge rfnb-status rfnb-${run.status}`;
     text(row.chunks, `${run.chunks_done} of ${run.chunks_total}`);

@@ -220,6 +220,19 @@ describe("panel", () => {
     expect(value.getAttribute("aria-label")).toBe("weight_decay");
   });
 
+  it("shows a run's warning (a compute_metrics that raised) while it trains on", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const warning = "compute_metrics raised ConnectionError: <offline> (its metrics are skipped)";
+    model.emit({ type: "snapshot", state: snapshot([run(1, { warning }), run(2)]) });
+    const shown = row(el, 1).querySelector(".rfnb-warning");
+    expect(shown.hidden).toBe(false);
+    expect(shown.textContent).toBe(warning); // as text, never as HTML
+    expect(row(el, 2).querySelector(".rfnb-warning").hidden).toBe(true);
+    model.emit({ type: "snapshot", state: snapshot([run(1, { warning, status: "failed", error: "boom" })]) });
+    expect(row(el, 1).querySelector(".rfnb-warning").hidden).toBe(true); // the error says what ended it
+  });
+
   it("renders run names, errors and op reasons as text, never as HTML", () => {
     const model = fakeModel();
     const { el } = mount(model);

@@ -56,7 +56,7 @@ class Engine:
         self.on_rung = on_rung
         self._decided_rung = decided_rung
         self._rung = 0
-        backend.connect(should_yield=self.pending, record=self.record)
+        backend.connect(should_yield=self.pending, record=self.record, warn=self.warn)
         self.runs = {r.run_id: r for r in runs}
         self.commands: CommandQueue = CommandQueue()
         for command in replay:  # ops a previous process logged but never applied: applied before anything trains
@@ -306,6 +306,10 @@ class Engine:
             chunks_total=len(slot.plan.rungs),
             rungs=tuple(r.step for r in slot.plan.rungs),
         )
+
+    def warn(self, slot: Any, message: str) -> None:
+        """Something a run's user code got wrong without ending the run; kept on its record (the panel shows it)."""
+        self.store.update_run(slot.run_id, warning=message)
 
     def record(self, slot: Any, step: int, values: dict[str, float]) -> None:
         """Metrics from a run's trainer (called on the scheduler thread, from inside the run)."""

@@ -162,6 +162,29 @@ class _FailOnNonFinite(TrainerCallback):
                 )
 
 
+class _TolerantMetrics:
+    """A user's `compute_metrics` that raises (an offline `evaluate.load`, a bug): its traceback logged once per
+    run and kept on the run's record for the panel, that evaluation's user metrics skipped, and training goes on
+    (RapidFire AI's behaviour). A reward function that raises still fails its GRPO run: it cannot go on without."""
+
+    def __init__(self, fn: Callable[[Any], Any], report: Callable[[str], None], run_name: str):
+        self.fn, self.report, self.run_name = fn, report, run_name
+        self.reported = False
+
+    def __call__(self, eval_pred: Any) -> Any:
+        try:
+            return self.fn(eval_pred)
+        except Exception as exc:
+            if not self.reported:
+                self.reported = True
+                name = getattr(self.fn, "__name__", "compute_metrics")
+                logger.warning(
+                    "run %r: %s raised; its metrics are skipped, training goes on", self.run_name, name, exc_info=True
+                )
+                self.report(f"{name} raised {type(exc).__name__}: {exc} (its metrics are skipped)")
+            return {}
+
+
 class GenerationMetrics(TrainerCallback):
     """Generation-based evaluation (RapidFire AI's): after each evaluation of the run, its adapter generates an
     answer for every eval prompt with the model config's `generation_config`, and
@@ -262,15 +285,22 @@ class TorchBackend:
         self.num_chunks = num_chunks
         self.should_yield: Callable[[], bool] = lambda: False
         self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
+        self.warn: Callable[[RunSlot, str], None] = lambda slot, message: None
         self._bases: dict[tuple[str, ...], _Base] = {}
         self._runs: dict[int, PreparedRun] = {}
         self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
         self._references: dict[tuple[str, str], Any] = {}  # DPO reference models other than a base
         self.resume_points: dict[int, tuple[int, str]] = {}  # run id -> (step, checkpoint) for a resumed experiment
 
-    def connect(self, should_yield: Callable[[], bool], record: Callable[[RunSlot, int, dict], None]) -> None:
-        """Called by the engine: how a training run asks whether to yield, and where its metrics go."""
-        self.should_yield, self.record = should_yield, record
+    def connect(
+        self,
+        should_yield: Callable[[], bool],
+        record: Callable[[RunSlot, int, dict], None],
+        warn: Callable[[RunSlot, str], None],
+    ) -> None:
+        """Called by the engine: how a training run asks whether to yield, where its metrics go, and where what
+        went wrong without ending it goes."""
+        self.should_yield, self.record, self.warn = should_yield, record, warn
 
     # -- building ----------------------------------------------------------------------------------------------
 
@@ -380,6 +410,9 @@ class TorchBackend:
         if model_config.formatting_func is not None and id(model_config.formatting_func) in self.formatted:
             train, evl = self.formatted[id(model_config.formatting_func)]
             model_config = model_config.replace(formatting_func=None)
+        if model_config.compute_metrics is not None:  # one that raises costs its metrics, not the run
+            metrics = _TolerantMetrics(model_config.compute_metrics, lambda text: self.warn(slot, text), run.spec.name)
+            model_config = model_config.replace(compute_metrics=metrics)
         if model_config.generation_config is not None and model_config.compute_metrics is not None:
             callbacks.append(GenerationMetrics(slot, base.tokenizer, evl, model_config, run.args, self.record))
             model_config = model_config.replace(compute_metrics=None)  # not the trainer's logits-based one

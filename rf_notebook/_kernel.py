@@ -102,8 +102,8 @@ class _Server:
     def serve(self) -> None:
         import zmq
 
-        self.stream.on_recv(self._take, copy=self.copy)
-        try:
+        try:  # (an interrupt anywhere in here still leaves the kernel's own callback installed)
+            self.stream.on_recv(self._take, copy=self.copy)
             self.stream.flush(zmq.POLLIN)
         finally:
             self.stream.on_recv(self.callback, copy=self.copy)
@@ -115,6 +115,9 @@ class _Server:
             msg_type = k.session.deserialize(rest, content=False, copy=False)["header"]["msg_type"]
         except Exception:  # not ours to judge: the kernel reports it when it gets it back
             msg_type = None
+        except BaseException:  # an interrupt: the message is the kernel's again, not lost
+            self.deferred.append(frames)
+            raise
         if msg_type != "comm_msg":
             self.deferred.append(frames)
             return
@@ -126,9 +129,17 @@ class _Server:
             self._restore_parent()  # what the blocked cell prints stays in its own output
 
     def __exit__(self, *exc: Any) -> None:
-        deferred, self.deferred = self.deferred, []
-        while deferred:  # first in, first out, ahead of anything newer; an interrupt here must not lose one
-            self._give_back(deferred.pop(0))
+        self.stream.on_recv(self.callback, copy=self.copy)
+        interrupted = None
+        while self.deferred:  # first in, first out, ahead of anything newer; an interrupt here must not lose one
+            try:
+                self._give_back(self.deferred[0])
+                self.deferred.pop(0)
+            except KeyboardInterrupt as exc:  # finish handing them back first (quick: no waiting in here)
+                interrupted = exc
+        self._restore_parent()
+        if interrupted is not None:
+            raise interrupted
 
     # -- what differs between kernel generations -------------------------------------------------------------------
 
@@ -202,15 +213,25 @@ class _Server6(_Server):
         return self.kernel._parent_ident.get("shell"), self.kernel.get_parent("shell")
 
     def _restore_parent(self) -> None:
+        _flush_output()  # ipykernel 6's output streams follow the one kernel-wide parent: flush under each
         self.kernel.set_parent(*self.parent, channel="shell")
 
     def _handle_comm(self, frames: Any) -> None:
         k = self.kernel
         idents, rest = k.session.feed_identities(frames, copy=False)
         msg = k.session.deserialize(rest, content=True, copy=False)
+        _flush_output()  # what the blocked cell printed so far goes out under that cell
         k.set_parent(idents, msg, channel="shell")
         k.shell_handlers["comm_msg"](self.stream, idents, msg)
 
     def _give_back(self, frames: Any) -> None:
         k = self.kernel
         k.msg_queue.put_nowait((next(k._message_counter), k.dispatch_shell, (frames,)))
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or odd stream: nothing to keep
+            pass

@@ -1,7 +1,7 @@
 """One live progress line for `Experiment.wait()` outside a notebook (a script, `python -m rf_notebook.demo`, a
 terminal IPython), where no panel shows how far the runs are:
 
-    demo-sweep  41%|████████▏           | chunks 7/16 · 4 training [00:37<00:53]
+    demo-sweep  41%|████▉       | chunks 7/16 · 4 training [00:37<00:53]
 
 A tqdm bar over the optimizer steps still planned (a stopped or deleted run counts for what it did), with the chunks
 done of total and the runs by status after it. tqdm computes elapsed time and ETA; it ships with transformers.
@@ -9,6 +9,7 @@ done of total and the runs by status after it. tqdm computes elapsed time and ET
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ __all__ = ["ProgressLine", "wanted"]
 
 REFRESH_S = 0.5
 _LIVE = (RunStatus.QUEUED, RunStatus.TRAINING)
-_FORMAT = "{desc} {percentage:3.0f}%|{bar:20}| {postfix} [{elapsed}<{remaining}]"
+_FORMAT = "{desc} {percentage:3.0f}%|{bar:12}| {postfix} [{elapsed}<{remaining}]"
 
 
 def wanted(progress: bool | None, in_kernel: bool, stream: IO[str] | None = None) -> bool:
@@ -39,11 +40,20 @@ class ProgressLine:
         from tqdm.auto import tqdm
 
         self.store, self.run_ids = store, run_ids
-        done, total, _ = self._measure()
+        done, total, runs = self._measure()
+        # the terminal's size as the shell sees it (tqdm's own probe reads 0 x 0 on a pty without a size, e.g. under
+        # `script` or some CI runners, and then hides the bar)
+        size = shutil.get_terminal_size()
+        desc = name if len(name) <= 24 else name[:23] + "…"
         self.bar = tqdm(
-            total=total, initial=done, desc=name, bar_format=_FORMAT, file=file, dynamic_ncols=True, leave=True
+            total=total,
+            initial=done,
+            desc=desc,
+            bar_format=self._format(runs),
+            file=file,
+            ncols=size.columns,
+            nrows=size.lines,
         )
-        self._postfix()
 
     def _measure(self) -> tuple[int, int, list[Any]]:
         ids = set(self.run_ids())
@@ -52,19 +62,18 @@ class ProgressLine:
         done = sum(min(r.step, p) for r, p in zip(runs, planned))
         return done, sum(planned), runs
 
-    def _postfix(self, runs: list[Any] | None = None) -> None:
-        if runs is None:
-            runs = self._measure()[2]
+    @staticmethod
+    def _format(runs: list[Any]) -> str:
         chunks = sum(r.chunks_done for r in runs), sum(r.chunks_total for r in runs)
         counts = Counter(r.status.value for r in runs)
         by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         text = f"chunks {chunks[0]}/{chunks[1]} · {by_status or 'no runs'}"
-        self.bar.bar_format = _FORMAT.replace("{postfix}", text.replace("{", "{{").replace("}", "}}"))
+        return _FORMAT.replace("{postfix}", text.replace("{", "{{").replace("}", "}}"))
 
     def refresh(self) -> None:
         done, total, runs = self._measure()
         self.bar.total = max(total, 1)
-        self._postfix(runs)
+        self.bar.bar_format = self._format(runs)
         if done >= self.bar.n:
             self.bar.update(done - self.bar.n)  # through update(), so tqdm's rate (and ETA) follows the steps
         else:

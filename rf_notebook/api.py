@@ -619,7 +619,8 @@ class Experiment:
 
     def get_runs_info(self):
         """One row per run: run_id, name, status, completed_steps, total_steps, chunks_done, chunks_total, error,
-        warning (what went wrong without ending the run, e.g. a compute_metrics that raised), source ("initial", or the origin of the IC op that made it: "api", "panel", "policy"), cloned_from,
+        warning (what went wrong without ending the run, e.g. a compute_metrics that raised), source ("initial", or
+        the origin of the IC op that made it: "api", "panel", "policy"), cloned_from,
         warm_started_from and config (the resolved trainer, adapter and model arguments)."""
         import pandas as pd
 

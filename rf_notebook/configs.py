@@ -329,7 +329,7 @@ class _ConfigSpec:
                     done = translate(kwargs)
                 except ValueError as exc:
                     raise ValueError(f"{cls.__name__}: {exc}") from None
-                warnings.warn(f"{cls.__name__}: {done}", LegacyFieldWarning, stacklevel=4)
+                warnings.warn(f"{cls.__name__}: {done}", LegacyFieldWarning, stacklevel=3)
         for key, check in cls._COMPAT.items():
             for value in _alternatives(kwargs.get(key)):
                 why = check(value)
@@ -354,8 +354,8 @@ class _ConfigSpec:
             if f.name == name and f.init:
                 if f.default is not dataclasses.MISSING:
                     return f.default
-                if f.default_factory is not dataclasses.MISSING:
-                    return f.default_factory()
+                if f.default_factory is not dataclasses.MISSING:  # read-only: changing it here would change nothing
+                    return _read_only(f.default_factory())
         if name in self._COMPAT or name in self._OWNED:
             return None
         raise AttributeError(self._unknown(name) or f"{type(self).__name__} has no attribute {name!r}")
@@ -366,6 +366,11 @@ class _ConfigSpec:
         elif self._unknown(name) is not None:
             raise AttributeError(self._unknown(name))
         elif name in self._LEGACY:  # today's fields for it, replacing what an earlier value was taken as
+            if self._LEGACY[name] is _dpo_lengths:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} cannot be changed on its own: TRL >= 1 has only max_length (prompt "
+                    f"and completion together); set max_length instead (it is {self.kwargs.get('max_length')!r})"
+                )
             value = self._checked({**self.kwargs, **self._checked({name: value})})
         else:
             value = self._checked({**self.kwargs, name: value})
@@ -737,6 +742,17 @@ def _check_generation_config(value: Any) -> None:
         raise ValueError(
             f"generation_config['truncation_side'] is {value['truncation_side']!r}, but must be 'left' or 'right'"
         )
+
+
+def _read_only(value: Any) -> Any:
+    """A default list / dict / set as a read-only view (assign the field to change it)."""
+    import types
+
+    if isinstance(value, dict):
+        return types.MappingProxyType(value)
+    if isinstance(value, (list, set)):
+        return tuple(value) if isinstance(value, list) else frozenset(value)
+    return value
 
 
 def _alternatives(value: Any) -> list[Any]:

@@ -121,7 +121,7 @@ class Panel(anywidget.AnyWidget):
         self._stop.set()
         if self._writer is not None and self._writer is not threading.current_thread():
             self._writer.join(timeout=5)
-        self._write_final()
+        self._write_final(ended=True)
 
     # -- the one writer ----------------------------------------------------------------------------------------
 
@@ -151,15 +151,16 @@ class Panel(anywidget.AnyWidget):
         """The one place a message leaves for the views (callers hold `_lock`)."""
         super().send(message)
 
-    def _write_final(self) -> None:
-        """The complete state into the synced trait, and the static HTML of every display refreshed: with the widget
-        where a front end shows it, as the static picture alone where none ever did."""
+    def _write_final(self, ended: bool = False) -> None:
+        """The complete state into the synced trait, and the static HTML of every display refreshed. When the
+        experiment `ended` and no front end ever showed the widget, the displays become the static picture alone
+        (a live view that speaks up later gets the widget back)."""
         version = self._experiment._store.version
         if version != self._final_version:
             self._final_version = version
             with self._lock:
                 self.snapshot = self._feed.snapshot()
-        static = not self._viewed
+        static = ended and not self._viewed
         for display_id in list(self._display_ids):
             if self._refreshed.get(display_id) == (version, static):
                 continue
@@ -179,7 +180,10 @@ class Panel(anywidget.AnyWidget):
     def _on_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
         if not isinstance(content, dict):
             return
-        self._viewed = True
+        if not self._viewed:
+            self._viewed = True
+            if any(static for _, static in self._refreshed.values()):  # shown static too early: the widget again
+                self._write_final()
         kind, request_id = content.get("type"), content.get("id")
         if kind == "sync":
             with self._lock:  # in push mode, cut where the writer's next delta starts: no gap, no overlap

@@ -171,8 +171,15 @@ def test_final_refresh_keeps_the_widget_only_where_a_view_runs_it(monkeypatch, v
     panel.stop_writer()  # nothing changed since: no second refresh
     assert len(updates) == 2
     panel._display_ids.append("late-cell")  # exp.panel() after the end: refreshed by the next final write
-    panel._write_final()
+    panel._write_final(ended=True)
     assert [kw["display_id"] for _, kw in updates[2:]] == ["late-cell"]
+    if not viewed:  # a live view that speaks up after all (an output scrolled into view late): the widget again
+        panel._on_message(panel, {"type": "sync", "id": "v:2"}, [])
+        assert [(obj, kw["display_id"]) for obj, kw in updates[3:]] == [
+            (panel, "fit-cell"),
+            (panel, "panel-cell"),
+            (panel, "late-cell"),
+        ]
 
 
 def test_a_sync_answer_ends_where_the_writers_next_delta_starts():

@@ -359,7 +359,7 @@ export class Panel {
     row.error.hidden = !failed;
     text(row.error, failed ? lastLine(run.error) : "");
     row.error.title = failed ? run.error : "";
-    const warned = !failed && Boolean(run.warning); // e.g. a compute_metrics that raised: the run trains on
+    const warned = Boolean(run.warning); // e.g. a compute_metrics that raised (and may be why a run failed)
     row.warning.hidden = !warned;
     text(row.warning, warned ? run.warning : "");
     text(row.status, run.status);

@@ -230,7 +230,7 @@ describe("panel", () => {
     expect(shown.textContent).toBe(warning); // as text, never as HTML
     expect(row(el, 2).querySelector(".rfnb-warning").hidden).toBe(true);
     model.emit({ type: "snapshot", state: snapshot([run(1, { warning, status: "failed", error: "boom" })]) });
-    expect(row(el, 1).querySelector(".rfnb-warning").hidden).toBe(true); // the error says what ended it
+    expect(row(el, 1).querySelector(".rfnb-warning").hidden).toBe(false); // it may be why the run failed
   });
 
   it("renders run names, errors and op reasons as text, never as HTML", () => {

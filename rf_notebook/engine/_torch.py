@@ -169,19 +169,21 @@ class _TolerantMetrics:
 
     def __init__(self, fn: Callable[[Any], Any], report: Callable[[str], None], run_name: str):
         self.fn, self.report, self.run_name = fn, report, run_name
-        self.reported = False
+        self.seen: set[str] = set()  # exception types already logged for this run
 
     def __call__(self, eval_pred: Any) -> Any:
         try:
             return self.fn(eval_pred)
         except Exception as exc:
-            if not self.reported:
-                self.reported = True
+            kind = type(exc).__name__
+            if kind not in self.seen:  # once per run (and per kind of failure, should it change)
                 name = getattr(self.fn, "__name__", "compute_metrics")
                 logger.warning(
                     "run %r: %s raised; its metrics are skipped, training goes on", self.run_name, name, exc_info=True
                 )
-                self.report(f"{name} raised {type(exc).__name__}: {exc} (its metrics are skipped)")
+                if not self.seen:
+                    self.report(f"{name} raised {kind}: {exc} (its metrics are skipped)")
+                self.seen.add(kind)
             return {}
 
 

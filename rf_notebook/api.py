@@ -606,16 +606,36 @@ class Experiment:
         return pd.DataFrame(rows, columns=columns)
 
     def get_results(self):
-        """RapidFire AI's shape of the metrics: a pandas DataFrame with one row per (run_id, step) and one column per
-        metric (loss, learning_rate, eval_loss, your compute_metrics' names, ...), sorted by run_id and step."""
+        """RapidFire AI's shape of the metrics: a pandas DataFrame with one row per (run_id, step), its chunk (1, 2,
+        ...) and epoch (fractional, as the trainer counts it), and one column per metric (loss, learning_rate,
+        eval_loss, your compute_metrics' names, ...), sorted by run_id and step."""
         import pandas as pd
 
         long = self.results()
         if long.empty:
-            return pd.DataFrame(columns=["run_id", "step"])
+            return pd.DataFrame(columns=["run_id", "step", "chunk", "epoch"])
         wide = long.pivot_table(index=["run_id", "step"], columns="metric", values="value", aggfunc="last")
         wide.columns.name = None
-        return wide.reset_index().sort_values(["run_id", "step"]).reset_index(drop=True)
+        chunks = long.groupby(["run_id", "step"]).chunk.max()
+        wide.insert(0, "chunk", chunks.reindex(wide.index).astype(int))
+        wide = wide.reset_index()
+        per_epoch = self._steps_per_epoch()
+        wide.insert(3, "epoch", wide.step / wide.run_id.map(per_epoch))
+        return wide.sort_values(["run_id", "step"]).reset_index(drop=True)
+
+    def _steps_per_epoch(self) -> dict[int, float]:
+        """Optimizer steps in one epoch of each run: the end of its first epoch's last chunk (a clone's from the
+        run_fit of the run it was cloned from)."""
+        chunks_of = {run_id: fit["num_chunks"] for fit in self._store.meta("fits", []) for run_id in fit["run_ids"]}
+        parent = {op.new_run_id: op.run_id for op in self._store.ic_log() if op.op == "clone_modify" and op.new_run_id}
+        steps: dict[int, float] = {}
+        for r in self._store.runs():
+            origin = r.run_id
+            while origin not in chunks_of and origin in parent:
+                origin = parent[origin]
+            k = chunks_of.get(origin)
+            steps[r.run_id] = float(r.rungs[k - 1]) if k and len(r.rungs) >= k else float("nan")
+        return steps
 
     def get_runs_info(self):
         """One row per run: run_id, name, status, completed_steps, total_steps, chunks_done, chunks_total, error,

@@ -126,6 +126,10 @@ def test_sft_chatqa_shape(tmp_path):
     assert eval_steps == [3, 4, 6, 8]  # eval_strategy's steps 3 and 6, and the chunk ends 4 and 8
     assert (results[results.eval_answered.notna()].eval_answered == 8).all()
     assert sorted(results[(results.run_id == 1) & results.loss.notna()].step) == [2, 4, 6, 8]  # logging_steps=2
+    run_1 = results[results.run_id == 1].set_index("step")
+    assert list(results.columns[:4]) == ["run_id", "step", "chunk", "epoch"]
+    assert all(chunk == (1 if step <= 4 else 2) for step, chunk in run_1.chunk.items())  # 2 chunks of 4 steps
+    assert run_1.epoch[4] == 0.5 and run_1.epoch[8] == 1.0  # 64 rows / batch 8 = 8 steps per epoch
 
 
 def test_dpo_shape(tmp_path):

@@ -466,6 +466,7 @@ class Experiment:
         changes = []
         kwargs = dict(mc.model_kwargs or {})
         quantizable = on_gpu and _has_bitsandbytes()
+        unquantizable = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
         if not on_gpu:
             for flag in ("bf16", "fp16"):
                 if user_args.get(flag):
@@ -484,12 +485,10 @@ class Experiment:
 
                 kwargs.setdefault("quantization_config", BitsAndBytesConfig(**{flag: True}))
             else:
-                why = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
-                changes.append(f"model_kwargs {flag}=True ({why}: the base is loaded unquantized)")
+                changes.append(f"model_kwargs {flag}=True ({unquantizable}: the base is loaded unquantized)")
         optim = str(user_args.get("optim", ""))
         if ("8bit" in optim or optim.startswith("paged_") or "bnb" in optim) and not quantizable:
-            why = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
-            changes.append(f"optim={optim!r} ({why}: adamw_torch)")
+            changes.append(f"optim={optim!r} ({unquantizable}: adamw_torch)")
             user_args["optim"] = "adamw_torch"
         if "device_map" in kwargs:
             wanted = kwargs.pop("device_map")

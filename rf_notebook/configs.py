@@ -146,14 +146,14 @@ def _warmup_ratio(kwargs: dict[str, Any]) -> str:
     return f"warmup_ratio={ratio!r} -> warmup_steps={ratio!r} (transformers >= 5: a value below 1 is the ratio)"
 
 
-def _renamed(old: str, new: str, note: str = "") -> Callable[[dict[str, Any]], str]:
+def _renamed(old: str, new: str) -> Callable[[dict[str, Any]], str]:
     def rename(kwargs: dict[str, Any]) -> str:
         value = kwargs.pop(old)
         if kwargs.get(new) is not None:
             both = f"{old}={value!r} and {new}={kwargs[new]!r}"
             raise ValueError(f"{both} are both set; {old} is now {new}: set that one")
         kwargs[new] = value
-        return f"{old}={value!r} -> {new}={value!r}{note}"
+        return f"{old}={value!r} -> {new}={value!r}"
 
     return rename
 

@@ -168,23 +168,17 @@ def test_dpo_shape(tmp_path):
     dpo_config_2.loss_type = "robust"
     config_set = List(
         [
-            RFModelConfig(
-                model_name=MODEL,
-                peft_config=base_lora_config,
-                training_args=base_dpo_config,
-                model_type="causal_lm",
-                model_kwargs={},
-                ref_model_name=None,
-                tokenizer_kwargs={},
-            ),
-            RFModelConfig(
-                model_name=MODEL,
-                peft_config=lora_config_2,
-                training_args=dpo_config_2,
-                model_type="causal_lm",
-                model_kwargs={},
-                ref_model_name=None,
-                tokenizer_kwargs={},
+            *(
+                RFModelConfig(
+                    model_name=MODEL,
+                    peft_config=lora,
+                    training_args=dpo,
+                    model_type="causal_lm",
+                    model_kwargs={},
+                    ref_model_name=None,
+                    tokenizer_kwargs={},
+                )
+                for lora, dpo in ((base_lora_config, base_dpo_config), (lora_config_2, dpo_config_2))
             ),
             RFModelConfig(  # a reference model named explicitly (other loading kwargs: loaded once, separately)
                 model_name=MODEL,

@@ -673,8 +673,10 @@ class Experiment:
         import pandas as pd
 
         runs = self._store.runs()
+        metrics = self._store.metrics()
+        metric = _logged_name(metric, {m.name for m in metrics})
         latest: dict[int, dict[str, float]] = {}
-        for m in self._store.metrics():
+        for m in metrics:
             if m.name.startswith("eval_"):
                 latest.setdefault(m.run_id, {})[m.name] = m.value
         rows = []
@@ -697,12 +699,14 @@ class Experiment:
         """The run whose latest `metric` is best (`mode` "min" or "max"), among runs that logged it."""
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
+        metrics = self._store.metrics()
+        metric = _logged_name(metric, {m.name for m in metrics})
         latest: dict[int, float] = {}
-        for m in self._store.metrics():
+        for m in metrics:
             if m.name == metric:
                 latest[m.run_id] = m.value
         if not latest:
-            known = sorted({m.name for m in self._store.metrics()})
+            known = sorted({m.name for m in metrics})
             raise ValueError(f"no run has logged metric {metric!r}; logged metrics: {known}")
         pick = min if mode == "min" else max
         return self._store.run(pick(latest, key=lambda rid: latest[rid]))
@@ -843,9 +847,11 @@ class Experiment:
         """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
         from rf_notebook.policies import RunAtRung
 
+        metrics = self._store.metrics()
+        metric = _logged_name(policy.metric, {m.name for m in metrics})
         values: dict[int, dict[int, float]] = {}
-        for m in self._store.metrics():
-            if m.name == policy.metric:
+        for m in metrics:
+            if m.name == metric:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
         fit = set(self._store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
         for op in self._store.ic_log():
@@ -940,6 +946,12 @@ class Experiment:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
         if self._panel is not None:
             self._panel.stop_writer()
+
+
+def _logged_name(metric: str, logged: set[str]) -> str:
+    """`metric` as it was logged: an evaluation metric is stored with the trainer's `eval_` prefix, and its name as
+    `compute_metrics` returned it (RapidFire AI's, e.g. "rougeL") names it too."""
+    return f"eval_{metric}" if metric not in logged and f"eval_{metric}" in logged else metric
 
 
 def _resolved(config: Any) -> dict[str, Any]:

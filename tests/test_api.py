@@ -132,6 +132,12 @@ def test_runs_results_and_best_run(finished):
     last = results[(results.metric == "eval_loss") & (results.step == 8)].set_index("run_id").value
     assert best.run_id == last.idxmin()
     assert finished.best_run("eval_exact_match", "max").run_id in (1, 2)
+    # compute_metrics' own name (RapidFire AI's: "rougeL", not "eval_rougeL") names the same metric
+    assert finished.best_run("exact_match", "max").run_id == finished.best_run("eval_exact_match", "max").run_id
+    assert finished.best_run("loss", "min").run_id in (1, 2)  # a logged name is taken as it is
+    assert finished.leaderboard("exact_match", "max").run_id.tolist() == finished.leaderboard(
+        "eval_exact_match", "max"
+    ).run_id.tolist()
     with pytest.raises(ValueError, match="no run has logged metric 'bleu'"):
         finished.best_run("bleu")
     board = finished.leaderboard()

@@ -10,6 +10,7 @@ from rf_notebook import (
     Experiment,
     List,
     Range,
+    RFDPOConfig,
     RFGridSearch,
     RFGRPOConfig,
     RFLoraConfig,
@@ -17,7 +18,7 @@ from rf_notebook import (
     RFRandomSearch,
     RFSFTConfig,
 )
-from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, prompt_dataset
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, preference_dataset, prompt_dataset
 
 
 def search(lora=None, args=None, **model):
@@ -95,6 +96,24 @@ RUN_FIT_CASES = [
         r"has columns \['prompt', 'answer'\], but SFT needs prompt\+completion",
     ),
     ("resume-unknown", fit(resume=True), ValueError, r"experiment '\w+' has no earlier run_fit to resume"),
+    (
+        "dpo-robust-smoothing-half",  # RapidFire AI's DPO tutorial; TRL only warns, and its loss is NaN at step 1
+        fit(
+            param_config=RFGridSearch(
+                RFModelConfig(
+                    DEMO_MODEL,
+                    peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+                    training_args=RFDPOConfig(loss_type=List(["sigmoid", "robust"]), label_smoothing=0.5, max_steps=2),
+                ),
+                trainer_type="DPO",
+            ),
+            train_dataset=preference_dataset("train", n=8),
+            eval_dataset=None,
+        ),
+        ValueError,
+        r"run 'loss_type=robust' has an invalid config: `label_smoothing` is 0.5, but the 'robust' loss needs it in "
+        r"\[0.0, 0.5\)",
+    ),
 ]
 
 

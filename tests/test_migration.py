@@ -130,6 +130,7 @@ def test_sft_chatqa_shape(tmp_path):
     assert list(results.columns[:4]) == ["run_id", "step", "chunk", "epoch"]
     assert all(chunk == (1 if step <= 4 else 2) for step, chunk in run_1.chunk.items())  # 2 chunks of 4 steps
     assert run_1.epoch[4] == 0.5 and run_1.epoch[8] == 1.0  # 64 rows / batch 8 = 8 steps per epoch
+    assert experiment.best_run("exact", "max").run_id in (1, 2)  # the metric by the name compute_metrics gave it
 
 
 def test_dpo_shape(tmp_path):

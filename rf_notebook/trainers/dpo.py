@@ -27,6 +27,15 @@ def check_dataset(dataset: Any, role: str, formatting_func: Callable | None) -> 
 
 
 def resolve_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
+    loss_types = user.get("loss_type", "sigmoid")
+    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    smoothing = user.get("label_smoothing", 0.0)
+    # TRL only warns; its robust loss divides by 1 - 2 * label_smoothing, so 0.5 is NaN from the first step
+    if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        raise ValueError(
+            f"`label_smoothing` is {smoothing!r}, but the 'robust' loss needs it in [0.0, 0.5): the loss is divided "
+            "by 1 - 2 * label_smoothing (0.5 gives NaN at the first step)"
+        )
     return base_args(user, output_dir=output_dir, seed=seed, on_gpu=on_gpu)
 
 

@@ -105,6 +105,7 @@ class Experiment:
         self._engine: Any = None
         self._panel: Any = None
         self._device_warnings: list[str] = []
+        self._precision: str | None = None  # run_fit(precision=...): bf16 / fp16 for every run of the last run_fit
         self._device_warned = False
         key = self.path.resolve()
         holder = _HOLDERS.get(key)
@@ -148,6 +149,7 @@ class Experiment:
         on_nonfinite: str = "fail",
         num_shards: int | None = None,
         num_gpus: int | None = None,
+        precision: str | None = None,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
@@ -166,6 +168,10 @@ class Experiment:
 
         `num_chunks` (default 4) is also spelled `num_shards`; `num_gpus` (RapidFire AI's devices per run) may be
         None or 1: every run trains on this process's one device.
+
+        `precision`: None (each run's own `bf16` / `fp16`, TRL's default bf16 on a GPU; float32 on a CPU, and fp16
+        on a GPU without bfloat16 such as a T4, each said in one warning), or "bf16", "fp16" or "fp32" for every
+        run, over their configs. "bf16" works on a CPU too (Accelerate's CPU autocast); "fp16" needs a GPU.
         """
         from rf_notebook.engine import Engine, TorchBackend
 
@@ -214,10 +220,24 @@ class Experiment:
             raise TypeError(f"`resume` is {resume!r}, but must be True or False")
         if on_nonfinite not in ("fail", "continue"):
             raise ValueError(f"`on_nonfinite` is {on_nonfinite!r}, but must be 'fail' or 'continue'")
+        if precision not in (None, "bf16", "fp16", "fp32"):
+            raise ValueError(f"`precision` is {precision!r}, but must be None, 'bf16', 'fp16' or 'fp32'")
+        if precision == "fp16" and not _on_gpu():
+            raise ValueError(
+                "`precision` is 'fp16', but this machine has no GPU (fp16 mixed precision needs one); use 'bf16' "
+                "(CPU autocast) or 'fp32'"
+            )
+        self._precision = precision
+        # Accelerate holds one mixed-precision mode (and dynamo setting) per process, set by the first trainer that
+        # prepares; nothing else trains in this process now (checked above), so this run_fit sets its own. (Its
+        # only reset is this private one; without it a second run_fit in another precision fails in Accelerate.)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
-        from rf_notebook.trainers._common import apply_formatting, check_precision
+        from rf_notebook.trainers._common import apply_formatting, check_shared_state
 
         trainer = TRAINERS[param_config.trainer_type]
         formatted = {}  # each distinct formatting_func is applied once, to the train and eval sets
@@ -248,7 +268,7 @@ class Experiment:
             prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
             points = {}
             self._check_num_chunks(prepared, len(train_dataset), num_chunks)
-        check_precision(prepared, on_gpu=_on_gpu())
+        check_shared_state(prepared)
 
         self._warn_device()
         if not self._store.durable:
@@ -460,23 +480,37 @@ class Experiment:
     def _fit_device(self, user_args: dict[str, Any], mc: RFModelConfig, on_gpu: bool) -> tuple[dict, RFModelConfig]:
         """What a notebook written for a GPU asks that this machine cannot honour, adjusted with one warning per
         experiment, decided before anything trains: bf16 / fp16 on a CPU (the base loaded and trained in float32),
-        `device_map` (every run shares one device), `load_in_4bit` / `load_in_8bit` (a `BitsAndBytesConfig` where
-        bitsandbytes and a GPU are there, else an unquantized base), bitsandbytes' 8-bit / paged optimizers without
-        them (AdamW)."""
+        bf16 on a GPU without bfloat16 (a T4, a V100: fp16 mixed precision and a float16 base), `device_map` (every
+        run shares one device), `load_in_4bit` / `load_in_8bit` (a `BitsAndBytesConfig` where bitsandbytes and a
+        GPU are there, else an unquantized base), bitsandbytes' 8-bit / paged optimizers without them (AdamW).
+        run_fit's `precision` sets bf16 / fp16 for every run, over the configs."""
         changes = []
         kwargs = dict(mc.model_kwargs or {})
         quantizable = on_gpu and _has_bitsandbytes()
         unquantizable = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
-        if not on_gpu:
+        if self._precision is not None:
+            user_args["bf16"], user_args["fp16"] = self._precision == "bf16", self._precision == "fp16"
+        elif not on_gpu:
             for flag in ("bf16", "fp16"):
                 if user_args.get(flag):
                     user_args[flag] = False
                     changes.append(f"{flag}=True (this machine has no GPU: trained in float32)")
-            for key in ("dtype", "torch_dtype"):  # transformers 5's name, and the older one
-                if key in kwargs and _dtype_name(kwargs[key]) not in ("float32", "None"):
-                    name = _dtype_name(kwargs[key])
-                    changes.append(f"model_kwargs {key}={name} (no GPU: the base is loaded in float32)")
-                    kwargs[key] = "float32"
+        elif not _gpu_has_bf16() and not user_args.get("fp16") and user_args.get("bf16") is not False:
+            # TRL's default (bf16 unless fp16), or bf16=True: every run would fail in the trainer's constructor
+            asked = "bf16=True" if user_args.get("bf16") else "bf16 (TRL's default)"
+            fp16 = user_args.get("fp16") is not False  # fp16=False said: float32
+            user_args["bf16"], user_args["fp16"] = False, fp16
+            changes.append(f"{asked} (this GPU has no bfloat16: {'fp16 mixed precision' if fp16 else 'float32'})")
+        for key in ("dtype", "torch_dtype"):  # transformers 5's name, and the older one
+            name = _dtype_name(kwargs.get(key))
+            if key not in kwargs or name in ("float32", "None"):
+                continue
+            if not on_gpu:
+                changes.append(f"model_kwargs {key}={name} (no GPU: the base is loaded in float32)")
+                kwargs[key] = "float32"
+            elif name == "bfloat16" and not _gpu_has_bf16():
+                changes.append(f"model_kwargs {key}={name} (this GPU has no bfloat16: the base is loaded in float16)")
+                kwargs[key] = "float16"
         for flag in ("load_in_4bit", "load_in_8bit"):  # transformers 5 takes these only in a quantization_config
             if flag not in kwargs or not kwargs.pop(flag):
                 continue  # False: nothing to quantize (and transformers 5 refuses the flag itself)
@@ -996,10 +1030,19 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def torch_device_index() -> int:
+def _gpu_has_bf16() -> bool:
+    """Whether this GPU computes in bfloat16 natively (Ampere and later); a T4 or V100 only emulates it."""
     import torch
 
-    return torch.cuda.current_device()
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def torch_device_index() -> int:
+    """The GPU every run trains on: the trainers' (Accelerate's) device, not whatever device the calling thread has
+    current (`torch.cuda.set_device` in the notebook), so the base model and the trainers never disagree."""
+    from accelerate import PartialState
+
+    return PartialState().device.index or 0
 
 
 def data_fingerprint(dataset: Any) -> str:

@@ -41,6 +41,8 @@ __all__ = [
     "OWNED_FIELDS",
     "OwnedField",
     "PRECISION_FIELDS",
+    "PROCESS_FIELDS",
+    "PER_BASE_FIELDS",
     "owned_refusal",
     "owned_value_repr",
 ]
@@ -181,7 +183,12 @@ def _grpo_prompt_length(kwargs: dict[str, Any]) -> str:
 
 
 # Fields every trainer's arguments had in transformers 4.x / TRL 0.x (RapidFire AI's pins) -> today's.
-_LEGACY_TRAINING = {"warmup_ratio": _warmup_ratio}
+_LEGACY_TRAINING = {
+    "warmup_ratio": _warmup_ratio,
+    # transformers 5 keeps these as deprecated aliases, but a default of the new name would silently win over them
+    "gradient_checkpointing": _renamed("gradient_checkpointing", "activation_checkpointing"),
+    "gradient_checkpointing_kwargs": _renamed("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +272,13 @@ OWNED_FIELDS: dict[str, OwnedField] = {
     ),
 }
 
-# Mixed precision: Accelerate's state holds one mode per process, so every run of a run_fit on a GPU shares it.
+# Mixed precision: Accelerate's state holds one mode per process, so every run of a run_fit shares it.
 PRECISION_FIELDS = ("bf16", "fp16")
+# Trainer arguments that set process-wide state (Accelerate's mixed precision and dynamo plugin, torch's TF32 and
+# deterministic-algorithm switches, the whole model cast for evaluation): one value for every run of a run_fit.
+PROCESS_FIELDS = (*PRECISION_FIELDS, "tf32", "full_determinism", "bf16_full_eval", "fp16_full_eval", "torch_compile")
+# Set on the shared base model itself (its layers' checkpointing switch, the embedding hook): one value per base.
+PER_BASE_FIELDS = ("activation_checkpointing", "activation_checkpointing_kwargs")
 
 
 def owned_refusal(name: str, value: Any) -> str | None:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rf_notebook.configs import PRECISION_FIELDS, owned_refusal, owned_value_repr
+from rf_notebook.configs import PER_BASE_FIELDS, PROCESS_FIELDS, owned_refusal, owned_value_repr
 
 __all__ = ["split_overrides", "SHAPE_FIELDS", "DATA_POSITION_FIELDS"]
 
@@ -90,11 +90,14 @@ def split_overrides(
         _check_json(key, value)
         _check_type(key, value, parent)
         _check_range(key, name, value)
-        if section == "training_args" and name in PRECISION_FIELDS and bool(value) != bool(parent):
+        differs = bool(value) != bool(parent) if isinstance(value, bool) else value != parent
+        if section == "training_args" and name in PROCESS_FIELDS + PER_BASE_FIELDS and differs:
+            shared = "process (one Accelerate mixed-precision mode, one TF32 / determinism switch)"
+            if name in PER_BASE_FIELDS:
+                shared = "base model the runs share (activation checkpointing is switched on the model itself)"
             raise ValueError(
-                f"override {key!r} is {value!r}, but the run trains with {name}={parent!r} and every run of one "
-                "run_fit trains with one precision (Accelerate holds one mixed-precision mode per process); start "
-                f"another run_fit for {name}={value!r}"
+                f"override {key!r} is {value!r}, but the run trains with {name}={parent!r} and that is one setting "
+                f"for the whole {shared}; start another run_fit for {name}={value!r}"
             )
         if warm_start and name in SHAPE_FIELDS:
             raise ValueError(

@@ -319,10 +319,17 @@ OVERRIDE_CASES = [
     (
         "bf16",
         {"bf16": True},
-        r"override 'bf16' is True, but the run trains with bf16=False and every run of one run_fit trains with one "
-        r"precision .* start another run_fit for bf16=True",
+        r"override 'bf16' is True, but the run trains with bf16=False and that is one setting for the whole process "
+        r"\(one Accelerate mixed-precision mode.* start another run_fit for bf16=True",
     ),
     ("fp16", {"fp16": True}, r"override 'fp16' is True, but the run trains with fp16=False"),
+    ("tf32", {"tf32": True}, r"override 'tf32' is True, but the run trains with tf32=None and that is one setting"),
+    (
+        "activation-checkpointing",
+        {"activation_checkpointing": True},
+        r"override 'activation_checkpointing' is True, but the run trains with activation_checkpointing=False and "
+        r"that is one setting for the whole base model the runs share",
+    ),
 ]
 
 
@@ -330,7 +337,7 @@ OVERRIDE_CASES = [
 def test_overrides_of_what_the_experiment_owns_are_refused(overrides, message):
     from rf_notebook.overrides import split_overrides
 
-    parent = RFSFTConfig(max_steps=4, use_cpu=True, bf16=False).build(output_dir="runs/1")
+    parent = RFSFTConfig(max_steps=4, use_cpu=True, bf16=False, activation_checkpointing=False).build(output_dir="runs/1")
     current = {"training_args": parent.to_dict(), "peft_config": RFLoraConfig(r=4).build().to_dict()}
     fields = {"training_args": RFSFTConfig.field_names(), "peft_config": RFLoraConfig.field_names()}
     with pytest.raises(ValueError, match=message) as caught:

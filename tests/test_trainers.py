@@ -172,22 +172,62 @@ def test_the_run_folder_and_what_the_experiment_owns_are_never_the_users(trainer
     assert args["learning_rate"] == 1e-3  # the user's other values stay
 
 
-def fake_run(name, bf16=False, fp16=False):
+def fake_run(name, base="demo", **args):
     from types import SimpleNamespace
 
-    return SimpleNamespace(args=SimpleNamespace(bf16=bf16, fp16=fp16), spec=SimpleNamespace(name=name))
+    from rf_notebook.configs import PER_BASE_FIELDS, PROCESS_FIELDS
+
+    values = {**dict.fromkeys(PROCESS_FIELDS + PER_BASE_FIELDS), "bf16": False, "fp16": False, **args}
+    model_config = SimpleNamespace(base_key=lambda: (base,))
+    return SimpleNamespace(args=SimpleNamespace(**values), spec=SimpleNamespace(name=name, model_config=model_config))
 
 
-def test_one_precision_per_run_fit_on_a_gpu():
-    from rf_notebook.trainers._common import check_precision
+def test_process_wide_settings_are_one_per_run_fit_and_checkpointing_one_per_base():
+    from rf_notebook.trainers._common import check_shared_state
 
     runs = [fake_run("lr=1e-3", bf16=True), fake_run("lr=1e-4", bf16=True), fake_run("fp16 run", fp16=True)]
     with pytest.raises(
         ValueError,
-        match=r"run 'lr=1e-3' trains with bf16=True, fp16=False but run 'fp16 run' with bf16=False, fp16=True: on a "
-        r"GPU every run of one run_fit trains with one precision .*split the sweep into two run_fit calls",
+        match=r"run 'lr=1e-3' trains with bf16=True, fp16=False but run 'fp16 run' with bf16=False, fp16=True: these "
+        r"are one setting for the whole process .*split the sweep into two run_fit calls",
     ):
-        check_precision(runs, on_gpu=True)
-    check_precision(runs, on_gpu=False)  # on a CPU bf16 / fp16 are off already (float32)
-    check_precision(runs[:2], on_gpu=True)
-    check_precision([], on_gpu=True)
+        check_shared_state(runs)
+    check_shared_state(runs[:2])
+    check_shared_state([])
+    with pytest.raises(ValueError, match=r"trains with tf32=True but run 'b' with tf32=False"):
+        check_shared_state([fake_run("a", tf32=True), fake_run("b", tf32=False)])
+    with pytest.raises(ValueError, match=r"full_determinism=True"):
+        check_shared_state([fake_run("a", full_determinism=True), fake_run("b")])
+    # activation checkpointing: one value per shared base, different bases may differ
+    with pytest.raises(
+        ValueError,
+        match=r"run 'a' trains with activation_checkpointing=True but run 'b' with activation_checkpointing=False: "
+        r"activation checkpointing is switched on the base model the runs share",
+    ):
+        check_shared_state([fake_run("a", activation_checkpointing=True), fake_run("b", activation_checkpointing=False)])
+    check_shared_state(
+        [fake_run("a", activation_checkpointing=True), fake_run("b", base="other", activation_checkpointing=False)]
+    )
+
+
+def test_activation_checkpointing_is_off_unless_asked_on_every_device():
+    """TRL's default turns it on (each step runs its forward twice): off here on a GPU too, unless the run asks;
+    RapidFire AI's `gradient_checkpointing=True` is taken as today's `activation_checkpointing` (a default of the
+    new name would otherwise silently win over the deprecated alias)."""
+    import warnings
+
+    from rf_notebook import RFDPOConfig
+    from rf_notebook.configs import LegacyFieldWarning
+
+    for on_gpu in (False, True):
+        args = TRAINERS["SFT"].resolve_args({}, output_dir="o", seed=0, on_gpu=on_gpu)
+        assert args["activation_checkpointing"] is False
+        args = TRAINERS["SFT"].resolve_args({"activation_checkpointing": True}, output_dir="o", seed=0, on_gpu=on_gpu)
+        assert args["activation_checkpointing"] is True
+    with pytest.warns(LegacyFieldWarning, match="gradient_checkpointing=True -> activation_checkpointing=True"):
+        config = RFDPOConfig(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert config.kwargs == {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no transformers FutureWarning about the deprecated alias either
+        built = config.replace(output_dir="o", use_cpu=True, bf16=False).build()
+    assert built.activation_checkpointing is True

@@ -72,21 +72,44 @@ class _Record(TrainerCallback):
 
 @dataclasses.dataclass
 class Patches:
-    """Instance-level `forward` overrides on the shared model's modules, as one trainer left them."""
+    """What one trainer set on the shared model's module objects, as it left them: the instance-level `forward`
+    (Accelerate's autocast wrapper under mixed precision), the forward it wrapped, and Accelerate's prepared mark.
 
-    forwards: dict[int, Any]
+    The mark matters as much as the wrapper: Accelerate's `prepare_model` returns early, installing no autocast, for
+    a model object it has marked. Each run carries its own three, so every run trains under exactly the wrapper
+    its own `prepare` installed, as a lone trainer would."""
+
+    ATTRIBUTES = ("forward", "_original_forward", "_is_accelerate_prepared")
+
+    attributes: dict[int, dict[str, Any]]
 
     @staticmethod
     def capture(modules: list[Any]) -> Patches:
-        return Patches({i: m.__dict__.get("forward") for i, m in enumerate(modules)})
+        return Patches(
+            {i: {k: m.__dict__[k] for k in Patches.ATTRIBUTES if k in m.__dict__} for i, m in enumerate(modules)}
+        )
 
     def apply(self, modules: list[Any]) -> None:
         for i, module in enumerate(modules):
-            forward = self.forwards.get(i)
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = forward
+            own = self.attributes.get(i, {})
+            for key in self.ATTRIBUTES:
+                if key in own:
+                    module.__dict__[key] = own[key]
+                else:
+                    module.__dict__.pop(key, None)
+
+
+def _check_neutral(when: str) -> None:
+    """Raise unless grad mode is on, autocast off and no saved-tensor hooks are installed on this thread. The run
+    then fails, and closing it unwinds its train() and with it the contexts that set them."""
+    import torch
+
+    problems = [] if torch.is_grad_enabled() else ["grad mode is off"]
+    problems += [f"{device} autocast is on" for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+        problems.append("saved-tensor hooks are installed")
+    if problems:
+        raise RuntimeError(f"{when}: {', '.join(problems)}; it would leak into the other runs' training")
 
 
 class RunSlot:
@@ -121,7 +144,12 @@ class RunSlot:
         return self.state
 
     def advance(self, pause_at: int) -> None:
-        """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state."""
+        """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state.
+
+        Grad mode, autocast and saved-tensor hooks are the thread's, so every greenlet of the scheduler thread
+        shares them: a run must hand control back with them as it found them (it suspends between optimizer
+        steps, outside any forward), or the next run would train under them. Checked at every switch."""
+        _check_neutral(f"before run {self.run_id} resumes")
         self.pause_at = pause_at
         if self._greenlet is None:
             self._greenlet = greenlet.greenlet(lambda: self.trainer.train(resume_from_checkpoint=self.resume_from))
@@ -131,6 +159,7 @@ class RunSlot:
             self.state = _process_state.capture()
             self.step = self.trainer.state.global_step
             self.finished = self._greenlet.dead
+        _check_neutral(f"after run {self.run_id} suspended")
 
     def suspend(self) -> None:
         """Called inside the run's greenlet: hand control back to the scheduler until `advance` is called."""

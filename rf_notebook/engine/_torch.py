@@ -70,6 +70,17 @@ class _Base:
         self.model, self.tokenizer = model, tokenizer
         self.peft: Any = None
         self.pristine: Patches | None = None
+        # TRL's constructor and transformers' train() each register a hook that makes the embedding output require
+        # grad (activation checkpointing with adapters), keeping no handle on the previous ones: one per call, so
+        # two per run, all run at every forward. On the shared base the second call replaces the first.
+        cls = type(model)
+        if hasattr(cls, "enable_input_require_grads"):
+
+            def enable_input_require_grads() -> None:
+                cls.disable_input_require_grads(model)
+                cls.enable_input_require_grads(model)
+
+            model.enable_input_require_grads = enable_input_require_grads
 
     @property
     def modules(self) -> list[Any]:
@@ -242,7 +253,7 @@ class GenerationMetrics(TrainerCallback):
         was_training = model.training
         model.eval()
         predictions = []
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        devices = [model.device] if model.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 for i in range(0, len(self.prompts), self.batch_size):
@@ -480,11 +491,10 @@ class TorchBackend:
         torch.save(slot.trainer.optimizer.state_dict(), path / "optimizer.pt")
         torch.save(slot.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
         slot.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
-        state = slot.resume_state()
-        rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
-        if state.torch_cuda is not None:
-            rng["cuda"] = state.torch_cuda
-        torch.save(rng, path / "rng_state.pth")
+        torch.save(rng_payload(slot.resume_state(), slot.trainer.args), path / "rng_state.pth")
+        scaler = getattr(slot.trainer.accelerator, "scaler", None)
+        if scaler is not None:  # fp16: a resumed run or warm clone goes on at the parent's loss scale
+            torch.save(scaler.state_dict(), path / "scaler.pt")
         counters = {k: getattr(slot.trainer, k) for k in _TRAINER_COUNTERS if hasattr(slot.trainer, k)}
         (path / "rf_trainer_counters.json").write_text(json.dumps(counters))
         if _mid_generation(slot.trainer):
@@ -595,6 +605,21 @@ class TorchBackend:
         self._runs.clear()
         self._unloaded.clear()
         gc.collect()
+
+
+def rng_payload(state: _process_state.ProcessState, args: Any) -> dict[str, Any]:
+    """A run's random state in transformers' `rng_state.pth` layout, which `train(resume_from_checkpoint=...)`
+    reads: on one GPU the CUDA state of the trainer's device alone (a per-device list is the multi-GPU layout,
+    and one GPU's loader cannot set it back: transformers logs "Didn't manage to set back the RNG states")."""
+    rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
+    if state.torch_cuda is not None:
+        from transformers.training_args import ParallelMode
+
+        if args.parallel_mode == ParallelMode.DISTRIBUTED:
+            rng["cuda"] = state.torch_cuda
+        else:
+            rng["cuda"] = state.torch_cuda[args.device.index or 0]
+    return rng
 
 
 def latest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:

@@ -7,9 +7,9 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from rf_notebook.configs import OWNED_FIELDS, PRECISION_FIELDS
+from rf_notebook.configs import OWNED_FIELDS, PER_BASE_FIELDS, PROCESS_FIELDS
 
-__all__ = ["MODULE_SURFACE", "base_args", "check_columns", "check_precision", "base_is_reference"]
+__all__ = ["MODULE_SURFACE", "base_args", "check_columns", "check_shared_state", "base_is_reference"]
 
 # What every trainer module (sft, dpo, grpo, rloo) defines: its whole surface, the same names for each type.
 MODULE_SURFACE = (
@@ -29,8 +29,10 @@ def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bo
 
     Defaults: the experiment's seed (also as `data_seed`, so the sample order is the seed's whatever else
     happened in the process), a loss logged at every step and logged as it is (a NaN loss shows as NaN, not
-    as the mean of the steps before: transformers' `logging_nan_inf_filter`), and on CPU no bf16 and no
-    activation checkpointing. Owned: the run's own folder `output_dir`, no checkpoints written by the trainer
+    as the mean of the steps before: transformers' `logging_nan_inf_filter`), no activation checkpointing unless
+    asked for (TRL turns it on by default: every step would run its forward twice, to save memory the runs of a
+    sweep rarely need; it is also one switch on the shared base, see `check_shared_state`), and on CPU no bf16.
+    Owned: the run's own folder `output_dir`, no checkpoints written by the trainer
     (the engine keeps per-run state itself), no reporting integrations, no pushes. A user's value of an owned
     field never reaches the trainer (the configs refuse those that would change anything): two runs never share
     a folder, whatever their configs say.
@@ -41,36 +43,54 @@ def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bo
         "logging_nan_inf_filter": False,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        "activation_checkpointing": False,
     }
     if not on_gpu:
-        args.update(bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True)
+        args.update(bf16=False, fp16=False, use_cpu=True)
     args.update({key: value for key, value in user.items() if key not in OWNED_FIELDS})
     args.update(output_dir=output_dir, save_strategy="no", report_to="none")  # the rest keep TRL's defaults
     args.setdefault("data_seed", args["seed"])
     return args
 
 
-def check_precision(runs: Sequence[Any], *, on_gpu: bool) -> None:
-    """Refuse, before anything is loaded, the runs of one run_fit that train with different mixed precision.
+def check_shared_state(runs: Sequence[Any]) -> None:
+    """Refuse, before anything is loaded, runs of one run_fit that differ in what they cannot each have their own of.
 
-    On a GPU, Accelerate's state holds one mixed-precision mode per process, so runs differing in `bf16` /
-    `fp16` would fail inside Accelerate during setup. `runs` are prepared runs: `.args` is the real trainer
-    config, `.spec.name` the run's name. On a CPU bf16 / fp16 are already off (float32): nothing to check.
+    `PROCESS_FIELDS` set process-wide state (Accelerate holds one mixed-precision mode per process; TF32, full
+    determinism, torch.compile and the full-eval casts are process- or model-wide): one value for every run.
+    `PER_BASE_FIELDS` (activation checkpointing) switch the shared base model itself: one value for the runs that
+    share a base. `runs` are prepared runs: `.args` is the real trainer config, `.spec.name` the run's name.
     """
-    if not on_gpu or not runs:
+
+    def compare(group: Sequence[Any], names: Sequence[str], why: str) -> None:
+        (first, want), *others = [(run.spec.name, {n: getattr(run.args, n, None) for n in names}) for run in group]
+        for other, got in others:
+            differ = [name for name in names if got[name] != want[name]]
+            if differ:
+                raise ValueError(
+                    f"run {first!r} trains with {', '.join(f'{n}={want[n]!r}' for n in differ)} but run {other!r} "
+                    f"with {', '.join(f'{n}={got[n]!r}' for n in differ)}: {why}"
+                )
+
+    if not runs:
         return
-    (first, want), *others = [
-        (run.spec.name, {name: getattr(run.args, name, None) for name in PRECISION_FIELDS}) for run in runs
-    ]
-    for other, got in others:
-        differ = [name for name in PRECISION_FIELDS if got[name] != want[name]]
-        if differ:
-            raise ValueError(
-                f"run {first!r} trains with {', '.join(f'{n}={want[n]!r}' for n in differ)} but run {other!r} with "
-                f"{', '.join(f'{n}={got[n]!r}' for n in differ)}: on a GPU every run of one run_fit trains with one "
-                "precision (Accelerate holds one mixed-precision mode per process); give every run the same "
-                "bf16 / fp16, or split the sweep into two run_fit calls"
-            )
+    compare(
+        runs,
+        PROCESS_FIELDS,
+        "these are one setting for the whole process (Accelerate holds one mixed-precision mode, torch one TF32 and "
+        "determinism switch), so every run of one run_fit takes the same value; split the sweep into two run_fit "
+        "calls",
+    )
+    by_base: dict[Any, list[Any]] = {}
+    for run in runs:
+        by_base.setdefault(run.spec.model_config.base_key(), []).append(run)
+    for group in by_base.values():
+        compare(
+            group,
+            PER_BASE_FIELDS,
+            "activation checkpointing is switched on the base model the runs share, so runs on one base take one "
+            "value; give them the same, or a second base (another model_kwargs) for the other value",
+        )
 
 
 def check_columns(

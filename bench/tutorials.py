@@ -129,10 +129,21 @@ def load_dataset(path, name=None, split=None, **kwargs):
 '''
 
 CHECK = """import json as _json
+from rf_notebook.configs import OWNED_FIELDS as _OWNED
+_results = experiment.get_results()
+def _learned(run_id):
+    rows = _results[_results.run_id == run_id]
+    losses = rows["loss"].dropna() if "loss" in rows else []
+    norms = rows["grad_norm"].dropna() if "grad_norm" in rows else []
+    return {"losses_finite": bool(len(losses)) and bool(losses.apply(lambda v: v == v and abs(v) != float("inf")).all()),
+            "max_grad_norm": float(norms.max()) if len(norms) else None}
 print("RF_TUTORIAL_CHECK " + _json.dumps({
-    "runs": [{k: v for k, v in vars(r).items() if k not in ("config", "params")} for r in experiment.runs()],
-    "configs": {r.run_id: r.config for r in experiment.runs()},
-    "metrics": sorted(experiment.get_results().columns),
+    "runs": [{**{k: v for k, v in vars(r).items() if k not in ("config", "params")}, **_learned(r.run_id)}
+             for r in experiment.runs()],
+    # what each run trained with, less what the experiment sets itself (each run's own folder)
+    "configs": {r.run_id: {**r.config, "training_args": {k: v for k, v in r.config["training_args"].items()
+                                                         if k not in _OWNED}} for r in experiment.runs()},
+    "metrics": sorted(_results.columns),
 }, default=str))
 """
 
@@ -212,7 +223,9 @@ def judge(check: dict[str, Any] | None) -> dict[str, Any]:
     if check is None:
         return {"ok": False, "why": "the notebook did not reach its end"}
     runs = check["runs"]
-    unfinished = [r for r in runs if r["status"] != "finished" or r["step"] != r["total_steps"]]
+    unfinished = [
+        r for r in runs if r["status"] != "finished" or r["step"] != r["total_steps"] or not r["losses_finite"]
+    ]
     configs = [json.dumps(c, sort_keys=True) for c in check["configs"].values()]
     same = len(set(configs)) < len(configs)
     why = []
@@ -224,7 +237,10 @@ def judge(check: dict[str, Any] | None) -> dict[str, Any]:
     if same:
         why.append("two runs trained the same config")
     warnings = sorted({r["warning"] for r in runs if r.get("warning")})
-    return {"ok": not why, "why": "; ".join(why), "warnings": warnings}
+    # Whether the adapters moved at all: a zero gradient throughout (e.g. GRPO whose rewards never differ within a
+    # group, as with the demo model on a task it cannot do) trains every step and changes nothing. Reported.
+    learned = [bool(r["max_grad_norm"]) for r in runs]
+    return {"ok": not why, "why": "; ".join(why), "warnings": warnings, "learned": learned}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -265,8 +281,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(t["tutorial"]).stem,
             "yes" if t["ok"] else f"no: {t['why']}",
             ", ".join(f"{r['step']}/{r['total_steps']}" for r in t["runs"]),
+            f"{sum(t.get('learned', []))} of {len(t['runs'])}",
             sum(not c.startswith("FIX") for c in t["changes"]),
             "; ".join(c for c in t["changes"] if c.startswith("FIX")) or "none",
+            "; ".join(t.get("warnings", [])) or "none",
             t["seconds"],
         ]
         for t in result["tutorials"]
@@ -278,8 +296,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(imports, model ids -> copies of the demo model, Hub data -> local rows of the same columns, fewer rows and "
         "steps; "
         "every change is listed in bench/results/tutorials.json) and executed top to bottom in a kernel, with no "
-        "`wait()` added. Trained: every run finished all its steps, with configs as distinct as the tutorial's.",
-        ["tutorial", "trained", "steps per run", "mechanical changes", "other changes", "seconds"],
+        "`wait()` added. Trained: every run finished all its steps with finite losses, and no two runs trained the "
+        "same config (the experiment's own fields, such as each run's folder, left out of the comparison).",
+        [
+            "tutorial",
+            "trained",
+            "steps per run",
+            "runs with a nonzero gradient",
+            "mechanical changes",
+            "other changes",
+            "warnings",
+            "seconds",
+        ],
         rows,
     )
     return result

@@ -105,7 +105,6 @@ class Experiment:
         self._engine: Any = None
         self._panel: Any = None
         self._device_warnings: list[str] = []
-        self._precision: str | None = None  # run_fit(precision=...): bf16 / fp16 for every run of the last run_fit
         self._device_warned = False
         key = self.path.resolve()
         holder = _HOLDERS.get(key)
@@ -227,13 +226,27 @@ class Experiment:
                 "`precision` is 'fp16', but this machine has no GPU (fp16 mixed precision needs one); use 'bf16' "
                 "(CPU autocast) or 'fp32'"
             )
-        self._precision = precision
-        # Accelerate holds one mixed-precision mode (and dynamo setting) per process, set by the first trainer that
-        # prepares; nothing else trains in this process now (checked above), so this run_fit sets its own. (Its
-        # only reset is this private one; without it a second run_fit in another precision fails in Accelerate.)
-        from accelerate.state import AcceleratorState
+        self._fit(
+            param_config, create_model_fn, train_dataset, eval_dataset, num_chunks, seed, display, policy, resume,
+            on_nonfinite, precision,
+        )
 
-        AcceleratorState._reset_state()
+    def _fit(
+        self,
+        param_config: _Search,
+        create_model_fn: Callable[[RFModelConfig], tuple[Any, Any]] | None,
+        train_dataset: Any,
+        eval_dataset: Any,
+        num_chunks: int,
+        seed: int,
+        display: bool | None,
+        policy: Any,
+        resume: bool,
+        on_nonfinite: str,
+        precision: str | None,
+    ) -> None:
+        """run_fit once its arguments are checked: prepare every run (or the resumed ones) and start training."""
+        from rf_notebook.engine import Engine, TorchBackend
 
         specs = param_config.expand()
         from rf_notebook.trainers import TRAINERS
@@ -258,6 +271,7 @@ class Experiment:
             "seed": seed,
             "train_fingerprint": data_fingerprint(train_dataset),
             "eval_fingerprint": None if eval_dataset is None else data_fingerprint(eval_dataset),
+            "precision": precision,
         }
         replay: list[Any] = []
         if resume:
@@ -265,7 +279,7 @@ class Experiment:
         else:
             decided, refusals = 0, []
             ids = self._store.reserve_run_ids(len(specs))
-            prepared = [self._prepare(run_id, spec, seed) for run_id, spec in zip(ids, specs)]
+            prepared = [self._prepare(run_id, spec, seed, precision) for run_id, spec in zip(ids, specs)]
             points = {}
             self._check_num_chunks(prepared, len(train_dataset), num_chunks)
         check_shared_state(prepared)
@@ -275,6 +289,12 @@ class Experiment:
             self._store.attach(self.path)  # StorageError (unwritable folder) before anything trains
         if self._engine is not None:
             self._engine.shutdown()
+        # Accelerate holds one mixed-precision mode (and dynamo setting) per process, set by the first trainer that
+        # prepares; nothing else trains in this process now (checked above), so this run_fit sets its own. (Its
+        # only reset is this private one; without it a second run_fit in another precision fails in Accelerate.)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         if resume:
             for op_id, why in refusals:
                 self._store.settle_op(op_id, "refused", why)
@@ -335,8 +355,9 @@ class Experiment:
             ("seed", "`seed`"),
             ("train_fingerprint", "`train_dataset` (content fingerprint)"),
             ("eval_fingerprint", "`eval_dataset` (content fingerprint)"),
+            ("precision", "`precision`"),
         ):
-            if fit[key] != last[key]:
+            if fit[key] != last.get(key):  # (experiments from before `precision` existed stored none: None)
                 raise ValueError(
                     f"cannot resume experiment {self.name!r}: {what} is {fit[key]!r}, but it was started with "
                     f"{last[key]!r}; resume with the same arguments, or start a new experiment"
@@ -349,7 +370,7 @@ class Experiment:
             )
         prepared: dict[int, Any] = {}
         for run_id, spec in zip(ids, specs):
-            run = self._prepare(run_id, spec, fit["seed"])
+            run = self._prepare(run_id, spec, fit["seed"], fit["precision"])
             changed = _config_changes(self._store.run(run_id).config, run.config)
             if changed:
                 raise ValueError(
@@ -432,7 +453,7 @@ class Experiment:
         ops = [op for op in ops if op in ("stop", "resume")]
         return bool(ops) and ops[-1] == "stop"
 
-    def _prepare(self, run_id: int, spec: RunSpec, seed: int) -> Any:
+    def _prepare(self, run_id: int, spec: RunSpec, seed: int, precision: str | None = None) -> Any:
         """Resolve one run's arguments and build its real TRL / PEFT configs (TRL validates values here)."""
         import torch
         from accelerate import PartialState
@@ -447,7 +468,7 @@ class Experiment:
         PartialState(cpu=not on_gpu)  # one process-wide state that every run's arguments reuse
         trainer = TRAINERS[spec.trainer_type]
         user_args, mc = self._fit_device(
-            dict(mc.training_args.kwargs) if mc.training_args is not None else {}, mc, on_gpu
+            dict(mc.training_args.kwargs) if mc.training_args is not None else {}, mc, on_gpu, precision
         )
         spec = dataclasses.replace(spec, model_config=mc)
         try:
@@ -477,7 +498,9 @@ class Experiment:
         }
         return PreparedRun(run_id, spec, args, lora, config)
 
-    def _fit_device(self, user_args: dict[str, Any], mc: RFModelConfig, on_gpu: bool) -> tuple[dict, RFModelConfig]:
+    def _fit_device(
+        self, user_args: dict[str, Any], mc: RFModelConfig, on_gpu: bool, precision: str | None = None
+    ) -> tuple[dict, RFModelConfig]:
         """What a notebook written for a GPU asks that this machine cannot honour, adjusted with one warning per
         experiment, decided before anything trains: bf16 / fp16 on a CPU (the base loaded and trained in float32),
         bf16 on a GPU without bfloat16 (a T4, a V100: fp16 mixed precision and a float16 base), `device_map` (every
@@ -488,19 +511,21 @@ class Experiment:
         kwargs = dict(mc.model_kwargs or {})
         quantizable = on_gpu and _has_bitsandbytes()
         unquantizable = "bitsandbytes is not installed" if on_gpu else "this machine has no GPU"
-        if self._precision is not None:
-            user_args["bf16"], user_args["fp16"] = self._precision == "bf16", self._precision == "fp16"
+        if precision is not None:
+            user_args["bf16"], user_args["fp16"] = precision == "bf16", precision == "fp16"
         elif not on_gpu:
             for flag in ("bf16", "fp16"):
                 if user_args.get(flag):
                     user_args[flag] = False
                     changes.append(f"{flag}=True (this machine has no GPU: trained in float32)")
-        elif not _gpu_has_bf16() and not user_args.get("fp16") and user_args.get("bf16") is not False:
-            # TRL's default (bf16 unless fp16), or bf16=True: every run would fail in the trainer's constructor
-            asked = "bf16=True" if user_args.get("bf16") else "bf16 (TRL's default)"
+        elif not _gpu_has_bf16() and "bf16" not in user_args and not user_args.get("fp16"):
+            # TRL's default is bf16 unless fp16; a T4 or V100 only emulates it (slowly, or not at all on older torch).
+            # A run that asks for bf16=True gets it.
             fp16 = user_args.get("fp16") is not False  # fp16=False said: float32
             user_args["bf16"], user_args["fp16"] = False, fp16
-            changes.append(f"{asked} (this GPU has no bfloat16: {'fp16 mixed precision' if fp16 else 'float32'})")
+            changes.append(
+                f"bf16 (TRL's default; this GPU has no bfloat16: {'fp16 mixed precision' if fp16 else 'float32'})"
+            )
         for key in ("dtype", "torch_dtype"):  # transformers 5's name, and the older one
             name = _dtype_name(kwargs.get(key))
             if key not in kwargs or name in ("float32", "None"):
@@ -824,9 +849,11 @@ class Experiment:
         return op.op_id, new_id
 
     def _prepare_clone(self, parent: Any, new_id: int, overrides: dict[str, Any], warm_start: bool, seed: int) -> Any:
-        """Clone `new_id` of the prepared run `parent` with validated `overrides`, prepared like any run."""
+        """Clone `new_id` of the prepared run `parent` with validated `overrides`, prepared like any run, in the
+        parent's precision (not that of a later run_fit)."""
         spec = _clone_spec(parent.spec, self._split(parent, overrides, warm_start), warm_start)
-        return self._prepare(new_id, spec, seed)
+        precision = "bf16" if parent.args.bf16 else "fp16" if parent.args.fp16 else "fp32"
+        return self._prepare(new_id, spec, seed, precision)
 
     @staticmethod
     def _split(parent: Any, overrides: dict[str, Any], warm_start: bool) -> dict[str, dict[str, Any]]:
@@ -1076,8 +1103,11 @@ def _config_changes(stored: Any, new: Any) -> str:
     from rf_notebook.configs import OWNED_FIELDS
 
     a, b = json.loads(json.dumps(stored, default=str)), json.loads(json.dumps(new, default=str))
+    # Activation checkpointing recomputes exactly what it dropped (random state included): it changes memory and
+    # time, never the result (and experiments written before it defaulted off here have no value stored).
+    ignored = (*OWNED_FIELDS, "activation_checkpointing", "activation_checkpointing_kwargs")
     for config in (a, b):
-        for name in OWNED_FIELDS:
+        for name in ignored:
             config.get("training_args", {}).pop(name, None)
     changes = []
     for section in sorted(set(a) | set(b)):

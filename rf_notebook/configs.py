@@ -221,6 +221,13 @@ _HUB = (
 )
 
 
+_SHARED_BASE = (
+    "it patches the base model every run shares for the whole of one run's training, so the interleaved runs "
+    "would train under each other's patches; not supported with runs sharing a base: train that config with plain "
+    "TRL"
+)
+
+
 def _is_none(value: Any) -> bool:
     return value is None
 
@@ -265,6 +272,12 @@ OWNED_FIELDS: dict[str, OwnedField] = {
     "hub_always_push": OwnedField(_HUB, _is_false),
     "hub_revision": OwnedField(_HUB, _is_none),
     "log_completions_hub_repo": OwnedField(_HUB, _is_none),  # GRPO: pushes sampled completions
+    # What a trainer patches onto the model for the length of its train(): on the base every run shares, the
+    # interleaved runs would each train under the others' patches (NEFTune's noise hook on the embedding, stacked
+    # once per run; Liger's kernels; GRPO's float32 lm_head forward).
+    "neftune_noise_alpha": OwnedField(_SHARED_BASE, _is_none),
+    "use_liger_kernel": OwnedField(_SHARED_BASE, _is_false),
+    "cast_lm_head_to_fp32": OwnedField(_SHARED_BASE, _is_false),
     "report_to": OwnedField(
         "rf_notebook logs every run itself (exp.results(), the panel); TRL's trackers (wandb, mlflow, tensorboard, "
         "trackio) assume one run per process and would mix the interleaved runs into one",
@@ -276,9 +289,23 @@ OWNED_FIELDS: dict[str, OwnedField] = {
 PRECISION_FIELDS = ("bf16", "fp16")
 # Trainer arguments that set process-wide state (Accelerate's mixed precision and dynamo plugin, torch's TF32 and
 # deterministic-algorithm switches, the whole model cast for evaluation): one value for every run of a run_fit.
-PROCESS_FIELDS = (*PRECISION_FIELDS, "tf32", "full_determinism", "bf16_full_eval", "fp16_full_eval", "torch_compile")
+PROCESS_FIELDS = (
+    *PRECISION_FIELDS,
+    "tf32",
+    "full_determinism",
+    "bf16_full_eval",
+    "fp16_full_eval",
+    "torch_compile",
+    "torch_compile_mode",
+    "torch_compile_backend",
+)
 # Set on the shared base model itself (its layers' checkpointing switch, the embedding hook): one value per base.
-PER_BASE_FIELDS = ("activation_checkpointing", "activation_checkpointing_kwargs")
+PER_BASE_FIELDS = (
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing",  # transformers 5's deprecated aliases (a Clone-Modify override may use them)
+    "gradient_checkpointing_kwargs",
+)
 
 
 def owned_refusal(name: str, value: Any) -> str | None:

@@ -90,8 +90,7 @@ def split_overrides(
         _check_json(key, value)
         _check_type(key, value, parent)
         _check_range(key, name, value)
-        differs = bool(value) != bool(parent) if isinstance(value, bool) else value != parent
-        if section == "training_args" and name in PROCESS_FIELDS + PER_BASE_FIELDS and differs:
+        if section == "training_args" and name in PROCESS_FIELDS + PER_BASE_FIELDS and value != parent:
             shared = "process (one Accelerate mixed-precision mode, one TF32 / determinism switch)"
             if name in PER_BASE_FIELDS:
                 shared = "base model the runs share (activation checkpointing is switched on the model itself)"

@@ -186,6 +186,12 @@ CONFIG_CASES = [
         r"RFModelConfig.model_name is '', but must be a non-empty string",
     ),
     (
+        "neftune",  # its noise hook on the shared embedding would stay on for every run while one trains
+        lambda: RFSFTConfig(neftune_noise_alpha=5),
+        ValueError,
+        r"RFSFTConfig.neftune_noise_alpha is 5, but it patches the base model every run shares",
+    ),
+    (
         "unsafe-experiment-name",
         lambda: Experiment("../escape"),
         ValueError,
@@ -324,6 +330,13 @@ OVERRIDE_CASES = [
     ),
     ("fp16", {"fp16": True}, r"override 'fp16' is True, but the run trains with fp16=False"),
     ("tf32", {"tf32": True}, r"override 'tf32' is True, but the run trains with tf32=None and that is one setting"),
+    ("tf32-false", {"tf32": False}, r"override 'tf32' is False, but the run trains with tf32=None"),  # torch-wide
+    (
+        "gradient-checkpointing",
+        {"gradient_checkpointing": True},
+        r"override 'gradient_checkpointing' is True, but .* one setting for the whole base model",
+    ),
+    ("neftune", {"neftune_noise_alpha": 5.0}, r"override 'neftune_noise_alpha' is 5.0, but it patches the base"),
     (
         "activation-checkpointing",
         {"activation_checkpointing": True},

@@ -105,5 +105,9 @@ def test_tutorial_harness_runs_a_rapidfire_shaped_notebook_as_its_users_do(tmp_p
     verdict = tutorials.judge(check)
     assert verdict["ok"], verdict
     assert [(r["step"], r["total_steps"]) for r in check["runs"]] == [(8, 8), (8, 8)]
+    assert all(r["losses_finite"] and r["max_grad_norm"] > 0 for r in check["runs"])
+    assert all("output_dir" not in c["training_args"] for c in check["configs"].values())
+    same = {**check, "configs": {1: check["configs"]["1"], 2: check["configs"]["1"]}}
+    assert tutorials.judge(same) == {**verdict, "ok": False, "why": "two runs trained the same config"}
     with pytest.raises(ValueError, match="'max_steps=999' not found"):
         tutorials.convert(source, tutorials.Tutorial("fine-tuning/t.ipynb", [("max_steps=999", "x")]), work)

@@ -139,25 +139,23 @@ def fitted(monkeypatch, user_args, model_kwargs=None, on_gpu=True, bf16_gpu=True
 
     monkeypatch.setattr(api, "_gpu_has_bf16", lambda: bf16_gpu)
     exp = Experiment("gpu-defaults", experiments_dir=tmp_path)
-    exp._precision = precision
     mc = RFModelConfig(DEMO_MODEL, model_kwargs=dict(model_kwargs or {}))
-    args, mc = exp._fit_device(dict(user_args), mc, on_gpu=on_gpu)
+    args, mc = exp._fit_device(dict(user_args), mc, on_gpu=on_gpu, precision=precision)
     return args, dict(mc.model_kwargs), list(exp._device_warnings)
 
 
 def test_a_gpu_without_bfloat16_trains_in_fp16_unless_asked_otherwise(monkeypatch, tmp_path):
-    """A T4 / V100 (Colab's free GPU): TRL's bf16 default would fail every run in the trainer's constructor."""
+    """A T4 / V100 (Colab's free GPU) only emulates bfloat16: TRL's bf16 default falls back to fp16 there (float32
+    where the run said fp16=False), with a bfloat16 base loaded in float16. A run that asks for bf16 keeps it."""
     args, kwargs, said = fitted(monkeypatch, {}, {"torch_dtype": torch.bfloat16}, bf16_gpu=False, tmp_path=tmp_path)
     assert (args["bf16"], args["fp16"]) == (False, True) and kwargs["torch_dtype"] == "float16"
     assert said == [
-        "bf16 (TRL's default) (this GPU has no bfloat16: fp16 mixed precision)",
+        "bf16 (TRL's default; this GPU has no bfloat16: fp16 mixed precision)",
         "model_kwargs torch_dtype=bfloat16 (this GPU has no bfloat16: the base is loaded in float16)",
     ]
-    args, _, said = fitted(monkeypatch, {"bf16": True}, bf16_gpu=False, tmp_path=tmp_path)
-    assert (args["bf16"], args["fp16"]) == (False, True) and "bf16=True (this GPU has no bfloat16" in said[0]
     args, _, said = fitted(monkeypatch, {"fp16": False}, bf16_gpu=False, tmp_path=tmp_path)
     assert (args["bf16"], args["fp16"]) == (False, False) and "no bfloat16: float32" in said[0]
-    for user in ({"bf16": False}, {"fp16": True}):  # asked for: kept
+    for user in ({"bf16": True}, {"bf16": False}, {"fp16": True}):  # asked for: kept
         args, _, said = fitted(monkeypatch, user, bf16_gpu=False, tmp_path=tmp_path)
         assert args == user and said == []
     args, kwargs, said = fitted(monkeypatch, {}, {"torch_dtype": "bfloat16"}, bf16_gpu=True, tmp_path=tmp_path)
@@ -292,3 +290,13 @@ def test_rf_notebook_adds_no_host_device_synchronisation_per_step(tmp_path, monk
         plain_trl(exp.runs()[0].config)
         extra[steps] = ours - counter.count
     assert extra[4] == extra[8], extra
+
+
+def test_a_resume_names_a_different_precision(tmp_path):
+    exp = Experiment("resume-precision", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=2), demo_model_fn, TRAIN, None, num_chunks=1, precision="bf16", display=False)
+    exp.end(wait=False)  # stopped where it was: there is something to resume
+    again = Experiment("resume-precision", experiments_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"`precision` is None, but it was started with 'bf16'"):
+        again.run_fit(sweep(max_steps=2), demo_model_fn, TRAIN, None, num_chunks=1, resume=True, display=False)
+    again.end(wait=False)

@@ -103,6 +103,9 @@ class FakeBackend:
     def release(self):
         pass
 
+    def flush(self):
+        pass
+
 
 class EngineMachine(RuleBasedStateMachine):
     @initialize(sizes=st.lists(st.tuples(st.integers(4, 40), st.integers(1, 4)), min_size=1, max_size=4))

@@ -300,3 +300,30 @@ def test_a_resume_names_a_different_precision(tmp_path):
     with pytest.raises(ValueError, match=r"`precision` is None, but it was started with 'bf16'"):
         again.run_fit(sweep(max_steps=2), demo_model_fn, TRAIN, None, num_chunks=1, resume=True, display=False)
     again.end(wait=False)
+
+
+def test_chunk_end_checkpoints_are_written_off_the_training_thread(tmp_path, monkeypatch):
+    """At a chunk end the training thread only copies the run's state to host memory (on a GPU: pinned buffers,
+    one synchronisation); the files are written and fsync'ed by the checkpoint writer thread, which the GPU does
+    not wait for. Every checkpoint is on disk, complete, once the experiment's runs are done."""
+    import os
+    import threading
+
+    synced = []
+    fsync = os.fsync
+
+    def recorded(fd):
+        synced.append(threading.current_thread().name)
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    exp = Experiment("async-ckpt", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=4), demo_model_fn, TRAIN, None, num_chunks=2, display=False)
+    assert exp.wait(timeout=300)
+    exp.end(wait=False)
+    assert synced and set(synced) == {"rf_notebook-checkpoints"}, Counter(synced)
+    for run in exp.runs():
+        folder = tmp_path / "async-ckpt" / "runs" / str(run.run_id) / "checkpoints"
+        assert [p.name for p in folder.iterdir()] == ["step-4"]
+        files = {p.name for p in (folder / "step-4").iterdir()}
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files

@@ -57,7 +57,7 @@ def test_runs_told_to_share_a_folder_keep_their_own_checkpoints_and_exports(tmp_
         assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-4"]
 
 
-def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path):
+def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path, monkeypatch):
     from rf_notebook.engine import TorchBackend
 
     folder = tmp_path / "checkpoints"
@@ -65,9 +65,13 @@ def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path):
     for name in ["step-1", ".tmp-step-2", *kept]:
         (folder / name).mkdir(parents=True)
     backend = TorchBackend(demo_model_fn, TRAIN, None, num_chunks=2)
-    backend._write_state = lambda slot, path: (path / "trainer_state.json").write_text("{}")  # no trainer needed
+    backend._snapshot = lambda slot: None  # no trainer needed
+    monkeypatch.setattr(
+        "rf_notebook.engine._checkpoints.write_snapshot", lambda snapshot, path: (path / "trainer_state.json").write_text("{}")
+    )
     slot = SimpleNamespace(run_id=1, step=3, trainer=SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path))))
     assert backend.checkpoint(slot) == folder / "step-3"
+    backend.flush()
     assert sorted(p.name for p in folder.iterdir()) == sorted(["step-3", *kept])
 
 

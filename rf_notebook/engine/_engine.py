@@ -260,6 +260,12 @@ class Engine:
             self._rung += 1
             if self.on_rung is None:
                 continue
+            try:  # a decision at a rung is replayed after a crash from the runs' checkpoints at that rung
+                self.backend.flush()
+            except OSError as exc:  # decided once the experiment can be written again
+                self.store.fail_storage(f"cannot write a checkpoint: {exc}")
+                self._rung -= 1
+                break
             try:
                 self.on_rung(self._rung)
             except Exception:  # a broken policy must not take the runs down
@@ -402,7 +408,10 @@ class Engine:
             except Exception:  # unwinding a broken trainer must not hide the real error
                 logger.exception("closing run %d", slot.run_id)
         self._slots.clear()
-        self.backend.release()
+        try:
+            self.backend.release()  # finishes the checkpoints being written
+        except OSError as exc:
+            self.store.fail_storage(f"cannot write a checkpoint: {exc}")
         self.store.notify()
 
 

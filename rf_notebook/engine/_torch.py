@@ -24,7 +24,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rf_notebook.chunking import chunk_plan
 from rf_notebook.configs import RunSpec
-from rf_notebook.engine import _process_state
+from rf_notebook.engine import _checkpoints, _process_state
+from rf_notebook.engine._checkpoints import GENERATION_BUFFER as _GENERATION_BUFFER
+from rf_notebook.engine._checkpoints import CheckpointWriter, Snapshot, to_host
 from rf_notebook.engine._slot import Patches, RunSlot
 from rf_notebook.store import RunRecord
 from rf_notebook.trainers import TRAINERS
@@ -139,9 +141,9 @@ class _ApplyOverrides(TrainerCallback):
 # TRL trainer attributes that transformers' checkpoints do not keep: tokens seen (the `num_tokens` metric) and
 # GRPO / RLOO's micro-step counter (which buffered generation batch a step uses).
 _TRAINER_COUNTERS = ("_total_train_tokens", "_step")
-# GRPO / RLOO's generations still to be trained on (steps_per_generation > 1 or num_iterations > 1), kept with a
-# state written in the middle of a generation cycle: a warm start, or a run unloaded where it was stopped.
-_GENERATION_BUFFER = "rf_generation_buffer.pt"
+# GRPO / RLOO's generations still to be trained on (steps_per_generation > 1 or num_iterations > 1) are kept with a
+# state written in the middle of a generation cycle (a warm start, or a run unloaded where it was stopped):
+# _checkpoints.GENERATION_BUFFER.
 WARM_START = "warm-start"  # a warm clone's starting state, in its run folder
 
 
@@ -304,6 +306,7 @@ class TorchBackend:
         self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
         self._references: dict[tuple[str, str], Any] = {}  # DPO reference models other than a base
         self.resume_points: dict[int, tuple[int, str]] = {}  # run id -> (step, checkpoint) for a resumed experiment
+        self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
 
     def connect(
         self,
@@ -477,51 +480,65 @@ class TorchBackend:
         if not parent.started:
             if parent.resume_from is None:
                 return None
+            self.flush()  # its checkpoint may still be being written
             shutil.copytree(parent.resume_from, path, dirs_exist_ok=True)
             return os.fspath(path)
         self._write_state(parent, path)
         return os.fspath(path)
 
+    def _snapshot(self, slot: RunSlot) -> Snapshot:
+        """The run's whole state now (adapter, optimizer, LR schedule, trainer state, random state, loss scale,
+        buffered generations), copied off the live run: what its checkpoint holds."""
+        import copy
+
+        from peft.utils import get_peft_model_state_dict
+
+        if slot.run_id not in self._runs:
+            raise ValueError(f"run {slot.run_id} has no adapter any more (deleted)")
+        run, base, trainer = self._runs[slot.run_id], self.base_of(slot.run_id), slot.trainer
+        config = dataclasses.replace(base.peft.peft_config[run.adapter])
+        config.base_model_name_or_path = str(run.spec.model_config.model_name)
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        tensors = to_host(
+            {
+                "adapter": get_peft_model_state_dict(base.peft, adapter_name=run.adapter),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "buffer": trainer._buffered_inputs if _mid_generation(trainer) else None,
+            }
+        )
+        return Snapshot(
+            adapter=tensors["adapter"],
+            adapter_config=config,
+            optimizer=tensors["optimizer"],
+            scheduler=copy.deepcopy(trainer.lr_scheduler.state_dict()),
+            trainer_state=json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n",
+            rng=rng_payload(slot.resume_state(), trainer.args),
+            scaler=tensors["scaler"],
+            counters={k: getattr(trainer, k) for k in _TRAINER_COUNTERS if hasattr(trainer, k)},
+            generation_buffer=tensors["buffer"],
+        )
+
     def _write_state(self, slot: RunSlot, path: Path) -> None:
-        """Write a run's adapter, optimizer, LR schedule, trainer state and random state in transformers'
-        checkpoint layout (what `train(resume_from_checkpoint=path)` reads), each file fsync'ed."""
-        import torch
+        """Write a run's state now, on this thread, in transformers' checkpoint layout (a warm start)."""
+        _checkpoints.write_snapshot(self._snapshot(slot), path)
 
-        self._write_adapter(slot.run_id, path)
-        torch.save(slot.trainer.optimizer.state_dict(), path / "optimizer.pt")
-        torch.save(slot.trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
-        slot.trainer.state.save_to_json(os.fspath(path / "trainer_state.json"))
-        torch.save(rng_payload(slot.resume_state(), slot.trainer.args), path / "rng_state.pth")
-        scaler = getattr(slot.trainer.accelerator, "scaler", None)
-        if scaler is not None:  # fp16: a resumed run or warm clone goes on at the parent's loss scale
-            torch.save(scaler.state_dict(), path / "scaler.pt")
-        counters = {k: getattr(slot.trainer, k) for k in _TRAINER_COUNTERS if hasattr(slot.trainer, k)}
-        (path / "rf_trainer_counters.json").write_text(json.dumps(counters))
-        if _mid_generation(slot.trainer):
-            torch.save(slot.trainer._buffered_inputs, path / _GENERATION_BUFFER)
-        for file in path.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+    def checkpoint(self, slot: RunSlot, wait: bool = False) -> Path:
+        """Checkpoint `slot` at its current step as `<output_dir>/checkpoints/step-<N>` (complete or absent; the
+        run's older checkpoints are removed). The training thread only takes the snapshot; the checkpoint writer
+        thread writes it, unless `wait` (a run about to leave memory): then it is on disk when this returns. A
+        failed earlier write is raised here (OSError)."""
+        folder, step = Path(slot.trainer.args.output_dir) / "checkpoints", slot.step
+        snapshot = self._snapshot(slot)
+        if wait:
+            self._writer.flush()
+            return _checkpoints.replace_checkpoint(snapshot, folder, step)
+        self._writer.submit(lambda: _checkpoints.replace_checkpoint(snapshot, folder, step))
+        return folder / f"step-{step}"
 
-    def checkpoint(self, slot: RunSlot) -> Path:
-        """Write `slot`'s state at its current step atomically (a temporary folder renamed into place) and
-        remove its older checkpoints: `<output_dir>/checkpoints/step-<N>` is either complete or absent."""
-        folder = Path(slot.trainer.args.output_dir) / "checkpoints"
-        final = folder / f"step-{slot.step}"
-        tmp = folder / f".tmp-step-{slot.step}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self._write_state(slot, tmp)
-        if final.exists():  # the same step again (a resumed run re-reaching its rung): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(folder)
-        for old in folder.iterdir():  # this run's older and unfinished checkpoints (step-N, .tmp-step-N), nothing else
-            name = old.name.removeprefix(".tmp-")
-            if old != final and name.startswith("step-") and name.removeprefix("step-").isdigit():
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+    def flush(self) -> None:
+        """Wait for the checkpoints being written (before anything reads them)."""
+        self._writer.flush()
 
     # -- driving -----------------------------------------------------------------------------------------------
 
@@ -547,12 +564,13 @@ class TorchBackend:
         stays known, and `reload` rebuilds it exactly from there. A run that has not trained since it was built is
         still exactly what it was built from (its checkpoint, its warm start, or nothing): nothing is written."""
         if slot.started:
-            self.checkpoint(slot)
+            self.checkpoint(slot, wait=True)  # on disk before the run leaves memory
         self.discard(slot, keep_adapter=False)
 
     def reload(self, run: PreparedRun) -> RunSlot:
         """Rebuild an unloaded run from its newest checkpoint, else the warm start it was cloned with, else from
         scratch (it stopped before its first chunk end)."""
+        self.flush()
         return self.build(run, resume_from=resume_point(run.args.output_dir))
 
     def forget(self, run_id: int) -> None:
@@ -578,6 +596,7 @@ class TorchBackend:
 
     def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
         if run_id in self._unloaded:  # written to its checkpoint when it was unloaded or deleted
+            self.flush()
             return os.fspath(export_checkpoint(self._unloaded[run_id].args.output_dir, path, record))
         out = Path(path)
         self._write_adapter(run_id, out)
@@ -600,6 +619,14 @@ class TorchBackend:
         config.save_pretrained(os.fspath(out))
 
     def release(self) -> None:
+        """Free every model, adapter and trainer; the checkpoints being written are finished first (a failed one
+        is raised, after everything is freed)."""
+        try:
+            self._writer.close()
+        finally:
+            self._release_models()
+
+    def _release_models(self) -> None:
         self._bases.clear()
         self._references.clear()
         self._runs.clear()
@@ -657,11 +684,3 @@ def export_checkpoint(output_dir: str | Path, path: str | Path, record: Mapping[
         shutil.copyfile(point[1] / name, out / name)
     (out / "rf_config.json").write_text(json.dumps(dict(record), indent=2, default=str))
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -52,29 +52,39 @@ class Tutorial:
 TUTORIALS = [
     Tutorial(
         "fine-tuning/rf-tutorial-sft-chatqa-lite.ipynb",
-        [("max_steps=128", "max_steps=32"), ('"max_new_tokens": 256', '"max_new_tokens": 8'),
-         ("select(range(128,152))", "select(range(128,136))")],
+        [
+            ("max_steps=128", "max_steps=32"),
+            ('"max_new_tokens": 256', '"max_new_tokens": 8'),
+            ("select(range(128,152))", "select(range(128,136))"),
+        ],
     ),
     Tutorial(
         "fine-tuning/rf-tutorial-sft-chatqa.ipynb",
-        [("select(range(5000))", "select(range(256))"), ("select(range(5000,5200))", "select(range(256,264))"),
-         ('"max_new_tokens": 256', '"max_new_tokens": 8')],
+        [
+            ("select(range(5000))", "select(range(256))"),
+            ("select(range(5000,5200))", "select(range(256,264))"),
+            ('"max_new_tokens": 256', '"max_new_tokens": 8'),
+        ],
     ),
     Tutorial(
         "post-training/rf-tutorial-dpo-alignment-lite.ipynb",
         [("select(range(128))", "select(range(32))")],
-        [(
-            "dpo_config_2.label_smoothing = 0.5",
-            "dpo_config_2.label_smoothing = 0.4",
-            "TRL's robust loss divides by 1 - 2 * label_smoothing: 0.5 is NaN at step 1 in every TRL version "
-            "(TRL only warns); rf_notebook refuses it before training, naming the value",
-        )],
+        [
+            (
+                "dpo_config_2.label_smoothing = 0.5",
+                "dpo_config_2.label_smoothing = 0.4",
+                "TRL's robust loss divides by 1 - 2 * label_smoothing: 0.5 is NaN at step 1 in every TRL version "
+                "(TRL only warns); rf_notebook refuses it before training, naming the value",
+            )
+        ],
     ),
     Tutorial(
         "post-training/rf-tutorial-grpo-mathreasoning-lite.ipynb",
-        [('split="train").select(range(128))', 'split="train").select(range(8))'),
-         ('split="test").select(range(24))', 'split="test").select(range(4))'),
-         ("max_completion_length=256", "max_completion_length=16")],
+        [
+            ('split="train").select(range(128))', 'split="train").select(range(8))'),
+            ('split="test").select(range(24))', 'split="test").select(range(4))'),
+            ("max_completion_length=256", "max_completion_length=16"),
+        ],
     ),
 ]
 
@@ -135,8 +145,8 @@ def _learned(run_id):
     rows = _results[_results.run_id == run_id]
     losses = rows["loss"].dropna() if "loss" in rows else []
     norms = rows["grad_norm"].dropna() if "grad_norm" in rows else []
-    return {"losses_finite": bool(len(losses)) and bool(losses.apply(lambda v: v == v and abs(v) != float("inf")).all()),
-            "max_grad_norm": float(norms.max()) if len(norms) else None}
+    finite = bool(len(losses)) and bool(losses.apply(lambda v: v == v and abs(v) != float("inf")).all())
+    return {"losses_finite": finite, "max_grad_norm": float(norms.max()) if len(norms) else None}
 print("RF_TUTORIAL_CHECK " + _json.dumps({
     "runs": [{**{k: v for k, v in vars(r).items() if k not in ("config", "params")}, **_learned(r.run_id)}
              for r in experiment.runs()],
@@ -177,7 +187,10 @@ def convert(source: Path, tutorial: Tutorial, folder: Path) -> tuple[Any, list[s
             shutil.copytree(MODEL_DIR, folder / local)
         for cell in nb.cells:
             if cell.cell_type == "code":
-                cell.source = MODEL_ID.sub(lambda m: m[1] + repr(local) if m[3] == model_id else m[0], cell.source)
+                cell.source = MODEL_ID.sub(
+                    lambda m, local=local, model_id=model_id: m[1] + repr(local) if m[3] == model_id else m[0],
+                    cell.source,
+                )
         changes.append(f"model: {model_id!r} -> {local!r} (a copy of the demo model)")
     hub = re.compile(r"^(from datasets import .*\bload_dataset\b.*)$", re.M)
     for cell in nb.cells:
@@ -202,7 +215,8 @@ def execute(nb: Any, folder: Path, timeout: int) -> tuple[str | None, float]:
 
     start = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+        resources = {"metadata": {"path": str(folder)}}
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
         error = None
     except CellExecutionError as exc:
         error = str(exc).strip().splitlines()[-1]
@@ -232,8 +246,13 @@ def judge(check: dict[str, Any] | None) -> dict[str, Any]:
     if not runs:
         why.append("no runs")
     if unfinished:
-        why.append("unfinished: " + ", ".join(f"{r['run_id']} {r['status']} {r['step']}/"
-                                             f"{r['total_steps']} {r['error'] or ''}".strip() for r in unfinished))
+        why.append(
+            "unfinished: "
+            + ", ".join(
+                f"{r['run_id']} {r['status']} {r['step']}/{r['total_steps']} {r['error'] or ''}".strip()
+                for r in unfinished
+            )
+        )
     if same:
         why.append("two runs trained the same config")
     warnings = sorted({r["warning"] for r in runs if r.get("warning")})
@@ -269,8 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdict = judge(check)
         if error:
             verdict = {**verdict, "ok": False, "why": f"{error}; {verdict['why']}".rstrip("; ")}
-        row = {"tutorial": tutorial.path, "changes": changes, "seconds": round(seconds, 1), **verdict,
-               "runs": (check or {}).get("runs", []), "metrics": (check or {}).get("metrics", [])}
+        row = {
+            "tutorial": tutorial.path,
+            "changes": changes,
+            "seconds": round(seconds, 1),
+            **verdict,
+            "runs": (check or {}).get("runs", []),
+            "metrics": (check or {}).get("metrics", []),
+        }
         result["tutorials"].append(row)
         print(f"{tutorial.path}: {'ok' if row['ok'] else 'FAILED ' + row['why']} ({seconds:.0f} s)", file=sys.stderr)
     if args.only:

@@ -172,8 +172,6 @@ class Experiment:
         on a GPU without bfloat16 such as a T4, each said in one warning), or "bf16", "fp16" or "fp32" for every
         run, over their configs. "bf16" works on a CPU too (Accelerate's CPU autocast); "fp16" needs a GPU.
         """
-        from rf_notebook.engine import Engine, TorchBackend
-
         if self._training():
             raise RuntimeError(
                 f"experiment {self.name!r} is already running a run_fit; wait() for it or end() it first"
@@ -226,9 +224,15 @@ class Experiment:
                 "`precision` is 'fp16', but this machine has no GPU (fp16 mixed precision needs one); use 'bf16' "
                 "(CPU autocast) or 'fp32'"
             )
+        checked = dict(num_chunks=num_chunks, seed=seed, display=display, policy=policy, resume=resume)
         self._fit(
-            param_config, create_model_fn, train_dataset, eval_dataset, num_chunks, seed, display, policy, resume,
-            on_nonfinite, precision,
+            param_config,
+            create_model_fn,
+            train_dataset,
+            eval_dataset,
+            **checked,
+            on_nonfinite=on_nonfinite,
+            precision=precision,
         )
 
     def _fit(
@@ -237,6 +241,7 @@ class Experiment:
         create_model_fn: Callable[[RFModelConfig], tuple[Any, Any]] | None,
         train_dataset: Any,
         eval_dataset: Any,
+        *,
         num_chunks: int,
         seed: int,
         display: bool | None,
@@ -275,6 +280,8 @@ class Experiment:
         }
         replay: list[Any] = []
         if resume:
+            if self._engine is not None:  # an idle engine of this experiment may still be writing checkpoints
+                self._engine.backend.wait_for_writes()
             prepared, points, replay, decided, refusals = self._resumable(specs, fit)
         else:
             decided, refusals = 0, []

@@ -135,9 +135,10 @@ def test_runs_results_and_best_run(finished):
     # compute_metrics' own name (RapidFire AI's: "rougeL", not "eval_rougeL") names the same metric
     assert finished.best_run("exact_match", "max").run_id == finished.best_run("eval_exact_match", "max").run_id
     assert finished.best_run("loss", "min").run_id in (1, 2)  # a logged name is taken as it is
-    assert finished.leaderboard("exact_match", "max").run_id.tolist() == finished.leaderboard(
-        "eval_exact_match", "max"
-    ).run_id.tolist()
+    assert (
+        finished.leaderboard("exact_match", "max").run_id.tolist()
+        == finished.leaderboard("eval_exact_match", "max").run_id.tolist()
+    )
     with pytest.raises(ValueError, match="no run has logged metric 'bleu'"):
         finished.best_run("bleu")
     board = finished.leaderboard()

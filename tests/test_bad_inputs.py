@@ -350,7 +350,9 @@ OVERRIDE_CASES = [
 def test_overrides_of_what_the_experiment_owns_are_refused(overrides, message):
     from rf_notebook.overrides import split_overrides
 
-    parent = RFSFTConfig(max_steps=4, use_cpu=True, bf16=False, activation_checkpointing=False).build(output_dir="runs/1")
+    parent = RFSFTConfig(max_steps=4, use_cpu=True, bf16=False, activation_checkpointing=False).build(
+        output_dir="runs/1"
+    )
     current = {"training_args": parent.to_dict(), "peft_config": RFLoraConfig(r=4).build().to_dict()}
     fields = {"training_args": RFSFTConfig.field_names(), "peft_config": RFLoraConfig.field_names()}
     with pytest.raises(ValueError, match=message) as caught:

@@ -114,7 +114,7 @@ def test_activation_checkpointing_is_one_switch_on_the_base_with_one_embedding_h
     assert exp.wait(timeout=300)
     exp.end(wait=False)
     assert [(r.status.value, r.step) for r in exp.runs()] == [("finished", 6), ("finished", 6)]
-    (model, _), = models
+    ((model, _),) = models
     assert model.is_activation_checkpointing and len(model.get_input_embeddings()._forward_hooks) == 1
 
 
@@ -327,3 +327,24 @@ def test_chunk_end_checkpoints_are_written_off_the_training_thread(tmp_path, mon
         assert [p.name for p in folder.iterdir()] == ["step-4"]
         files = {p.name for p in (folder / "step-4").iterdir()}
         assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+
+
+def test_a_failed_checkpoint_write_is_raised_on_the_training_thread_and_no_snapshot_is_dropped():
+    """The writer keeps a failed write's OSError for the next `submit` / `flush` (where the engine pauses the
+    experiment); the job submitted at that moment is queued all the same; a reader's `wait` leaves the error."""
+    import errno
+
+    from rf_notebook.engine._checkpoints import CheckpointWriter
+
+    writer, done = CheckpointWriter(), []
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "/exp/runs/1/checkpoints/.tmp-step-4")
+
+    writer.submit(full_disk)
+    writer.wait()  # a reader: the error stays for the training thread
+    with pytest.raises(OSError, match="No space left on device: '/exp/runs/1/checkpoints"):
+        writer.submit(lambda: done.append("run 2"))
+    writer.flush()  # raised once; run 2's checkpoint was written anyway
+    assert done == ["run 2"]
+    writer.close()

@@ -204,7 +204,9 @@ def test_process_wide_settings_are_one_per_run_fit_and_checkpointing_one_per_bas
         match=r"run 'a' trains with activation_checkpointing=True but run 'b' with activation_checkpointing=False: "
         r"activation checkpointing is switched on the base model the runs share",
     ):
-        check_shared_state([fake_run("a", activation_checkpointing=True), fake_run("b", activation_checkpointing=False)])
+        check_shared_state(
+            [fake_run("a", activation_checkpointing=True), fake_run("b", activation_checkpointing=False)]
+        )
     check_shared_state(
         [fake_run("a", activation_checkpointing=True), fake_run("b", base="other", activation_checkpointing=False)]
     )
@@ -226,7 +228,10 @@ def test_activation_checkpointing_is_off_unless_asked_on_every_device():
         assert args["activation_checkpointing"] is True
     with pytest.warns(LegacyFieldWarning, match="gradient_checkpointing=True -> activation_checkpointing=True"):
         config = RFDPOConfig(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
-    assert config.kwargs == {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
+    assert config.kwargs == {
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no transformers FutureWarning about the deprecated alias either
         built = config.replace(output_dir="o", use_cpu=True, bf16=False).build()

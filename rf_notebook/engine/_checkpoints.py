@@ -7,8 +7,8 @@ state, loss scale) as plain values. A `CheckpointWriter` thread then writes the 
 layout into a temporary folder, fsyncs them, renames the folder into place and removes the run's older
 checkpoints, one job at a time in the order they were taken. A checkpoint folder is complete or absent; a write
 that fails (disk full) is raised by the next call on the writer, on the training thread, where the engine pauses
-the experiment. Anything that reads a run's checkpoints (a reload, an export, the experiment's end) flushes
-the writer first.
+the experiment. Anything that reads a run's checkpoints (a reload, an export, a resume, the experiment's end)
+waits for the writer first.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def to_host(value: Any) -> Any:
                 host.copy_(item, non_blocking=True)
                 on_device.append(host)
                 return host
+            if item.device.type != "cpu":  # another accelerator (MPS, XPU): a plain blocking copy
+                return item.to("cpu", copy=True).contiguous()
             return item.clone(memory_format=torch.contiguous_format)
         if isinstance(item, dict):
             return {k: copy(v) for k, v in item.items()}
@@ -108,26 +110,33 @@ def fsync_dir(path: Path) -> None:
 class CheckpointWriter:
     """One background thread that runs write jobs in the order they were submitted.
 
-    A job's `OSError` is kept and raised by the next `submit` or `flush` (on the caller's thread: the engine turns
-    it into a paused experiment, as a failed write on the training thread did); any other error is logged and
-    raised the same way, as an `OSError` naming it."""
+    A job's `OSError` is kept and raised by the next `submit` or `flush` (on the training thread: the engine turns
+    it into a paused experiment, as a failed write there did); any other error is logged and raised the same way,
+    as an `OSError` naming it. At most two snapshots wait (each holds a run's adapter and optimizer state in host
+    memory): a third `submit` waits for the disk."""
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
-        self._raise()
+        """Queue `job` (always: a snapshot is never dropped), then raise an earlier job's failure, if any."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="rf_notebook-checkpoints", daemon=True)
             self._thread.start()
         self._jobs.put(job)
+        self._raise()
+
+    def wait(self) -> None:
+        """Wait until every submitted job is done, leaving a failure to be raised on the training thread (any
+        thread may wait: a reader of the checkpoints)."""
+        if self._thread is not None:
+            self._jobs.join()
 
     def flush(self) -> None:
         """Wait until every submitted job is done; raise the first failure since the last raise."""
-        if self._thread is not None:
-            self._jobs.join()
+        self.wait()
         self._raise()
 
     def close(self) -> None:
@@ -152,12 +161,14 @@ class CheckpointWriter:
                 if job is None:
                     return
                 job()
-            except OSError as exc:
-                self._error = self._error or exc
+            except OSError as exc:  # kept without its traceback, whose frames hold the snapshot
+                if self._error is None:
+                    self._error = OSError(exc.errno, exc.strerror, exc.filename) if exc.errno else OSError(str(exc))
             except Exception as exc:  # a bug in writing: reported like a failed write, the thread goes on
                 logger.exception("writing a checkpoint failed")
                 self._error = self._error or OSError(f"writing a checkpoint failed: {exc!r}")
             finally:
+                job = None  # the snapshot it holds is freed now, not when the next one arrives
                 self._jobs.task_done()
 
 

@@ -402,6 +402,10 @@ class Engine:
         return outcome
 
     def _release(self) -> None:
+        try:  # the last chunk ends' checkpoints on disk before the runs' state leaves memory
+            self.backend.flush()
+        except OSError as exc:
+            self.store.fail_storage(f"cannot write a checkpoint: {exc}")
         for slot in self._slots.values():
             try:
                 slot.close()

@@ -480,7 +480,7 @@ class TorchBackend:
         if not parent.started:
             if parent.resume_from is None:
                 return None
-            self.flush()  # its checkpoint may still be being written
+            self.wait_for_writes()  # its checkpoint may still be being written
             shutil.copytree(parent.resume_from, path, dirs_exist_ok=True)
             return os.fspath(path)
         self._write_state(parent, path)
@@ -537,8 +537,13 @@ class TorchBackend:
         return folder / f"step-{step}"
 
     def flush(self) -> None:
-        """Wait for the checkpoints being written (before anything reads them)."""
+        """Wait for the checkpoints being written; raise a failed write (the engine pauses the experiment)."""
         self._writer.flush()
+
+    def wait_for_writes(self) -> None:
+        """Wait for the checkpoints being written, before reading them (from any thread); a failed write is left
+        for the training thread to raise."""
+        self._writer.wait()
 
     # -- driving -----------------------------------------------------------------------------------------------
 
@@ -570,7 +575,7 @@ class TorchBackend:
     def reload(self, run: PreparedRun) -> RunSlot:
         """Rebuild an unloaded run from its newest checkpoint, else the warm start it was cloned with, else from
         scratch (it stopped before its first chunk end)."""
-        self.flush()
+        self.wait_for_writes()
         return self.build(run, resume_from=resume_point(run.args.output_dir))
 
     def forget(self, run_id: int) -> None:
@@ -596,7 +601,7 @@ class TorchBackend:
 
     def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
         if run_id in self._unloaded:  # written to its checkpoint when it was unloaded or deleted
-            self.flush()
+            self.wait_for_writes()
             return os.fspath(export_checkpoint(self._unloaded[run_id].args.output_dir, path, record))
         out = Path(path)
         self._write_adapter(run_id, out)

@@ -579,7 +579,7 @@ class Experiment:
                 f"experiment {self.name!r}: ignoring what this machine cannot honour: "
                 + "; ".join(self._device_warnings),
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's run_fit call (_warn_device <- _fit <- run_fit <- the caller)
             )
 
     @staticmethod

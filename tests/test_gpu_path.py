@@ -51,21 +51,10 @@ def watched_model_fn(seen):
 
 
 def plain_trl(config):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from trl import SFTConfig, SFTTrainer
+    """The same resolved config trained alone by a plain SFTTrainer: the exactness tests' reference."""
+    from test_exactness import _train_alone
 
-    model, tokenizer = demo_model_fn(None)
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(**config["training_args"]),
-        train_dataset=TRAIN,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**config["peft_config"]),
-    )
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}, losses
+    return _train_alone(config, TRAIN)
 
 
 def test_every_interleaved_run_trains_under_its_own_autocast_as_plain_trl_does(tmp_path):

@@ -24,13 +24,13 @@ from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 
 def last_step(exp: Experiment, run_id: int) -> int:
     # the store directly (not the results() DataFrame), so that polling costs the training thread nothing
-    return max((m.step for m in exp._store.metrics(run_id) if m.name == "loss"), default=0)
+    return max((m.step for m in exp.store.metrics(run_id) if m.name == "loss"), default=0)
 
 
 def settle(exp: Experiment, op_id: int) -> dict:
     """Block (on the store's condition, no polling) until op `op_id` is applied or refused."""
-    exp._store.wait_until(lambda runs, ops: ops[op_id - 1].outcome != "pending", timeout=60)
-    return dataclasses.asdict(exp._store.ic_log()[op_id - 1])
+    exp.store.wait_until(lambda runs, ops: ops[op_id - 1].outcome != "pending", timeout=60)
+    return dataclasses.asdict(exp.store.ic_log()[op_id - 1])
 
 
 def trial(workdir: str, at_step: int) -> dict:

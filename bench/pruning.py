@@ -55,7 +55,7 @@ def run(n_configs: int, seed: int, rows: int, num_chunks: int, policy: Any, work
     wall = time.perf_counter() - start
     runs = exp.runs()
     evals: dict[int, dict[int, float]] = {}
-    for m in exp._store.metrics():
+    for m in exp.store.metrics():
         if m.name == "eval_loss":
             evals.setdefault(m.run_id, {})[m.chunk] = m.value
     finished = {r.run_id: evals[r.run_id][r.chunks_total] for r in runs if r.status.value == "finished"}
@@ -66,7 +66,7 @@ def run(n_configs: int, seed: int, rows: int, num_chunks: int, policy: Any, work
         "best_final_eval_loss": min(finished.values()),
         "best_run": min(finished, key=finished.get),
         "eval_loss_by_rung": {str(k): v for k, v in evals.items()},
-        "policy_ops": sum(op.origin == "policy" for op in exp._store.ic_log()),
+        "policy_ops": sum(op.origin == "policy" for op in exp.store.ic_log()),
     }
 
 

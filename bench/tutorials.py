@@ -139,7 +139,7 @@ def load_dataset(path, name=None, split=None, **kwargs):
 '''
 
 CHECK = """import json as _json
-from rf_notebook.configs import OWNED_FIELDS as _OWNED
+from rf_notebook.fields import OWNED_FIELDS as _OWNED
 _results = experiment.get_results()
 def _learned(run_id):
     rows = _results[_results.run_id == run_id]

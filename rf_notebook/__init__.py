@@ -14,17 +14,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Experiment": "rf_notebook.api",
-    "List": "rf_notebook.configs",
-    "Range": "rf_notebook.configs",
+    "List": "rf_notebook.space",
+    "Range": "rf_notebook.space",
     "RFModelConfig": "rf_notebook.configs",
     "RFLoraConfig": "rf_notebook.configs",
     "RFSFTConfig": "rf_notebook.configs",
-    "LegacyFieldWarning": "rf_notebook.configs",
+    "LegacyFieldWarning": "rf_notebook.fields",
     "RFDPOConfig": "rf_notebook.configs",
     "RFGRPOConfig": "rf_notebook.configs",
     "RFRLOOConfig": "rf_notebook.configs",
-    "RFGridSearch": "rf_notebook.configs",
-    "RFRandomSearch": "rf_notebook.configs",
+    "RFGridSearch": "rf_notebook.search",
+    "RFRandomSearch": "rf_notebook.search",
 }
 
 __all__ = [
@@ -45,18 +45,16 @@ __all__ = [
 if TYPE_CHECKING:
     from rf_notebook.api import Experiment
     from rf_notebook.configs import (
-        LegacyFieldWarning,
-        List,
-        Range,
         RFDPOConfig,
-        RFGridSearch,
         RFGRPOConfig,
         RFLoraConfig,
         RFModelConfig,
-        RFRandomSearch,
         RFRLOOConfig,
         RFSFTConfig,
     )
+    from rf_notebook.fields import LegacyFieldWarning
+    from rf_notebook.search import RFGridSearch, RFRandomSearch
+    from rf_notebook.space import List, Range
 
 
 def __getattr__(name: str) -> Any:

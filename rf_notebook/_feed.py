@@ -16,29 +16,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rf_notebook._panel_spec import LIVE, MAX_OPS, PALETTE, SNAPSHOT_MAX_POINTS, downsample, run_color
 from rf_notebook.configs import format_value, varying_params
-from rf_notebook.store import MetricRow, RunRecord, RunStatus, Store
+from rf_notebook.store import MetricRow, RunRecord, Store
 
+# PALETTE, downsample and run_color are defined in _panel_spec (shared with the static HTML); re-exported here.
 __all__ = ["Feed", "PALETTE", "downsample", "run_color"]
-
-# Bokeh's Category10 then the light half of Category20: one stable colour per run id.
-PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
-)  # fmt: skip
-MAX_OPS = 200
-
-
-def run_color(run_id: int) -> str:
-    return PALETTE[(run_id - 1) % len(PALETTE)]
-
-
-def downsample(points: list[list[float]], max_points: int) -> list[list[float]]:
-    """At most `max_points` of `points`, evenly spaced, always keeping the first and the last."""
-    if len(points) <= max_points:
-        return points
-    stride = (len(points) - 1) / (max_points - 1)
-    return [points[round(i * stride)] for i in range(max_points)]
 
 
 def _json_value(value: Any) -> Any:
@@ -59,7 +42,7 @@ def _finite(value: float) -> float | None:
 class Feed:
     """Builds the panel's state from `store`; remembers when training started, so it can tell elapsed time."""
 
-    def __init__(self, store: Store, experiment: str, max_points: int = 500):
+    def __init__(self, store: Store, experiment: str, max_points: int = SNAPSHOT_MAX_POINTS):
         self.store, self.experiment, self.max_points = store, experiment, max_points
         self.started = time.time()
         self._ended: float | None = None
@@ -87,9 +70,8 @@ class Feed:
 
     def done(self) -> bool:
         """Nothing left to train and no IC op pending: the experiment has ended or is paused."""
-        trainable = (RunStatus.QUEUED, RunStatus.TRAINING)
         runs = self.store.runs()
-        return bool(runs) and not any(r.status in trainable for r in runs) and not self._pending_ops()
+        return bool(runs) and not any(r.status.is_live for r in runs) and not self._pending_ops()
 
     def _pending_ops(self) -> bool:
         return any(op.outcome == "pending" for op in self.store.ic_log())
@@ -103,6 +85,7 @@ class Feed:
             "runs": [self._run(r, latest.get(r.run_id, {})) for r in runs],
             "boundaries": {str(r.run_id): [s for s in r.rungs if s <= r.step] for r in runs},
             "ops": [_op(op) for op in self.store.ic_log()[-MAX_OPS:]],
+            "live_statuses": list(LIVE),  # which runs the panel may stop (and counts as still training)
         }
 
     def _update_latest(self) -> dict[int, dict[str, float]]:
@@ -121,7 +104,7 @@ class Feed:
             self._ended = None
         elapsed = (self._ended or now) - self.started
         # Work still planned: a stopped, failed or deleted run counts for what it did, not for what it skipped.
-        planned = [r.total_steps if r.status in (RunStatus.QUEUED, RunStatus.TRAINING) else r.step for r in runs]
+        planned = [r.total_steps if r.status.is_live else r.step for r in runs]
         total = sum(planned)
         progress = sum(min(r.step, p) for r, p in zip(runs, planned)) / total if total else 0.0
         eta = elapsed * (1 - progress) / progress if 0 < progress < 1 and not done else None

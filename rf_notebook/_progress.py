@@ -16,12 +16,11 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from typing import IO, Any
 
-from rf_notebook.store import RunStatus, Store
+from rf_notebook.store import Store
 
 __all__ = ["ProgressLine", "wanted"]
 
 REFRESH_S = 0.5
-_LIVE = (RunStatus.QUEUED, RunStatus.TRAINING)
 _FORMAT = "{desc} {percentage:3.0f}%|{bar:12}| {postfix} [{elapsed}<{remaining}]"
 
 
@@ -58,7 +57,7 @@ class ProgressLine:
     def _measure(self) -> tuple[int, int, list[Any]]:
         ids = set(self.run_ids())
         runs = [r for r in self.store.runs() if r.run_id in ids]
-        planned = [r.total_steps if r.status in _LIVE else r.step for r in runs]
+        planned = [r.total_steps if r.status.is_live else r.step for r in runs]
         done = sum(min(r.step, p) for r, p in zip(runs, planned))
         return done, sum(planned), runs
 

@@ -5,7 +5,8 @@ widget's ``_repr_mimebundle_`` instead.  :func:`render_html` turns a panel snaps
 widget syncs: header, runs, series, chunk boundaries, IC ops) into self-contained HTML: a header line, one row of
 inline-SVG line charts, a legend, a run table and the last IC ops.
 
-Stdlib only; the output holds no JavaScript, no external resources and no ``<style>`` block (inline ``style=``
+Stdlib only (plus the panel's shared definitions in ``_panel_spec``: colours, limits, downsampling, value
+formatting); the output holds no JavaScript, no external resources and no ``<style>`` block (inline ``style=``
 attributes only, neutral greys and ``currentColor`` so it reads in light and dark themes).  Every piece of user
 text is HTML-escaped and run colours are validated before they reach an attribute.  Deleted runs appear in the
 table only, not in the charts or the legend.
@@ -21,13 +22,26 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rf_notebook._panel_spec import (
+    MAX_ERROR_CHARS,
+    PALETTE,
+    STATIC_MAX_OPS,
+    STATIC_MAX_POINTS,
+    display_value,
+    downsample,
+    run_color,
+)
+from rf_notebook.store import RunStatus
+
 __all__ = ["render_html"]
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
-STATUS_COLORS = {"training": "#1f77b4", "stopped": "#c77c00", "finished": "#2ca02c", "failed": "#d62728"}  # else grey
-MAX_POINTS = 300  # per polyline
-MAX_OPS = 20
-MAX_ERROR_CHARS = 300
+_FAILED, _DELETED = RunStatus.FAILED.value, RunStatus.DELETED.value
+STATUS_COLORS = {  # badge colours; any other status is grey
+    RunStatus.TRAINING.value: "#1f77b4",
+    RunStatus.STOPPED.value: "#c77c00",
+    RunStatus.FINISHED.value: "#2ca02c",
+    _FAILED: "#d62728",
+}
 W, H = 420, 220  # chart size in px
 ML, MR, MT, MB = 50, 12, 24, 30  # plot-area margins
 _HEX = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
@@ -51,12 +65,8 @@ def _num(x: Any) -> float | None:
 
 
 def _fmt(x: Any) -> str:
-    """Short display text (unescaped): floats to 3 significant digits, None as a dash."""
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
+    """Short display text (unescaped), as the live panel shows it; a dash where there is none."""
+    return display_value(x) or "—"
 
 
 def _tick_label(v: float) -> str:
@@ -70,8 +80,12 @@ def _hms(seconds: Any) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _color(value: Any, index: int) -> str:
-    return value if isinstance(value, str) and _HEX.fullmatch(value) else PALETTE[index % len(PALETTE)]
+def _color(run: Mapping[str, Any], index: int) -> str:
+    """The run's colour from the snapshot if it is a hex colour, else the feed's colour for its id."""
+    value, run_id = run.get("color"), run.get("id")
+    if isinstance(value, str) and _HEX.fullmatch(value):
+        return value
+    return run_color(run_id) if type(run_id) is int else PALETTE[index % len(PALETTE)]
 
 
 def _points(raw: Any) -> list[Point]:
@@ -83,14 +97,6 @@ def _points(raw: Any) -> list[Point]:
             if x is not None and y is not None:
                 out.append((x, y))
     return out
-
-
-def _downsample(pts: list[Point], limit: int = MAX_POINTS) -> list[Point]:
-    """At most ``limit`` evenly strided points, first and last kept."""
-    if len(pts) <= limit:
-        return pts
-    last = len(pts) - 1
-    return [pts[round(i * last / (limit - 1))] for i in range(limit)]
 
 
 def _span(values: list[float]) -> tuple[float, float]:
@@ -153,7 +159,7 @@ def _chart(metric: str, lines: list[tuple[str, str, list[Point]]], bounds: list[
         if len(pts) == 1:
             out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}">{tip}</circle>')
         elif pts:
-            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in _downsample(pts))
+            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in downsample(pts, STATIC_MAX_POINTS))
             out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5">{tip}</polyline>')
     out.append("</svg>")
     return "".join(out)
@@ -209,7 +215,7 @@ def _latest(run: Mapping[str, Any], key: str) -> str:
 
 def _error_cell(run: Mapping[str, Any]) -> str:
     err = run.get("error")
-    if run.get("status") != "failed" or not err:
+    if run.get("status") != _FAILED or not err:
         return ""
     text = str(err).rstrip()
     text = text if len(text) <= MAX_ERROR_CHARS else "…" + text[-MAX_ERROR_CHARS:]  # the tail names the exception
@@ -240,8 +246,8 @@ def render_html(snapshot: Mapping[str, Any], metrics: Sequence[str] | None = Non
     runs = [r for r in snapshot.get("runs") or [] if isinstance(r, Mapping)]
     series = snapshot.get("series") or {}
     params = [str(p) for p in snapshot.get("params") or []]
-    colors = {str(r.get("id")): _color(r.get("color"), i) for i, r in enumerate(runs)}
-    shown = [r for r in runs if r.get("status") != "deleted"]
+    colors = {str(r.get("id")): _color(r, i) for i, r in enumerate(runs)}
+    shown = [r for r in runs if r.get("status") != _DELETED]
     names = list(metrics) if metrics is not None else _metric_names(series)
 
     counts = header.get("counts") or {}
@@ -278,7 +284,7 @@ def render_html(snapshot: Mapping[str, Any], metrics: Sequence[str] | None = Non
     head = ["run", "status", "chunks", "step", "loss", "eval_loss", *(p.rsplit(".", 1)[-1] for p in params), "error"]
     out.append(_table(head, rows))
 
-    ops = [o for o in snapshot.get("ops") or [] if isinstance(o, Mapping)][-MAX_OPS:]
+    ops = [o for o in snapshot.get("ops") or [] if isinstance(o, Mapping)][-STATIC_MAX_OPS:]
     if ops:
         out.append(
             f'<div style="margin-top:6px;font-weight:600">IC ops <span style="{_MUTED}">(last {len(ops)})</span></div>'

@@ -4,7 +4,7 @@
 
 A key names a field of the run's training arguments or LoRA config, bare (`"learning_rate"`) or dotted
 (`"training_args.learning_rate"`, `"peft_config.r"`). Values must be JSON data (numbers, strings, booleans,
-lists, dicts, null): nothing a user types is evaluated. The fields the experiment owns (`configs.OWNED_FIELDS`:
+lists, dicts, null): nothing a user types is evaluated. The fields the experiment owns (`fields.OWNED_FIELDS`:
 the run's folder, checkpoints, trackers, pushes) and a precision other than the running runs' are refused.
 Each error names the field and what was expected. Pure.
 """
@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rf_notebook.configs import PER_BASE_FIELDS, PROCESS_FIELDS, owned_refusal, owned_value_repr
+from rf_notebook.fields import PER_BASE_FIELDS, PROCESS_FIELDS, owned_refusal, owned_value_repr
 
 __all__ = ["split_overrides", "SHAPE_FIELDS", "DATA_POSITION_FIELDS"]
 

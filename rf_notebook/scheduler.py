@@ -12,9 +12,7 @@ from collections.abc import Mapping
 
 from rf_notebook.store import RunStatus
 
-__all__ = ["least_progress_first", "pick_next", "refusal", "RUNNABLE"]
-
-RUNNABLE = (RunStatus.QUEUED, RunStatus.TRAINING)
+__all__ = ["least_progress_first", "pick_next", "refusal"]
 
 
 def least_progress_first(chunks_done: Mapping[int, int]) -> int | None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunStatus", "RunRecord", "MetricRow", "ICRecord", "Store"]
+__all__ = ["RunStatus", "RunRecord", "MetricRow", "ICRecord", "Store", "LIVE_STATUSES", "TERMINAL_STATUSES"]
 
 
 class RunStatus(str, enum.Enum):
@@ -37,8 +37,20 @@ class RunStatus(str, enum.Enum):
     DELETED = "deleted"
 
     @property
+    def is_live(self) -> bool:
+        """Queued or training: the run still has a place in the schedule."""
+        return self in LIVE_STATUSES
+
+    @property
     def is_terminal(self) -> bool:
-        return self in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.DELETED)
+        """Finished, failed or deleted: the run never trains again."""
+        return self in TERMINAL_STATUSES
+
+
+# The one definition of which statuses are live and which are final; the panel's JavaScript gets these through
+# the feed's messages.
+LIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.TRAINING})
+TERMINAL_STATUSES = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.DELETED})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,9 @@ the synced `snapshot` trait and refreshes the static HTML of every display, so a
 Where no view ever asked for the state (nbclient, papermill, a terminal: nothing runs the widget's JavaScript),
 that refresh replaces the widget by the static picture alone: nbconvert shows a widget view whenever the notebook
 stores widget state, and offline (its widget script comes from a CDN) that view is blank.
-Button clicks arrive as custom messages on the main thread; the handler validates, enqueues the op through the
-experiment (origin "panel") and replies accepted / refused. It never touches a model.
+Button clicks arrive as custom messages on the main thread; the handler validates them and submits the op to the
+experiment's IC-op service (`control.ops.Control`, origin "panel"), the same path as the Python API and the
+policies, and replies accepted / refused. It never touches a model.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import traitlets
 
 from rf_notebook import _kernel
 from rf_notebook._feed import Feed
+from rf_notebook.commands import OP_NAMES, RUN_OPS
 
 if TYPE_CHECKING:
-    from rf_notebook.api import Experiment
+    from rf_notebook.control.ops import Control
 
 __all__ = ["Panel"]
 
@@ -58,7 +60,7 @@ def _headline_metrics(snapshot: dict[str, Any]) -> list[str] | None:
 
 
 class Panel(anywidget.AnyWidget):
-    """The panel of one experiment. Create it with `Experiment.panel()`, not directly."""
+    """The panel of one experiment (its IC-op service `control`). Create it with `Experiment.panel()`."""
 
     _esm = _STATIC / "widget.js"
     _css = _STATIC / "widget.css"
@@ -66,10 +68,10 @@ class Panel(anywidget.AnyWidget):
     snapshot = traitlets.Dict().tag(sync=True)  # the complete state when the experiment last ended or paused
     mode = traitlets.Unicode("push").tag(sync=True)  # "push": deltas from the writer; "pull": the view polls
 
-    def __init__(self, experiment: Experiment, mode: str | None = None):
+    def __init__(self, control: Control, mode: str | None = None):
         super().__init__(mode=mode or _default_mode())
-        self._experiment = experiment
-        self._feed = Feed(experiment._store, experiment.name)
+        self._control, self._store = control, control.store
+        self._feed = Feed(control.store, control.name)
         self.snapshot = self._feed.snapshot()
         self._cursor = self.snapshot["cursor"]  # metric rows pushed so far (push mode)
         self._display_ids: list[str] = []
@@ -102,7 +104,7 @@ class Panel(anywidget.AnyWidget):
         from rf_notebook._static_html import render_html
 
         header = self.snapshot.get("header", {})
-        text = f"rf_notebook panel: experiment {self._experiment.name!r}, {len(self.snapshot.get('runs', []))} runs"
+        text = f"rf_notebook panel: experiment {self._control.name!r}, {len(self.snapshot.get('runs', []))} runs"
         if header.get("done"):
             text += ", done"
         return {"text/plain": text, "text/html": render_html(self.snapshot, _headline_metrics(self.snapshot))}
@@ -129,7 +131,7 @@ class Panel(anywidget.AnyWidget):
         sent_version = -1
         while not self._stop.wait(PUSH_INTERVAL_S):
             try:
-                version = self._experiment._store.version
+                version = self._store.version
                 if version == sent_version:
                     continue
                 sent_version = version
@@ -155,7 +157,7 @@ class Panel(anywidget.AnyWidget):
         """The complete state into the synced trait, and the static HTML of every display refreshed. When the
         experiment `ended` and no front end ever showed the widget, the displays become the static picture alone
         (a live view that speaks up later gets the widget back)."""
-        version = self._experiment._store.version
+        version = self._store.version
         if version != self._final_version:
             self._final_version = version
             with self._lock:
@@ -202,25 +204,25 @@ class Panel(anywidget.AnyWidget):
 
     def handle_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """Validate and enqueue one op from the view; the answer says accepted or refused, and why."""
-        exp = self._experiment
+        control = self._control
         op, run_id = request.get("op"), request.get("run_id")
         try:
             if op == "stop_all":
-                op_ids = exp._stop_all(origin="panel")
+                op_ids = control.stop_all(origin="panel")
                 return {"ok": True, "message": f"stopping {len(op_ids)} runs", "op_ids": op_ids}
             if isinstance(run_id, bool) or not isinstance(run_id, int):
                 raise ValueError(f"run_id is {run_id!r}, but must be an int")
-            if op in ("stop", "resume", "delete"):
-                return {"ok": True, "op_id": exp._submit_op(op=op, run_id=run_id, origin="panel")}
+            if op in RUN_OPS:
+                return {"ok": True, "op_id": control.submit(op, run_id, origin="panel")}
             if op == "clone_modify":
                 overrides, warm_start = request.get("overrides", {}), request.get("warm_start", False)
                 if not isinstance(overrides, dict):
                     raise ValueError(f"overrides is {overrides!r}, but must be an object of field name -> value")
                 if not isinstance(warm_start, bool):
                     raise ValueError(f"warm_start is {warm_start!r}, but must be true or false")
-                new_id = exp._clone_modify(run_id, overrides, warm_start, origin="panel")[1]
+                new_id = control.clone_modify(run_id, overrides, warm_start, origin="panel")[1]
                 return {"ok": True, "run_id": new_id}
-            raise ValueError(f"unknown op {op!r}; expected stop, resume, delete, clone_modify or stop_all")
+            raise ValueError(f"unknown op {op!r}; expected {', '.join(OP_NAMES)} or stop_all")
         except (KeyError, TypeError, ValueError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             return {"ok": False, "message": str(message)}

@@ -26,10 +26,11 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig, api, store
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig, store
+from rf_notebook.control.ops import Control
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
 from rf_notebook.engine import _engine
-from rf_notebook.engine import _torch as backend_module
+from rf_notebook.engine import torch_backend as backend_module
 from rf_notebook.policies import PBT, SuccessiveHalving
 
 POLICIES = {
@@ -96,7 +97,7 @@ def kill_at(point: str, n: int) -> None:
     elif point == "between":
         wrap(backend_module.TorchBackend, "activate")
     elif point == "rung":
-        wrap(api.Experiment, "_policy_step")
+        wrap(Control, "policy_step")
     elif point == "deciding":
         wrap(store.Store, "log_op", before=False)
     elif point == "apply":

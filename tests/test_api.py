@@ -229,7 +229,7 @@ def test_a_compute_metrics_that_raises_costs_its_metrics_not_the_run(data, tmp_p
     assert "eval_exact_match" in metrics[2]
     from rf_notebook._feed import Feed
 
-    assert Feed(exp._store, exp.name).snapshot()["runs"][0]["warning"] == broken.warning  # what the panel shows
+    assert Feed(exp.store, exp.name).snapshot()["runs"][0]["warning"] == broken.warning  # what the panel shows
     exp.end(wait=False)
 
 

@@ -231,7 +231,7 @@ def history(tmp_path_factory):
 
 
 def snapshot(exp):
-    return exp.runs(), exp._store.metrics(), exp._store.meta("fits")
+    return exp.runs(), exp.store.metrics(), exp.store.meta("fits")
 
 
 HISTORY_CASES = [
@@ -301,7 +301,7 @@ def test_bad_calls_on_an_experiment_change_nothing(history, call, error, message
     with pytest.raises(error, match=message):
         call(history)
     assert snapshot(history) == before  # nothing lost, nothing changed (a refused op is logged as refused)
-    assert history._store.integrity() == "ok"
+    assert history.store.integrity() == "ok"
 
 
 # -- Clone-Modify overrides of fields the experiment owns, and of the precision ------------------------------------

@@ -8,19 +8,15 @@ import random
 import pytest
 
 from rf_notebook.configs import (
-    OWNED_FIELDS,
-    List,
-    Range,
     RFDPOConfig,
-    RFGridSearch,
     RFGRPOConfig,
     RFLoraConfig,
     RFModelConfig,
-    RFRandomSearch,
     RFRLOOConfig,
     RFSFTConfig,
-    format_value,
 )
+from rf_notebook.fields import OWNED_FIELDS
+from rf_notebook.search import List, Range, RFGridSearch, RFRandomSearch, format_value
 
 
 def model(**kw):
@@ -299,7 +295,7 @@ def test_attribute_assignment_is_checked_as_the_constructor_checks():
 
 
 def test_fields_of_the_versions_rapidfire_pins_become_todays_with_one_warning():
-    from rf_notebook.configs import LegacyFieldWarning
+    from rf_notebook.fields import LegacyFieldWarning
 
     with pytest.warns(LegacyFieldWarning) as caught:
         dpo = RFDPOConfig(beta=0.1, warmup_ratio=0.1, max_prompt_length=512, max_completion_length=512)
@@ -329,3 +325,29 @@ def test_fields_of_the_versions_rapidfire_pins_become_todays_with_one_warning():
         RFSFTConfig(warmup_ratio=1.0)
     with pytest.raises(ValueError, match="warmup_ratio=0.1 and warmup_steps=10 are both set"):
         RFSFTConfig(warmup_ratio=0.1, warmup_steps=10)
+
+
+def test_the_names_that_moved_stay_importable_from_configs():
+    """Code written against the one-module layout keeps working: rf_notebook.configs re-exports the names that now
+    live in rf_notebook.space, rf_notebook.fields and rf_notebook.search (the search ones loaded on first use)."""
+    import subprocess
+    import sys
+
+    from rf_notebook import configs, fields, search, space
+
+    moved = {
+        space: ["List", "Range"],
+        fields: ["LegacyFieldWarning", "OwnedField", "OWNED_FIELDS", "owned_refusal", "owned_value_repr"]
+        + ["PRECISION_FIELDS", "PROCESS_FIELDS", "PER_BASE_FIELDS"],
+        search: ["RunSpec", "RFGridSearch", "RFRandomSearch", "format_value", "varying_params"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(configs, name) is getattr(module, name), name
+    assert "RunSpec" in dir(configs)
+    with pytest.raises(AttributeError):
+        configs.no_such_name  # noqa: B018
+    # Either module may be imported first.
+    for first in ("rf_notebook.search", "rf_notebook.configs"):
+        code = f"import {first}; from rf_notebook.configs import RunSpec, Search; from rf_notebook.search import Search"
+        subprocess.run([sys.executable, "-c", code], check=True)

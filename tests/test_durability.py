@@ -88,12 +88,12 @@ def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path)
     exp = Experiment("crash", experiments_dir=crashed)
     assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
     assert len(exp.results()) == len(ref_rows)
-    snapshot = Feed(exp._store, "crash").snapshot()
+    snapshot = Feed(exp.store, "crash").snapshot()
     assert sorted(snapshot["series"]) == ["1", "2", "3", "4"]
     assert [step for step, _ in snapshot["series"]["3"]["loss"]] == list(range(1, 17))
     exported = exp.export(2, tmp_path / "winner")  # from the last checkpoint: no model loaded
     assert load_file(exported / "adapter_model.safetensors").keys() == final_adapter(crashed, 2).keys()
-    exp._store.close()
+    exp.store.close()
 
 
 def decisions(directory: Path) -> tuple[list[tuple], list[tuple], int]:
@@ -177,12 +177,12 @@ def wait_for(predicate, timeout=300):
 def test_restart_keeps_user_stops_and_resumes_warm_clones(data, tmp_path):
     exp = Experiment("restart", experiments_dir=tmp_path)
     exp.run_fit(group(max_steps=24), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
-    wait_for(lambda: exp._store.run(1).chunks_done >= 1)
+    wait_for(lambda: exp.store.run(1).chunks_done >= 1)
     exp.stop(2)
     clone = exp.clone_modify(1, {"learning_rate": 5e-4}, warm_start=True)
     wait_for(lambda: clone in {r.run_id for r in exp.runs()} and steps_logged(exp, clone))
     exp.end(wait=False)  # as a kernel restart would leave it: runs unfinished, the process state gone
-    assert exp._store.run(1).status is RunStatus.STOPPED
+    assert exp.store.run(1).status is RunStatus.STOPPED
 
     again = Experiment("restart", experiments_dir=tmp_path)  # takes the directory over from `exp`
     with pytest.raises(RuntimeError, match="no longer holds"):
@@ -205,7 +205,7 @@ def test_resume_refuses_a_changed_data_set_or_search(data, tmp_path):
     exp = Experiment("changed", experiments_dir=tmp_path)
     exp.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=2, seed=1, display=False)
     exp.end(wait=False)
-    before = exp._store.metrics()
+    before = exp.store.metrics()
     again = Experiment("changed", experiments_dir=tmp_path)
     other_train = data[0].select(range(1, 96))
     with pytest.raises(ValueError, match=r"`train_dataset` \(content fingerprint\) is '95 rows, \w+', but it was"):
@@ -214,8 +214,8 @@ def test_resume_refuses_a_changed_data_set_or_search(data, tmp_path):
         again.run_fit(group(lrs=(3e-3, 2e-3), max_steps=6), demo_model_fn, *data, num_chunks=2, seed=1, resume=True)
     with pytest.raises(ValueError, match=r"`num_chunks` is 3, but it was started with 2"):
         again.run_fit(group(max_steps=6), demo_model_fn, *data, num_chunks=3, seed=1, resume=True)
-    assert again._store.metrics() == before  # nothing lost, nothing added
-    again._store.close()
+    assert again.store.metrics() == before  # nothing lost, nothing added
+    again.store.close()
 
 
 def test_resume_of_an_experiment_that_never_ran(data, tmp_path):
@@ -241,9 +241,9 @@ def test_a_second_process_cannot_open_a_live_experiment(data, tmp_path):
 
 
 def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(data, tmp_path, monkeypatch):
-    from rf_notebook.engine import _torch
+    from rf_notebook.engine import checkpoints, torch_backend
 
-    real = _torch.TorchBackend.checkpoint
+    real = torch_backend.TorchBackend.checkpoint
     calls = {"n": 0}
 
     def disk_full_on_the_third(self, slot):
@@ -252,20 +252,20 @@ def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(da
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, slot)
 
-    monkeypatch.setattr(_torch.TorchBackend, "checkpoint", disk_full_on_the_third)
+    monkeypatch.setattr(torch_backend.TorchBackend, "checkpoint", disk_full_on_the_third)
     exp = Experiment("full", experiments_dir=tmp_path)
     exp.run_fit(group(), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
     assert exp.wait(timeout=300)
-    assert "No space left on device" in exp._store.storage_error
+    assert "No space left on device" in exp.store.storage_error
     assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}  # paused, nothing failed
-    assert exp._store.integrity() == "ok"
+    assert exp.store.integrity() == "ok"
     for run_id in (1, 2):  # each run's last good checkpoint is complete
-        point = _torch.latest_checkpoint(tmp_path / "full" / "runs" / str(run_id))
+        point = checkpoints.latest_checkpoint(tmp_path / "full" / "runs" / str(run_id))
         assert point is not None and (point[1] / "adapter_model.safetensors").is_file()
-    monkeypatch.setattr(_torch.TorchBackend, "checkpoint", real)  # space freed
+    monkeypatch.setattr(torch_backend.TorchBackend, "checkpoint", real)  # space freed
     exp.resume(1), exp.resume(2)
     assert exp.wait(timeout=300)
-    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED} and exp._store.storage_error is None
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED} and exp.store.storage_error is None
     assert steps_logged(exp, 1) == list(range(1, 13))
     exp.end(wait=False)
 
@@ -286,17 +286,17 @@ def test_a_failed_database_write_pauses_and_recovery_rewrites_everything(data, t
     exp = Experiment("dbfull", experiments_dir=tmp_path)
     exp.run_fit(group(), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
     assert exp.wait(timeout=300)
-    assert "disk is full" in exp._store.storage_error
+    assert "disk is full" in exp.store.storage_error
     assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}
     exp.resume(1), exp.resume(2)  # recover(): the database is rewritten from memory, with no hole
     assert exp.wait(timeout=300)
     exp.end(wait=False)
-    in_memory = [(m.run_id, m.step, m.name) for m in exp._store.metrics()]
-    exp._store.close()
+    in_memory = [(m.run_id, m.step, m.name) for m in exp.store.metrics()]
+    exp.store.close()
     reread = Experiment("dbfull", experiments_dir=tmp_path)
-    assert [(m.run_id, m.step, m.name) for m in reread._store.metrics()] == in_memory
+    assert [(m.run_id, m.step, m.name) for m in reread.store.metrics()] == in_memory
     assert steps_logged(reread, 2) == list(range(1, 13))
-    reread._store.close()
+    reread.store.close()
 
 
 def test_an_unwritable_experiment_directory_is_a_clear_error_before_training(data, tmp_path):
@@ -314,7 +314,7 @@ def test_a_policy_makes_the_same_decisions_after_a_restart(data, tmp_path):
     lrs = (3e-3, 1e-3, 1e-5, 1e-6)
 
     def ops(exp):
-        return [(o.origin, o.op, o.run_id, o.outcome, o.reason) for o in exp._store.ic_log()]
+        return [(o.origin, o.op, o.run_id, o.outcome, o.reason) for o in exp.store.ic_log()]
 
     ref = Experiment("policy-ref", experiments_dir=tmp_path)
     ref.run_fit(

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from rf_notebook.chunking import chunk_plan
 from rf_notebook.commands import CloneModify, Delete, Resume, Stop
-from rf_notebook.engine._engine import Engine
+from rf_notebook.engine import Backend, Engine
 from rf_notebook.store import RunRecord, RunStatus, Store
 
 
@@ -64,11 +64,15 @@ class FakeSlot:
         self.closed = True
 
 
-class FakeBackend:
+class FakeBackend(Backend):
+    """The engine's `Backend` contract, every method; runs count steps. Checkpoints are off in these tests, so
+    `checkpoint` / `unload` / `reload` keep the run's step in memory as its "checkpoint"."""
+
     def __init__(self, store: Store):
         self.store = store
         self.trained: list[tuple[int, int, RunStatus]] = []
         self.warm_starts: dict[int, int] = {}  # clone id -> the parent's step it started from
+        self.checkpoints: dict[int, int] = {}  # run id -> step written
 
     def connect(self, should_yield, record, warn):
         self.should_yield, self.record, self.warn = should_yield, record, warn
@@ -105,6 +109,19 @@ class FakeBackend:
 
     def flush(self):
         pass
+
+    def wait_for_writes(self):
+        pass
+
+    def checkpoint(self, slot):
+        self.checkpoints[slot.run_id] = slot.step
+
+    def unload(self, slot):
+        self.checkpoint(slot)
+        slot.close()
+
+    def reload(self, run):
+        return FakeSlot(run, self, start_step=self.checkpoints[run.run_id])
 
 
 class EngineMachine(RuleBasedStateMachine):

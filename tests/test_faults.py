@@ -45,9 +45,9 @@ def assert_contained(exp, failed_id, match):
     statuses = {r.run_id: r.status for r in exp.runs()}
     assert statuses.pop(failed_id) is RunStatus.FAILED
     assert set(statuses.values()) == {RunStatus.FINISHED}, statuses
-    error = exp._store.run(failed_id).error
+    error = exp.store.run(failed_id).error
     assert "Traceback (most recent call last)" in error and match in error, error
-    panel_run = next(r for r in Feed(exp._store, exp.name).snapshot()["runs"] if r["id"] == failed_id)
+    panel_run = next(r for r in Feed(exp.store, exp.name).snapshot()["runs"] if r["id"] == failed_id)
     assert panel_run["status"] == "failed" and match in panel_run["error"]
 
 
@@ -57,7 +57,7 @@ def test_a_nan_loss_fails_its_run_only(data, tmp_path):
     refs = watch_trainers(exp)
     assert exp.wait(timeout=300)
     assert_contained(exp, 2, "NonFiniteLoss: the training loss is nan at step 2")
-    losses = [m.value for m in exp._store.metrics(2) if m.name == "loss"]
+    losses = [m.value for m in exp.store.metrics(2) if m.name == "loss"]
     assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
     gc.collect()
     assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
@@ -68,8 +68,8 @@ def test_on_nonfinite_continue_keeps_training(data, tmp_path):
     exp = Experiment("nan-ok", experiments_dir=tmp_path)
     exp.run_fit(sft([1e38]), demo_model_fn, *data, num_chunks=2, seed=0, display=False, on_nonfinite="continue")
     assert exp.wait(timeout=300)
-    assert exp._store.run(1).status is RunStatus.FINISHED
-    losses = [m.value for m in exp._store.metrics(1) if m.name == "loss"]
+    assert exp.store.run(1).status is RunStatus.FINISHED
+    losses = [m.value for m in exp.store.metrics(1) if m.name == "loss"]
     assert len(losses) == 8 and not all(math.isfinite(v) for v in losses)
     exp.end(wait=False)
 
@@ -90,7 +90,7 @@ def test_an_out_of_memory_step_fails_its_run_only(data, tmp_path, monkeypatch):
     assert_contained(exp, 2, "OutOfMemoryError: CUDA out of memory")
     gc.collect()
     assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
-    assert [m.step for m in exp._store.metrics(2) if m.name == "loss"] == [1, 2, 3]  # step 3 logged, 4 raised
+    assert [m.step for m in exp.store.metrics(2) if m.name == "loss"] == [1, 2, 3]  # step 3 logged, 4 raised
     exp.end(wait=False)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -124,13 +125,13 @@ def test_a_run_that_leaves_autocast_grad_mode_or_saved_tensor_hooks_behind_is_st
 
 
 def fitted(monkeypatch, user_args, model_kwargs=None, on_gpu=True, bf16_gpu=True, precision=None, tmp_path="."):
-    import rf_notebook.api as api
+    from rf_notebook.control import prepare
 
-    monkeypatch.setattr(api, "_gpu_has_bf16", lambda: bf16_gpu)
-    exp = Experiment("gpu-defaults", experiments_dir=tmp_path)
+    monkeypatch.setattr(prepare, "gpu_has_bf16", lambda: bf16_gpu)
+    preparer = prepare.Preparer(Path(tmp_path) / "gpu-defaults")
     mc = RFModelConfig(DEMO_MODEL, model_kwargs=dict(model_kwargs or {}))
-    args, mc = exp._fit_device(dict(user_args), mc, on_gpu=on_gpu, precision=precision)
-    return args, dict(mc.model_kwargs), list(exp._device_warnings)
+    args, mc = preparer.fit_device(dict(user_args), mc, on_gpu=on_gpu, precision=precision)
+    return args, dict(mc.model_kwargs), list(preparer.device_changes)
 
 
 def test_a_gpu_without_bfloat16_trains_in_fp16_unless_asked_otherwise(monkeypatch, tmp_path):
@@ -183,7 +184,7 @@ def test_the_cuda_random_state_is_saved_as_one_gpus_loader_reads_it():
     from transformers.training_args import ParallelMode
 
     from rf_notebook.engine._process_state import capture
-    from rf_notebook.engine._torch import rng_payload
+    from rf_notebook.engine.checkpoints import rng_payload
 
     devices = [torch.full((8,), i, dtype=torch.uint8) for i in range(2)]
     state = capture()
@@ -207,7 +208,7 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tmp_path, monkeypatch):
     would give it: torch's CPU GradScaler.)"""
     from transformers.trainer import SCALER_NAME
 
-    from rf_notebook.engine._torch import TorchBackend
+    from rf_notebook.engine.torch_backend import TorchBackend
 
     build = TorchBackend._build_slot
 
@@ -323,7 +324,7 @@ def test_a_failed_checkpoint_write_is_raised_on_the_training_thread_and_no_snaps
     experiment); the job submitted at that moment is queued all the same; a reader's `wait` leaves the error."""
     import errno
 
-    from rf_notebook.engine._checkpoints import CheckpointWriter
+    from rf_notebook.engine.checkpoints import CheckpointWriter
 
     writer, done = CheckpointWriter(), []
 

@@ -68,10 +68,10 @@ def test_ops_on_an_earlier_run_fits_runs_are_refused_before_anything_changes(dat
     with pytest.raises(ValueError, match=r"run 1 is not part of the current run_fit"):
         exp.clone_modify(1, {"learning_rate": 1e-4}, warm_start=False)
     assert exp.wait(timeout=300)  # returns: nothing of the earlier run_fit is waited for
-    assert exp._store.run(1) == first[1]  # untouched: still stopped, same step
-    refused = [op for op in exp._store.ic_log() if op.run_id == 1 and op.op != "stop"]
+    assert exp.store.run(1) == first[1]  # untouched: still stopped, same step
+    refused = [op for op in exp.store.ic_log() if op.run_id == 1 and op.op != "stop"]
     assert [op.outcome for op in refused] == ["refused"] * 3
-    assert exp._store.run(3).status is RunStatus.FINISHED
+    assert exp.store.run(3).status is RunStatus.FINISHED
     exp.run_fit(group(lrs=(2e-4,), max_steps=4), demo_model_fn, *data, num_chunks=1, seed=1, display=False)
     assert exp.wait(timeout=300)  # the next run_fit is not blocked either
     exp.end(wait=False)
@@ -153,7 +153,7 @@ def test_a_run_stopped_mid_chunk_is_unloaded_and_resumes_exactly(name, tmp_path,
     num_chunks = 2 if name == "GRPO-buffered" else 4
     exp.run_fit(search(case, case.trl_name), demo_model_fn, train, evl, num_chunks=num_chunks, seed=5, display=False)
     assert exp.wait(timeout=600)
-    assert exp._store.run(1).status is RunStatus.STOPPED and exp._store.run(1).step == 3
+    assert exp.store.run(1).status is RunStatus.STOPPED and exp.store.run(1).step == 3
     wait_for(lambda: 1 not in exp._engine._slots)  # unloaded once nothing else is left to train
     assert (tmp_path / "unload" / "runs" / "1" / "checkpoints" / "step-3" / "optimizer.pt").is_file()
     if name == "GRPO-buffered":
@@ -162,7 +162,7 @@ def test_a_run_stopped_mid_chunk_is_unloaded_and_resumes_exactly(name, tmp_path,
     assert exported
     exp.resume(1)
     assert exp.wait(timeout=600)
-    run = exp._store.run(1)
+    run = exp.store.run(1)
     assert run.status is RunStatus.FINISHED, run.error
     weights, losses = train_alone(case, run.config, train)
     final = load_file(exp.export(1, tmp_path / "final") / "adapter_model.safetensors")
@@ -192,7 +192,7 @@ def test_a_warm_clone_taken_inside_a_generation_cycle_continues_its_parent_exact
     exp.run_fit(search(case, "GRPO"), demo_model_fn, train, evl, num_chunks=2, seed=5, display=False)
     assert exp.wait(timeout=600)
     (clone,) = clones
-    assert [op.step for op in exp._store.ic_log() if op.new_run_id == clone] == [3]
+    assert [op.step for op in exp.store.ic_log() if op.new_run_id == clone] == [3]
     parent = load_file(exp.export(1, tmp_path / "parent") / "adapter_model.safetensors")
     child = load_file(exp.export(clone, tmp_path / "clone") / "adapter_model.safetensors")
     for key, value in parent.items():
@@ -209,5 +209,5 @@ def test_unloaded_runs_free_their_trainers(data, tmp_path):
     wait_for(lambda: 2 not in exp._engine._slots)
     gc.collect()
     assert trainer() is None, "the stopped run's trainer (and optimizer) is still in memory"
-    assert exp._store.run(2).status is RunStatus.STOPPED
+    assert exp.store.run(2).status is RunStatus.STOPPED
     exp.end(wait=False)

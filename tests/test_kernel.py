@@ -139,7 +139,7 @@ def test_a_click_acts_while_a_cell_blocks_in_wait(channel, kernel, tmp_path):
     assert "WAITED" in waited
     assert output_of(kernel, after).startswith("AFTER ['stopped', 'stopped']")  # ran after the wait, in order
     status = output_of(
-        kernel, kernel.execute("print([(o.op, o.run_id, o.origin, o.outcome) for o in exp._store.ic_log()][:1])")
+        kernel, kernel.execute("print([(o.op, o.run_id, o.origin, o.outcome) for o in exp.store.ic_log()][:1])")
     )
     assert "('stop', 1, 'panel', 'applied')" in status
     # On a subshell the click is handled on the subshell's own thread; on the main shell, inside wait()

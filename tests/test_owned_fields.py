@@ -67,7 +67,7 @@ def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path, monk
     backend = TorchBackend(demo_model_fn, TRAIN, None, num_chunks=2)
     backend._snapshot = lambda slot: None  # no trainer needed
     monkeypatch.setattr(
-        "rf_notebook.engine._checkpoints.write_snapshot",
+        "rf_notebook.engine.checkpoints.write_snapshot",
         lambda snapshot, path: (path / "trainer_state.json").write_text("{}"),
     )
     slot = SimpleNamespace(run_id=1, step=3, trainer=SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path))))

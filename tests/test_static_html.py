@@ -7,7 +7,10 @@ import math
 import re
 from typing import Any
 
-from rf_notebook._static_html import MAX_POINTS, PALETTE, render_html
+from rf_notebook._feed import Feed
+from rf_notebook._panel_spec import LIVE, PALETTE, STATIC_MAX_POINTS, display_value, run_color
+from rf_notebook._static_html import render_html
+from rf_notebook.store import LIVE_STATUSES, RunRecord, RunStatus, Store
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 HOSTILE_ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"
@@ -149,7 +152,7 @@ def test_downsampling_bound() -> None:
     out = render_html(snap, metrics=["loss"])
     (points,) = _polylines(out)
     coords = [tuple(map(float, p.split(","))) for p in points.split()]
-    assert 2 <= len(coords) <= MAX_POINTS
+    assert 2 <= len(coords) <= STATIC_MAX_POINTS
     xs = [x for x, _ in coords]
     assert xs == sorted(xs)
     assert min(xs) == coords[0][0] and max(xs) == coords[-1][0]  # first and last kept: x spans the full plot width
@@ -203,6 +206,34 @@ def test_colour_validation() -> None:
     assert "onmouseover" not in out and "url(" not in out and "#12345g" not in out
     assert f'stroke="{PALETTE[0]}"' in out and f'stroke="{PALETTE[1]}"' in out and f'stroke="{PALETTE[2]}"' in out
     assert 'stroke="#abc"' in out  # short hex is valid
+
+
+def test_missing_colour_falls_back_to_the_feeds_colour_for_the_run_id() -> None:
+    snap = _snapshot(n_runs=1)
+    snap["runs"][0].update(id=7, color=None)
+    snap["series"] = {"7": snap["series"]["1"]}
+    out = render_html(snap, metrics=["loss"])
+    assert f'stroke="{run_color(7)}"' in out and run_color(7) == PALETTE[6]
+
+
+def test_values_are_shown_as_in_the_live_panel() -> None:
+    # the same cases as js/test/panel.test.js "formats values briefly"
+    assert [display_value(v) for v in (3e-4, 0.1, 16, "cosine", None)] == ["3e-4", "0.1", "16", "cosine", ""]
+    assert display_value(["q_proj", "v_proj"]) == "q_proj, v_proj" and display_value(True) == "true"
+    snap = _snapshot(n_runs=1)
+    out = render_html(snap)
+    assert ">3e-3</td>" in out  # the learning rate, as in the run's name and the live table
+
+
+def test_a_feed_snapshot_carries_the_live_statuses_and_renders() -> None:
+    store = Store()
+    store.add_run(RunRecord(3, "lr=1e-3", "SFT", {}, params={"training_args.learning_rate": 1e-3}, total_steps=4))
+    store.log_metrics(3, 1, 1, {"loss": 2.0})
+    store.log_metrics(3, 2, 1, {"loss": 1.0})
+    snap = Feed(store, "exp").snapshot()
+    assert snap["live_statuses"] == ["queued", "training"] == list(LIVE)
+    assert {RunStatus(s) for s in snap["live_statuses"]} == LIVE_STATUSES
+    assert f'stroke="{run_color(3)}"' in render_html(snap)
 
 
 def test_failed_run_shows_error_truncated() -> None:

@@ -78,10 +78,10 @@ def test_snapshot_is_downsampled_but_keeps_both_ends():
 
 
 class Recorder:
-    """An experiment stand-in for the writer: a store, a name, and no ops."""
+    """An IC-op service stand-in for the writer: a store, a name, and no ops."""
 
     def __init__(self, store):
-        self._store, self.name = store, "exp"
+        self.store, self.name = store, "exp"
 
 
 def recording_panel(store, mode="push"):
@@ -236,7 +236,7 @@ def running():
     with tempfile.TemporaryDirectory() as tmp:
         exp = Experiment("panel", experiments_dir=tmp)
         exp.run_fit(group, demo_model_fn, arithmetic_dataset("train", n=64), num_chunks=2, seed=0, display=False)
-        panel, sent = recording_panel(exp._store)
+        panel, sent = recording_panel(exp.store)
         panel._experiment = exp
         yield exp, panel, sent
         exp.end(wait=False)
@@ -250,7 +250,7 @@ def click(panel, sent, **request):
 
 
 def status(exp, run_id):
-    return exp._store.run(run_id).status
+    return exp.store.run(run_id).status
 
 
 def wait_for(predicate, timeout=60):
@@ -264,7 +264,7 @@ def test_stop_click_enqueues_an_op_that_the_engine_applies(running):
     exp, panel, sent = running
     reply = click(panel, sent, op="stop", run_id=1)
     assert reply["ok"] and isinstance(reply["op_id"], int)
-    op = exp._store.ic_log()[reply["op_id"] - 1]
+    op = exp.store.ic_log()[reply["op_id"] - 1]
     assert (op.origin, op.op, op.run_id) == ("panel", "stop", 1)
     wait_for(lambda: status(exp, 1) is RunStatus.STOPPED)
     assert click(panel, sent, op="resume", run_id=1)["ok"]
@@ -284,7 +284,7 @@ def test_refusals_come_back_with_the_engines_reason(running):
     assert not reply["ok"] and "learning_rat" in reply["message"] and "learning_rate" in reply["message"]
     reply = click(panel, sent, op="clone_modify", run_id=1, overrides={"learning_rate": 1e-4}, warm_start="yes")
     assert not reply["ok"] and "warm_start" in reply["message"]
-    assert all(op.outcome != "pending" for op in exp._store.ic_log())
+    assert all(op.outcome != "pending" for op in exp.store.ic_log())
 
 
 def test_clone_modify_click_adds_a_run_that_trains(running):
@@ -293,10 +293,10 @@ def test_clone_modify_click_adds_a_run_that_trains(running):
     assert reply["ok"], reply
     new_id = reply["run_id"]
     wait_for(lambda: any(r.run_id == new_id for r in exp.runs()))
-    wait_for(lambda: exp._store.run(new_id).step > exp._store.run(2).step - 1 and exp._store.run(new_id).step > 0)
-    record = exp._store.run(new_id)
+    wait_for(lambda: exp.store.run(new_id).step > exp.store.run(2).step - 1 and exp.store.run(new_id).step > 0)
+    record = exp.store.run(new_id)
     assert record.params["training_args.learning_rate"] == 5e-4
-    assert math.isclose(exp._store.run(2).params["training_args.learning_rate"], 1e-3)
+    assert math.isclose(exp.store.run(2).params["training_args.learning_rate"], 1e-3)
 
 
 def test_stop_all_stops_every_live_run(running):

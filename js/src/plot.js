@@ -4,7 +4,7 @@
 
 import { figure, show } from "@bokeh/bokehjs/build/js/lib/api/plotting.js";
 import { ColumnDataSource, HoverTool } from "@bokeh/bokehjs/build/js/lib/models/index.js";
-import { formatValue, shortName } from "./state.js";
+import { formatValue, shortName } from "./format.js";
 
 export async function bokehPlot(el) {
   let current = null; // {key, fig, view, hover, bounds, lines: Map(runId -> {source, renderer})}

@@ -1,7 +1,13 @@
 // The panel's state: the kernel's snapshot plus the deltas that followed it (protocol: js/README.md).
 // Pure data, no DOM and no Bokeh, so it can be tested on its own.
 
-export const MAX_POINTS = 2000; // per curve in the browser; beyond it, every other point is dropped
+// The browser's own bound per curve (the kernel bounds a snapshot's curves, rf_notebook/_panel_spec.py
+// SNAPSHOT_MAX_POINTS, but deltas then add every new point): beyond it, every other point is dropped.
+export const MAX_POINTS = 2000;
+
+// Which statuses are live (the run may still train, so it can be stopped) comes with every message as
+// `live_statuses`; this is the answer for a message without it (a snapshot saved by an older version).
+export const FALLBACK_LIVE_STATUSES = ["queued", "training"];
 
 export function emptyState() {
   return {
@@ -13,6 +19,7 @@ export function emptyState() {
     series: {},
     boundaries: {},
     ops: [],
+    live_statuses: FALLBACK_LIVE_STATUSES,
   };
 }
 
@@ -28,6 +35,7 @@ export function fromSnapshot(snapshot) {
     runs: snapshot.runs,
     boundaries: snapshot.boundaries ?? {},
     ops: snapshot.ops ?? [],
+    live_statuses: snapshot.live_statuses ?? FALLBACK_LIVE_STATUSES,
   });
   for (const [runId, curves] of Object.entries(snapshot.series ?? {})) {
     for (const [metric, points] of Object.entries(curves)) appendPoints(state, runId, metric, points);
@@ -50,6 +58,7 @@ export function applyDelta(state, delta) {
   state.runs = delta.runs;
   state.boundaries = delta.boundaries;
   state.ops = delta.ops;
+  state.live_statuses = delta.live_statuses ?? state.live_statuses;
   for (const [runId, curves] of Object.entries(delta.series ?? {})) {
     for (const [metric, points] of Object.entries(curves)) appendPoints(state, runId, metric, points);
   }
@@ -81,6 +90,11 @@ export function thin(curve) {
   curve.length = kept;
   curve.stride *= 2;
   return curve;
+}
+
+/** Whether `run` may still train (and so be stopped), by the kernel's list of live statuses. */
+export function isLive(state, run) {
+  return state.live_statuses.includes(run.status);
 }
 
 /** The points of a curve to draw: the kept ones and the newest. */
@@ -121,32 +135,4 @@ export function curveFor(state, run, metric, { xAxis = "step", smoothing = 0 } =
   const scale = xAxis === "samples" ? run.samples_per_step || 1 : 1;
   const steps = points.map((p) => p[0]);
   return { x: steps.map((s) => s * scale), y: smooth(points.map((p) => p[1]), smoothing), steps, raw: points.map((p) => p[1]) };
-}
-
-/** The value of a hyper-parameter for display: 3e-4, 0.1, 16, "cosine", [q, v]. */
-export function formatValue(value) {
-  if (typeof value === "number") {
-    if (Number.isInteger(value)) return String(value);
-    const a = Math.abs(value);
-    if (a !== 0 && (a < 1e-2 || a >= 1e5)) return value.toExponential(2).replace(/\.?0+e/, "e").replace("e+", "e");
-    return String(Number(value.toPrecision(3)));
-  }
-  if (value === null || value === undefined) return "";
-  if (Array.isArray(value)) return value.map(formatValue).join(", ");
-  return String(value);
-}
-
-/** A duration as h:mm:ss or m:ss. */
-export function formatDuration(seconds) {
-  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
-  const s = Math.max(0, Math.round(seconds));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const ss = String(s % 60).padStart(2, "0");
-  return h ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
-}
-
-/** The last part of a dotted parameter path: "training_args.learning_rate" -> "learning_rate". */
-export function shortName(path) {
-  return path.slice(path.lastIndexOf(".") + 1);
 }

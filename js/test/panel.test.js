@@ -1,6 +1,7 @@
 import { describe, expect, it, vi } from "vitest";
 import { Panel } from "../src/panel.js";
-import { MAX_POINTS, applyDelta, curveFor, formatValue, fromSnapshot, pointsOf, smooth } from "../src/state.js";
+import { formatValue } from "../src/format.js";
+import { MAX_POINTS, applyDelta, curveFor, fromSnapshot, isLive, pointsOf, smooth } from "../src/state.js";
 
 /** An anywidget model stand-in: traits, custom messages both ways. */
 function fakeModel(traits = {}) {
@@ -288,6 +289,20 @@ describe("panel", () => {
     expect(plot.updates.at(-1).highlight).toBe(1);
   });
 
+  it("takes the live statuses from the kernel's messages", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const state = snapshot([run(1, { status: "queued" }), run(2)]);
+    model.emit({ type: "snapshot", state }); // no live_statuses (an older saved snapshot): queued and training
+    expect(row(el, 1).querySelector("button.rfnb-stop").disabled).toBe(false);
+    model.emit({ type: "snapshot", state: { ...state, live_statuses: ["training"] } });
+    expect(row(el, 1).querySelector("button.rfnb-stop").disabled).toBe(true);
+    expect(row(el, 2).querySelector("button.rfnb-stop").disabled).toBe(false);
+    model.emit({ ...delta(0, 0, [run(1, { status: "queued" })], {}), live_statuses: ["queued"] });
+    expect(row(el, 1).querySelector("button.rfnb-stop").disabled).toBe(false);
+    expect(el.querySelector(".rfnb-stop-all").disabled).toBe(false);
+  });
+
   it("polls the kernel in pull mode", () => {
     const model = fakeModel({ mode: "pull" });
     const timers = [];
@@ -315,6 +330,15 @@ describe("state", () => {
     expect([...gaps]).toEqual([curve.stride]); // evenly spread, old and new alike
     expect(pointsOf(curve).at(-1)[0]).toBe(10000); // the line reaches the newest value
     expect(curveFor(state, run(1), "loss").steps.at(-1)).toBe(10000);
+  });
+
+  it("knows the live statuses from the last message, queued and training without one", () => {
+    const state = fromSnapshot(snapshot([run(1, { status: "queued" })]));
+    expect(isLive(state, state.runs[0])).toBe(true);
+    applyDelta(state, { ...delta(0, 0, [run(1, { status: "queued" })], {}), live_statuses: ["training"] });
+    expect(isLive(state, state.runs[0])).toBe(false);
+    applyDelta(state, delta(0, 0, [run(1, { status: "queued" })], {})); // a delta without them keeps the last
+    expect(isLive(state, state.runs[0])).toBe(false);
   });
 
   it("smooths like TensorBoard and keeps gaps", () => {

@@ -11,8 +11,8 @@ evaluate at a rung -> record. A run that raises is marked failed and the others 
 recorded as refused, never raised in this thread, and a run's status changes only once the work behind an op
 succeeded. With checkpoints on, a run that stays stopped (two rungs passed since its stop, or nothing else left to
 train) is written to its checkpoint and unloaded: its adapter, trainer and optimizer are freed, and a Resume (or a
-warm clone of it) rebuilds it exactly from there. The backend (`_torch.TorchBackend`) does all the torch work;
-this module knows nothing of torch, so tests drive it with a fake backend.
+warm clone of it) rebuilds it exactly from there. The backend (`backend.Backend`; `torch_backend.TorchBackend`)
+does all the torch work; this module knows nothing of torch, so tests drive it with a fake backend.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from typing import Any
 
 from rf_notebook import scheduler
 from rf_notebook.commands import CloneModify, Command, CommandQueue, Delete, Export, ICOp, Resume, Shutdown, Stop
+from rf_notebook.engine.backend import Backend, Slot
 from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine"]
-
-_OP_NAMES = {Stop: "stop", Resume: "resume", Delete: "delete", CloneModify: "clone_modify"}
 
 
 class Engine:
@@ -43,7 +42,7 @@ class Engine:
         self,
         store: Store,
         runs: list[Any],
-        backend: Any,
+        backend: Backend,
         on_rung: Callable[[int], None] | None = None,
         checkpoints: bool = False,
         decided_rung: int | None = None,
@@ -61,7 +60,7 @@ class Engine:
         self.commands: CommandQueue = CommandQueue()
         for command in replay:  # ops a previous process logged but never applied: applied before anything trains
             self.commands.put(command)
-        self._slots: dict[int, Any] = {}
+        self._slots: dict[int, Slot] = {}
         self._unloaded: set[int] = set()  # stopped runs written to their checkpoint, nothing in memory
         self._stopped_at: dict[int, int] = {}  # stopped run -> the rung the experiment was at when it stopped
         self._current: int | None = None  # a run interrupted in the middle of a chunk
@@ -179,14 +178,10 @@ class Engine:
                 self._train(self._slots[run_id])
 
     def _pick(self) -> int | None:
-        runnable = {
-            r.run_id: r.chunks_done
-            for r in self.store.runs()
-            if r.status in scheduler.RUNNABLE and r.run_id in self._slots
-        }
+        runnable = {r.run_id: r.chunks_done for r in self.store.runs() if r.status.is_live and r.run_id in self._slots}
         return scheduler.pick_next(runnable, self._current)
 
-    def _train(self, slot: Any) -> None:
+    def _train(self, slot: Slot) -> None:
         """Train `slot` to its next rung (or until a command waits), then evaluate at a rung and record."""
         t0 = time.perf_counter()
         rung = slot.plan.next_rung(slot.step)
@@ -231,7 +226,7 @@ class Engine:
         self.stats["cleanup_s"] += time.perf_counter() - t4
         self.stats["checkpoint_s"] += t_ckpt
 
-    def _checkpoint(self, slot: Any) -> None:
+    def _checkpoint(self, slot: Slot) -> None:
         """Write the run's state at this rung; a failed write (disk full) pauses the experiment, never the run."""
         try:
             self.backend.checkpoint(slot)
@@ -241,7 +236,7 @@ class Engine:
     def _pause_all(self, why: str) -> None:
         """The experiment directory cannot be written: stop every live run where it is (nothing is lost; each
         keeps its exact state) until the user resumes it."""
-        paused = [r.run_id for r in self.store.runs() if r.run_id in self._slots and r.status in scheduler.RUNNABLE]
+        paused = [r.run_id for r in self.store.runs() if r.run_id in self._slots and r.status.is_live]
         for run_id in paused:
             self.store.update_run(run_id, status=RunStatus.STOPPED)
         if paused:
@@ -249,7 +244,7 @@ class Engine:
 
     def _completed_rung(self) -> int:
         """The highest k such that every live run of this engine has finished chunk k (0 if none is live)."""
-        done = [r.chunks_done for r in self.store.runs() if r.run_id in self._slots and r.status in scheduler.RUNNABLE]
+        done = [r.chunks_done for r in self.store.runs() if r.run_id in self._slots and r.status.is_live]
         return min(done, default=0)
 
     def _rungs(self) -> None:
@@ -297,7 +292,7 @@ class Engine:
                     self._current = None
                 logger.info("run %d stays stopped: checkpointed at step %d and unloaded", run_id, slot.step)
 
-    def _progress(self, run_id: int, slot: Any) -> None:
+    def _progress(self, run_id: int, slot: Slot) -> None:
         status = self.store.run(run_id).status
         if slot.finished:
             status = RunStatus.FINISHED
@@ -313,11 +308,11 @@ class Engine:
             rungs=tuple(r.step for r in slot.plan.rungs),
         )
 
-    def warn(self, slot: Any, message: str) -> None:
+    def warn(self, slot: Slot, message: str) -> None:
         """Something a run's user code got wrong without ending the run; kept on its record (the panel shows it)."""
         self.store.update_run(slot.run_id, warning=message)
 
-    def record(self, slot: Any, step: int, values: dict[str, float]) -> None:
+    def record(self, slot: Slot, step: int, values: dict[str, float]) -> None:
         """Metrics from a run's trainer (called on the scheduler thread, from inside the run)."""
         chunk = slot.plan.rungs_done(step - 1) + 1 if slot.plan is not None else 0
         self.store.log_metrics(slot.run_id, step, chunk, values)
@@ -390,7 +385,7 @@ class Engine:
         return outcome
 
     def _refusal(self, op: ICOp) -> str | None:
-        reason = self.refusal(_OP_NAMES[type(op)], op.run_id, warm_start=isinstance(op, CloneModify) and op.warm_start)
+        reason = self.refusal(op.name, op.run_id, warm_start=isinstance(op, CloneModify) and op.warm_start)
         if reason is None and isinstance(op, Stop) and op.requires is not None:
             required = self.store.op(op.requires)
             if required.outcome != "applied":

@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rf_notebook.store import RunStatus
+
 __all__ = ["Decision", "Policy", "RunAtRung"]
 
 
@@ -91,11 +93,9 @@ class Policy(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
-LIVE = ("queued", "training")
-
-
 def live(runs: Sequence[RunAtRung]) -> list[RunAtRung]:
-    return [r for r in runs if r.status in LIVE]
+    """The runs still in the schedule (queued or training)."""
+    return [r for r in runs if RunStatus(r.status).is_live]
 
 
 def fmt(value: float) -> str:

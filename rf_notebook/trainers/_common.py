@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from rf_notebook.configs import OWNED_FIELDS, PER_BASE_FIELDS, PROCESS_FIELDS
+from rf_notebook.fields import OWNED_FIELDS, PER_BASE_FIELDS, PROCESS_FIELDS
 
 __all__ = ["MODULE_SURFACE", "base_args", "check_columns", "check_shared_state", "base_is_reference"]
 
@@ -25,7 +25,7 @@ MODULE_SURFACE = (
 
 def base_args(user: Mapping[str, Any], *, output_dir: str, seed: int, on_gpu: bool) -> dict[str, Any]:
     """A run's trainer keyword arguments: the user's values over rf_notebook's defaults, and the fields the
-    experiment owns (`configs.OWNED_FIELDS`) set by rf_notebook alone, after the user's.
+    experiment owns (`fields.OWNED_FIELDS`) set by rf_notebook alone, after the user's.
 
     Defaults: the experiment's seed (also as `data_seed`, so the sample order is the seed's whatever else
     happened in the process), a loss logged at every step and logged as it is (a NaN loss shows as NaN, not

@@ -82,6 +82,8 @@ def build_trainer(
     eval_dataset: Any,
     model_config: RFModelConfig,
     callbacks: Sequence[Any],
+    *,
+    load_reference: Callable[[Any], Any],
 ) -> Any:
     import trl
 

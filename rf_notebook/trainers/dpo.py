@@ -52,10 +52,12 @@ def build_trainer(
     eval_dataset: Any,
     model_config: RFModelConfig,
     callbacks: Sequence[Any],
-    ref_model: Any = None,
+    *,
+    load_reference: Callable[[Any], Any],
 ) -> Any:
     from trl import DPOTrainer
 
+    ref_model = load_reference(model_config) if model_config.ref_model_name else None
     with base_is_reference(model, model.active_adapter):
         return DPOTrainer(
             model=model,

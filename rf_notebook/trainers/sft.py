@@ -54,6 +54,8 @@ def build_trainer(
     eval_dataset: Any,
     model_config: RFModelConfig,
     callbacks: Sequence[Any],
+    *,
+    load_reference: Callable[[Any], Any],
 ) -> Any:
     from trl import SFTTrainer
 

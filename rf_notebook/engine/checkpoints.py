@@ -9,6 +9,10 @@ checkpoints, one job at a time in the order they were taken. A checkpoint folder
 that fails (disk full) is raised by the next call on the writer, on the training thread, where the engine pauses
 the experiment. Anything that reads a run's checkpoints (a reload, an export, a resume, the experiment's end)
 waits for the writer first.
+
+This module is the one owner of the on-disk layout of a run's folder (`<experiment>/runs/<run id>/`):
+`checkpoints/step-<N>/` (the newest chunk end's state), `warm-start/` (a warm clone's starting state), and what
+rf_notebook adds to transformers' checkpoint files (trainer counters, GRPO's buffered generations).
 """
 
 from __future__ import annotations
@@ -20,15 +24,37 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointWriter", "Snapshot", "to_host", "write_snapshot", "fsync_dir"]
+__all__ = [
+    "CheckpointWriter",
+    "Snapshot",
+    "to_host",
+    "write_snapshot",
+    "replace_checkpoint",
+    "fsync_dir",
+    "checkpoints_of",
+    "latest_checkpoint",
+    "resume_point",
+    "export_checkpoint",
+    "restore_counters",
+    "rng_payload",
+    "TRAINER_COUNTERS",
+    "WARM_START",
+]
 
-GENERATION_BUFFER = "rf_generation_buffer.pt"  # GRPO / RLOO generations still to be trained on
+# GRPO / RLOO's generations still to be trained on (steps_per_generation > 1 or num_iterations > 1), kept with a
+# state written in the middle of a generation cycle (a warm start, or a run unloaded where it was stopped).
+GENERATION_BUFFER = "rf_generation_buffer.pt"
+# TRL trainer attributes that transformers' checkpoints do not keep: tokens seen (the `num_tokens` metric) and
+# GRPO / RLOO's micro-step counter (which buffered generation batch a step uses).
+TRAINER_COUNTERS = ("_total_train_tokens", "_step")
+COUNTERS = "rf_trainer_counters.json"
+WARM_START = "warm-start"  # a warm clone's starting state, in its run folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +117,7 @@ def write_snapshot(snapshot: Snapshot, path: Path) -> None:
     torch.save(snapshot.rng, path / "rng_state.pth")
     if snapshot.scaler is not None:  # fp16: a resumed run or warm clone goes on at the parent's loss scale
         torch.save(snapshot.scaler, path / "scaler.pt")
-    (path / "rf_trainer_counters.json").write_text(json.dumps(snapshot.counters))
+    (path / COUNTERS).write_text(json.dumps(snapshot.counters))
     if snapshot.generation_buffer is not None:
         torch.save(snapshot.generation_buffer, path / GENERATION_BUFFER)
     for file in path.iterdir():
@@ -190,3 +216,76 @@ def replace_checkpoint(snapshot: Snapshot, folder: Path, step: int) -> Path:
         if old != final and name.startswith("step-") and name.removeprefix("step-").isdigit():
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoints_of(output_dir: str | Path) -> Path:
+    """The folder of a run's chunk-end checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
+    """A run's newest complete checkpoint (step, folder), or None. Unfinished temporary folders are ignored."""
+    folder = checkpoints_of(output_dir)
+    found = []
+    for path in folder.glob("step-*") if folder.is_dir() else ():
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return max(found) if found else None
+
+
+def resume_point(output_dir: str | Path) -> tuple[int, str] | None:
+    """Where a run that is not in memory continues: (step, folder) of its newest checkpoint, else of the warm
+    start it was cloned with (a warm clone before its first chunk end), else None (from scratch)."""
+    point = latest_checkpoint(output_dir)
+    warm = Path(output_dir) / WARM_START
+    if point is None and (warm / "trainer_state.json").is_file():
+        point = (json.loads((warm / "trainer_state.json").read_text())["global_step"], warm)
+    return None if point is None else (point[0], os.fspath(point[1]))
+
+
+def export_checkpoint(output_dir: str | Path, path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Copy the adapter of a run's newest checkpoint to `path` as a PEFT folder, with rf_config.json."""
+    point = latest_checkpoint(output_dir)
+    if point is None:
+        raise RuntimeError(
+            f"run {record['run_id']} has no checkpoint in {str(output_dir)!r} (it never finished a chunk), and no "
+            "live model to export from"
+        )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(point[1] / name, out / name)
+    (out / "rf_config.json").write_text(json.dumps(dict(record), indent=2, default=str))
+    return out
+
+
+def restore_counters(trainer: Any, folder: str | Path) -> None:
+    """Put back into a rebuilt trainer what transformers' `resume_from_checkpoint` does not: the trainer counters
+    and GRPO / RLOO's buffered generations written with the state in `folder`."""
+    folder = Path(folder)
+    counters = folder / COUNTERS
+    for key, value in (json.loads(counters.read_text()) if counters.is_file() else {}).items():
+        if key in TRAINER_COUNTERS:
+            setattr(trainer, key, value)
+    buffer = folder / GENERATION_BUFFER
+    if buffer.is_file():
+        import torch
+
+        trainer._buffered_inputs = torch.load(buffer, weights_only=True, map_location=trainer.args.device)
+
+
+def rng_payload(state: Any, args: Any) -> dict[str, Any]:
+    """A run's random state (`_process_state.ProcessState`) in transformers' `rng_state.pth` layout, which
+    `train(resume_from_checkpoint=...)` reads: on one GPU the CUDA state of the trainer's device alone (a
+    per-device list is the multi-GPU layout, and one GPU's loader cannot set it back: transformers logs "Didn't
+    manage to set back the RNG states")."""
+    rng = {"python": state.python, "numpy": state.numpy, "cpu": state.torch_cpu}
+    if state.torch_cuda is not None:
+        from transformers.training_args import ParallelMode
+
+        if args.parallel_mode == ParallelMode.DISTRIBUTED:
+            rng["cuda"] = state.torch_cuda
+        else:
+            rng["cuda"] = state.torch_cuda[args.device.index or 0]
+    return rng

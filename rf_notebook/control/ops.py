@@ -1,0 +1,178 @@
+"""The IC-op service: the one path every op takes, whoever asks (the Python API, the panel, a policy).
+
+    log (pending, with its origin) -> check (refused at once if it cannot apply now) -> for a clone: validate the
+    overrides, build the clone's spec and prepare it -> submit the command to the engine's queue -> the scheduler
+    thread applies it between two optimizer steps and settles it (applied / refused) in the store.
+
+A policy is asked at each synchronous rung from the engine's rung hook (`policy_hook`), and its decisions go the same
+way with origin "policy". Ops are submitted from any thread; nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rf_notebook.commands import RUN_OPS, CloneModify
+from rf_notebook.control.prepare import Preparer
+from rf_notebook.control.results import logged_name
+from rf_notebook.engine import Engine
+from rf_notebook.policies import Policy, RunAtRung
+from rf_notebook.store import Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Control"]
+
+
+class Control:
+    """The IC ops of one experiment. `engine` is the engine of its current run_fit (None before the first)."""
+
+    def __init__(self, name: str, store: Store, preparer: Preparer):
+        self.name, self.store, self.preparer = name, store, preparer
+        self.engine: Engine | None = None
+
+    # -- ops ------------------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        op: str,
+        run_id: int,
+        *,
+        origin: str,
+        reason: str | None = None,
+        rung: int | None = None,
+        requires: int | None = None,
+    ) -> int:
+        """Log op `op` ("stop", "resume" or "delete") on `run_id`, refuse it at once if it cannot apply, else
+        queue it; return its op id. A policy's ops carry their `rung`; a stop that `requires` another op applies
+        only if that one did."""
+        if op not in RUN_OPS:
+            raise ValueError(f"unknown op {op!r}; expected one of {sorted(RUN_OPS)} (or clone_modify)")
+        if op == "resume" and self.store.storage_error is not None:
+            self.store.recover()  # the experiment paused on a failed write: the directory must work again
+        args = {k: v for k, v in (("rung", rung), ("requires", requires)) if v is not None}
+        record = self.store.log_op(origin, op, run_id, args, reason=reason)
+        try:
+            self._check(op, run_id)
+        except ValueError as exc:
+            self.store.settle_op(record.op_id, "refused", str(exc))
+            raise
+        extra = {"requires": requires} if requires is not None else {}
+        self.engine.submit(RUN_OPS[op](op_id=record.op_id, run_id=run_id, **extra))
+        return record.op_id
+
+    def clone_modify(
+        self,
+        run_id: int,
+        overrides: dict[str, Any],
+        warm_start: bool,
+        *,
+        origin: str,
+        reason: str | None = None,
+        rung: int | None = None,
+    ) -> tuple[int, int]:
+        """Log, check, prepare and queue a clone of `run_id` with `overrides`; return (op id, the new run's id)."""
+        new_id = self.store.reserve_run_ids(1)[0]
+        args = {"overrides": overrides, "warm_start": warm_start, **({"rung": rung} if rung is not None else {})}
+        op = self.store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id, reason=reason)
+        try:
+            self._check("clone_modify", run_id, warm_start)
+            parent = self.engine.runs[run_id]
+            prepared = self.preparer.prepare_clone(parent, new_id, overrides, warm_start, parent.args.seed)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.store.settle_op(op.op_id, "refused", str(exc))
+            raise
+        command = CloneModify(
+            op_id=op.op_id,
+            run_id=run_id,
+            new_run_id=new_id,
+            prepared=prepared,
+            warm_start=bool(warm_start),
+            overrides=dict(overrides),
+        )
+        self.engine.submit(command)
+        return op.op_id, new_id
+
+    def stop_all(self, *, origin: str) -> list[int]:
+        """Stop every run still queued or training; the ids of the stop ops (a run that ended meanwhile is
+        refused in the log, the others still stop)."""
+        op_ids = []
+        for run_id in self.live_runs():
+            try:
+                op_ids.append(self.submit("stop", run_id, origin=origin))
+            except ValueError:
+                pass
+        return op_ids
+
+    def live_runs(self) -> list[int]:
+        """The runs queued or training, of any run_fit."""
+        return [r.run_id for r in self.store.runs() if r.status.is_live]
+
+    def _check(self, op: str, run_id: int, warm_start: bool = False) -> None:
+        """Refuse at once what cannot apply now (the scheduler checks again when it applies the op)."""
+        if self.engine is None or not self.engine.alive:
+            raise ValueError(f"experiment {self.name!r} is not running (not started, or end() was called)")
+        reason = self.engine.refusal(op, run_id, warm_start=warm_start)
+        if reason is not None:
+            raise ValueError(reason)
+
+    # -- policies -------------------------------------------------------------------------------------------------
+
+    def policy_hook(self, policy: Policy | None) -> Any:
+        """The engine's rung hook for `policy` (None: no hook)."""
+        if policy is None:
+            return None
+        return lambda rung: self.policy_step(policy, rung)
+
+    def policy_step(self, policy: Policy, rung: int) -> None:
+        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
+        metrics = self.store.metrics()
+        metric = logged_name(policy.metric, {m.name for m in metrics})
+        values: dict[int, dict[int, float]] = {}
+        for m in metrics:
+            if m.name == metric:
+                values.setdefault(m.run_id, {})[m.chunk] = m.value
+        fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
+        for op in self.store.ic_log():
+            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
+                fit.add(op.new_run_id)
+        runs = [
+            RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), {**_resolved(r.config), **r.params})
+            for r in self.store.runs()
+            if r.run_id in fit
+        ]
+        if not any(rung in run.values for run in runs):
+            logger.warning(
+                "policy %r: no run logged %r at chunk %d (logged: %s); nothing to decide",
+                policy,
+                policy.metric,
+                rung,
+                sorted({m.name for m in metrics}),
+            )
+        # Each decision is logged (pending) before any is applied, then the rung is marked decided: a process that
+        # ends before the mark decides the rung again on resume; one that ends after it applies the pending ops.
+        for decision in policy.decide(rung, runs):
+            try:
+                if decision.op == "stop":
+                    self.submit("stop", decision.run_id, origin="policy", reason=decision.reason, rung=rung)
+                    continue
+                clone_op, _ = self.clone_modify(
+                    decision.run_id, dict(decision.overrides), True, origin="policy", reason=decision.reason, rung=rung
+                )
+                if decision.replaces is not None:  # stopped only if its replacement is applied: all or nothing
+                    self.submit(
+                        "stop", decision.replaces, origin="policy", reason=decision.reason, rung=rung, requires=clone_op
+                    )
+            except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the others go on
+                logger.warning("policy decision %s on run %d refused: %s", decision.op, decision.run_id, exc)
+        self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": rung})
+
+
+def _resolved(config: Any) -> dict[str, Any]:
+    """A run's resolved trainer and adapter arguments as flat params ("training_args.learning_rate": ...)."""
+    flat: dict[str, Any] = {}
+    for section in ("training_args", "peft_config"):
+        for key, value in (config.get(section) or {}).items() if isinstance(config, dict) else ():
+            flat[f"{section}.{key}"] = value
+    return flat

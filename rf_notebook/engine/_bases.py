@@ -1,0 +1,121 @@
+"""The models the runs share: one resident base per distinct (model, kwargs), carrying every run's LoRA adapter
+in one PEFT wrapper, and the reference models DPO runs name (other than a base). Loaded once per experiment with
+the user's `create_model_fn`, on the scheduler thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rf_notebook.configs import stable_repr
+from rf_notebook.engine._slot import Patches
+
+__all__ = ["Bases", "SharedBase"]
+
+
+class SharedBase:
+    """One resident base model and the PEFT wrapper that carries every run's adapter."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self.peft: Any = None
+        self.pristine: Patches | None = None
+        # TRL's constructor and transformers' train() each register a hook that makes the embedding output require
+        # grad (activation checkpointing with adapters), keeping no handle on the previous ones: one per call, so
+        # two per run, all run at every forward. On the shared base the second call replaces the first.
+        cls = type(model)
+        if hasattr(cls, "enable_input_require_grads"):
+
+            def enable_input_require_grads() -> None:
+                cls.disable_input_require_grads(model)
+                cls.enable_input_require_grads(model)
+
+            model.enable_input_require_grads = enable_input_require_grads
+
+    @property
+    def modules(self) -> list[Any]:
+        return [self.peft, self.peft.base_model, self.peft.get_base_model()]
+
+    def add_adapter(self, name: str, lora: Any, seed: int) -> None:
+        """Add a freshly initialised adapter, seeded as `SFTTrainer(peft_config=...)` seeds its own."""
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(seed)
+        if self.peft is None:
+            self.peft = get_peft_model(self.model, lora, adapter_name=name)
+            self.pristine = Patches.capture(self.modules)
+        else:
+            self.peft.add_adapter(name, lora)
+        self.peft.set_adapter(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete a run's adapter (another one becomes active first; each run sets its own before training)."""
+        others = [other for other in self.peft.peft_config if other != name]
+        if others and name in self.peft.active_adapters:
+            self.peft.set_adapter(others[0])
+        self.peft.delete_adapter(name)
+
+
+class Bases:
+    """Every shared base and reference model of one experiment, each loaded once."""
+
+    def __init__(self, create_model_fn: Callable[[Any], tuple[Any, Any]]):
+        self.create_model_fn = create_model_fn
+        self._bases: dict[tuple[str, ...], SharedBase] = {}
+        self._references: dict[tuple[str, str], Any] = {}  # DPO reference models other than a base
+
+    def get(self, model_config: Any) -> SharedBase:
+        """The base of `model_config`, loaded on first use."""
+        key = model_config.base_key()
+        if key not in self._bases:
+            self._bases[key] = self._load(model_config)
+        return self._bases[key]
+
+    def _load(self, model_config: Any) -> SharedBase:
+        """Call `create_model_fn` once for a distinct base and check that it returned (model, tokenizer)."""
+        loaded = self.create_model_fn(model_config)
+        if not (isinstance(loaded, tuple) and len(loaded) == 2):
+            raise TypeError(
+                f"create_model_fn returned {type(loaded).__name__}, but must return a (model, tokenizer) tuple"
+            )
+        model, tokenizer = loaded
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"create_model_fn returned a {type(model).__name__} as the model, but must return a "
+                "transformers PreTrainedModel (e.g. from AutoModelForCausalLM.from_pretrained)"
+            )
+        if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
+            raise TypeError(
+                f"create_model_fn returned a {type(tokenizer).__name__} as the tokenizer, but must return a "
+                "transformers tokenizer (e.g. from AutoTokenizer.from_pretrained)"
+            )
+        if getattr(model, "peft_config", None):
+            raise TypeError("create_model_fn returned a model with PEFT adapters; return the plain base model")
+        if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # batches need padding; as RapidFire AI and TRL's examples do
+        return SharedBase(model, tokenizer)
+
+    def reference(self, model_config: Any) -> Any:
+        """A DPO reference model named by `ref_model_name`: the shared base itself (adapters disabled) when it
+        names the same model, else loaded once with `create_model_fn` and frozen (None: use the base)."""
+        key = (str(model_config.ref_model_name), stable_repr(model_config.ref_model_kwargs or {}))
+        if key == (str(model_config.model_name), stable_repr(model_config.model_kwargs or {})):
+            return None
+        if key not in self._references:
+            reference = model_config.replace(
+                model_name=model_config.ref_model_name,
+                model_type=model_config.ref_model_type or "causal_lm",
+                model_kwargs=dict(model_config.ref_model_kwargs or {}),
+            )
+            model = self._load(reference).model
+            model.requires_grad_(False)
+            model.eval()
+            self._references[key] = model
+        return self._references[key]
+
+    def clear(self) -> None:
+        self._bases.clear()
+        self._references.clear()

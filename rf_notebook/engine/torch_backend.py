@@ -1,0 +1,359 @@
+"""The engine's torch side: shared base models, one LoRA adapter and one TRL trainer per run.
+
+`TorchBackend` implements `backend.Backend` for the scheduler loop (`_engine.Engine`), always on the scheduler
+thread: build a run (adapter + trainer, or a warm-started clone of another run), put back a run's state before it
+trains, evaluate it, checkpoint, unload and reload it, discard it, export its adapter. The shared models are in
+`_bases`, the callbacks it adds to each trainer in `_callbacks`, the checkpoint layout in `checkpoints`; what
+differs between SFT, DPO, GRPO and RLOO is behind the trainer contract (`rf_notebook.trainers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from rf_notebook.chunking import chunk_plan
+from rf_notebook.engine import _process_state, checkpoints
+from rf_notebook.engine._bases import Bases, SharedBase
+from rf_notebook.engine._callbacks import ApplyOverrides, FailOnNonFinite, GenerationMetrics, TolerantMetrics
+from rf_notebook.engine._slot import Patches, RunSlot
+from rf_notebook.engine.backend import PreparedRun
+from rf_notebook.engine.checkpoints import (
+    TRAINER_COUNTERS,
+    WARM_START,
+    CheckpointWriter,
+    Snapshot,
+    checkpoints_of,
+    export_checkpoint,
+    resume_point,
+    rng_payload,
+    to_host,
+)
+from rf_notebook.trainers import TRAINERS
+
+logger = logging.getLogger(__name__)
+
+# TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+__all__ = ["TorchBackend"]
+
+
+def _mid_generation(trainer: Any) -> bool:
+    """Whether the trainer's next micro-step reuses buffered generations (TRL regenerates every
+    steps_per_generation x num_iterations micro-steps, or when the buffer is empty)."""
+    buffered = getattr(trainer, "_buffered_inputs", None)
+    if buffered is None:
+        return False
+    every = trainer.args.steps_per_generation * getattr(trainer, "num_iterations", 1)
+    return trainer._step % every != 0
+
+
+class TorchBackend:
+    """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
+
+    def __init__(
+        self,
+        create_model_fn: Callable[[Any], tuple[Any, Any]],
+        train_dataset: Any,
+        eval_dataset: Any,
+        num_chunks: int,
+        on_nonfinite: str = "fail",
+        formatted: Mapping[int, tuple[Any, Any]] | None = None,
+        resume_points: Mapping[int, tuple[int, str]] | None = None,
+    ):
+        self.on_nonfinite = on_nonfinite
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        # Data sets already put through each distinct formatting_func (once, not once per run), by function.
+        self.formatted = dict(formatted or {})
+        self.num_chunks = num_chunks
+        self.should_yield: Callable[[], bool] = lambda: False
+        self.record: Callable[[RunSlot, int, dict[str, float]], None] = lambda slot, step, values: None
+        self.warn: Callable[[RunSlot, str], None] = lambda slot, message: None
+        self._bases = Bases(create_model_fn)
+        self._runs: dict[int, PreparedRun] = {}
+        self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
+        self.resume_points = dict(resume_points or {})  # run id -> (step, checkpoint) for a resumed experiment
+        self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
+
+    def connect(
+        self,
+        should_yield: Callable[[], bool],
+        record: Callable[[RunSlot, int, dict], None],
+        warn: Callable[[RunSlot, str], None],
+    ) -> None:
+        """Called by the engine: how a training run asks whether to yield, where its metrics go, and where what
+        went wrong without ending it goes."""
+        self.should_yield, self.record, self.warn = should_yield, record, warn
+
+    # -- building ----------------------------------------------------------------------------------------------
+
+    def setup(self, runs: list[PreparedRun], unloaded: list[PreparedRun] = ()) -> dict[int, RunSlot]:
+        """Load each distinct base once, then build every run of `runs`; the `unloaded` ones (stopped, on disk)
+        are only remembered, for a later `reload` or `export`."""
+        self._unloaded.update({run.run_id: run for run in unloaded})
+        import datasets
+
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bar()  # one set of bars per run's data preparation is noise
+        try:
+            for run in runs:
+                self._bases.get(run.spec.model_config)
+            return {run.run_id: self.build(run, resume_from=self.resume_points.get(run.run_id)) for run in runs}
+        finally:
+            if bars:
+                datasets.enable_progress_bar()
+
+    def base_of(self, run_id: int) -> SharedBase:
+        return self._bases.get(self._runs[run_id].spec.model_config)
+
+    def build(
+        self, run: PreparedRun, warm_from: RunSlot | None = None, resume_from: tuple[int, str] | None = None
+    ) -> RunSlot:
+        """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state; with
+        `resume_from` (step, checkpoint folder), the state written there (a resumed experiment)."""
+        base = self._bases.get(run.spec.model_config)
+        unloaded = self._unloaded.pop(run.run_id, None)
+        self._runs[run.run_id] = run
+        base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
+        try:
+            return self._build_slot(run, base, warm_from, resume_from)
+        except BaseException:  # nothing half-built stays: an export must never find a fresh, untrained adapter
+            base.remove_adapter(run.adapter)
+            del self._runs[run.run_id]
+            if unloaded is not None:
+                self._unloaded[run.run_id] = unloaded
+            raise
+
+    def _build_slot(
+        self, run: PreparedRun, base: SharedBase, warm_from: RunSlot | None, resume_from: tuple[int, str] | None
+    ) -> RunSlot:
+        base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
+        slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
+        callbacks = slot.callbacks(self.record)
+        if self.on_nonfinite == "fail":
+            callbacks.append(FailOnNonFinite())
+        # A warm clone starts from its parent's optimizer and LR schedule, also when it resumes from its warm start
+        # (a restart or a reload before its first chunk end): its own learning rate and weight decay go in on top.
+        if warm_from is not None or (resume_from is not None and Path(resume_from[1]).name == WARM_START):
+            callbacks.append(ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
+        trainer = TRAINERS[run.spec.trainer_type]
+        model_config = run.spec.model_config
+        train, evl = self.train_dataset, self.eval_dataset
+        if model_config.formatting_func is not None and id(model_config.formatting_func) in self.formatted:
+            train, evl = self.formatted[id(model_config.formatting_func)]
+            model_config = model_config.replace(formatting_func=None)
+        if model_config.compute_metrics is not None:  # one that raises costs its metrics, not the run
+            metrics = TolerantMetrics(model_config.compute_metrics, lambda text: self.warn(slot, text), run.spec.name)
+            model_config = model_config.replace(compute_metrics=metrics)
+        if model_config.generation_config is not None and model_config.compute_metrics is not None:
+            callbacks.append(GenerationMetrics(slot, base.tokenizer, evl, model_config, run.args, self.record))
+            model_config = model_config.replace(compute_metrics=None)  # not the trainer's logits-based one
+        slot.trainer = trainer.build_trainer(
+            base.peft,
+            base.tokenizer,
+            run.args,
+            train,
+            evl,
+            model_config,
+            callbacks,
+            load_reference=self._bases.reference,
+        )
+        for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
+            slot.trainer.remove_callback(noisy)
+        slot.patches = Patches.capture(base.modules)
+        slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
+        args, rows = run.args, len(slot.trainer.train_dataset)
+        slot.plan = chunk_plan(
+            rows,
+            args.per_device_train_batch_size,
+            self.num_chunks,
+            max_steps=args.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            per_epoch=trainer.steps_per_epoch(rows, args),
+            rows_per_step=trainer.rows_per_step(args),
+            align=trainer.rung_multiple(args),
+        )
+        if warm_from is not None:
+            slot.resume_from = self._checkpoint(warm_from, run)
+            slot.state = warm_from.state
+            slot.step = warm_from.step
+        elif resume_from is not None:  # its random state is read back from the folder when train() starts
+            slot.step, slot.resume_from = resume_from[0], os.fspath(resume_from[1])
+        if slot.resume_from is not None:
+            checkpoints.restore_counters(slot.trainer, slot.resume_from)
+        return slot
+
+    def _checkpoint(self, parent: RunSlot, run: PreparedRun) -> str | None:
+        """The parent's state where the clone's `train(resume_from_checkpoint=...)` reads it. A parent that has not
+        trained since it was built is still the state it was built from: a copy of that (None: from scratch)."""
+        path = Path(run.args.output_dir) / WARM_START
+        if not parent.started:
+            if parent.resume_from is None:
+                return None
+            self.wait_for_writes()  # its checkpoint may still be being written
+            shutil.copytree(parent.resume_from, path, dirs_exist_ok=True)
+            return os.fspath(path)
+        self._write_state(parent, path)
+        return os.fspath(path)
+
+    def _snapshot(self, slot: RunSlot) -> Snapshot:
+        """The run's whole state now (adapter, optimizer, LR schedule, trainer state, random state, loss scale,
+        buffered generations), copied off the live run: what its checkpoint holds."""
+        import copy
+
+        from peft.utils import get_peft_model_state_dict
+
+        if slot.run_id not in self._runs:
+            raise ValueError(f"run {slot.run_id} has no adapter any more (deleted)")
+        run, base, trainer = self._runs[slot.run_id], self.base_of(slot.run_id), slot.trainer
+        config = dataclasses.replace(base.peft.peft_config[run.adapter])
+        config.base_model_name_or_path = str(run.spec.model_config.model_name)
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        tensors = to_host(
+            {
+                "adapter": get_peft_model_state_dict(base.peft, adapter_name=run.adapter),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "buffer": trainer._buffered_inputs if _mid_generation(trainer) else None,
+            }
+        )
+        return Snapshot(
+            adapter=tensors["adapter"],
+            adapter_config=config,
+            optimizer=tensors["optimizer"],
+            scheduler=copy.deepcopy(trainer.lr_scheduler.state_dict()),
+            trainer_state=json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n",
+            rng=rng_payload(slot.resume_state(), trainer.args),
+            scaler=tensors["scaler"],
+            counters={k: getattr(trainer, k) for k in TRAINER_COUNTERS if hasattr(trainer, k)},
+            generation_buffer=tensors["buffer"],
+        )
+
+    def _write_state(self, slot: RunSlot, path: Path) -> None:
+        """Write a run's state now, on this thread, in transformers' checkpoint layout (a warm start)."""
+        checkpoints.write_snapshot(self._snapshot(slot), path)
+
+    def checkpoint(self, slot: RunSlot, wait: bool = False) -> Path:
+        """Checkpoint `slot` at its current step as `<output_dir>/checkpoints/step-<N>` (complete or absent; the
+        run's older checkpoints are removed). The training thread only takes the snapshot; the checkpoint writer
+        thread writes it, unless `wait` (a run about to leave memory): then it is on disk when this returns. A
+        failed earlier write is raised here (OSError)."""
+        folder, step = checkpoints_of(slot.trainer.args.output_dir), slot.step
+        snapshot = self._snapshot(slot)
+        if wait:
+            self._writer.flush()
+            return checkpoints.replace_checkpoint(snapshot, folder, step)
+        self._writer.submit(lambda: checkpoints.replace_checkpoint(snapshot, folder, step))
+        return folder / f"step-{step}"
+
+    def flush(self) -> None:
+        """Wait for the checkpoints being written; raise a failed write (the engine pauses the experiment)."""
+        self._writer.flush()
+
+    def wait_for_writes(self) -> None:
+        """Wait for the checkpoints being written, before reading them (from any thread); a failed write is left
+        for the training thread to raise."""
+        self._writer.wait()
+
+    # -- driving -----------------------------------------------------------------------------------------------
+
+    def activate(self, slot: RunSlot) -> None:
+        """Put back what this run's trainer expects of the shared model and the process."""
+        base = self.base_of(slot.run_id)
+        base.peft.set_adapter(slot.adapter)
+        slot.patches.apply(base.modules)
+        _process_state.restore(slot.state)
+
+    def suspended(self, slot: RunSlot) -> None:
+        """After the run hands back control: keep the forward patches its train() may have installed
+        (Accelerate's autocast wrapper under mixed precision)."""
+        slot.patches = Patches.capture(self.base_of(slot.run_id).modules)
+
+    def evaluate(self, slot: RunSlot) -> None:
+        """Evaluate at a rung, unless the trainer's own `eval_strategy` just did at this very step."""
+        if self.eval_dataset is not None and slot.trainer is not None and slot.evaluated_at != slot.step:
+            slot.trainer.evaluate()
+
+    def unload(self, slot: RunSlot) -> None:
+        """Write a stopped run to its checkpoint and free everything it holds (adapter, trainer, optimizer); the run
+        stays known, and `reload` rebuilds it exactly from there. A run that has not trained since it was built is
+        still exactly what it was built from (its checkpoint, its warm start, or nothing): nothing is written."""
+        if slot.started:
+            self.checkpoint(slot, wait=True)  # on disk before the run leaves memory
+        self.discard(slot, keep_adapter=False)
+
+    def reload(self, run: PreparedRun) -> RunSlot:
+        """Rebuild an unloaded run from its newest checkpoint, else the warm start it was cloned with, else from
+        scratch (it stopped before its first chunk end)."""
+        self.wait_for_writes()
+        return self.build(run, resume_from=resume_point(run.args.output_dir))
+
+    def forget(self, run_id: int) -> None:
+        """A deleted run: nothing of it stays in memory (its last checkpoint stays on disk)."""
+        self._unloaded.pop(run_id, None)
+
+    def discard(self, slot: RunSlot, keep_adapter: bool) -> None:
+        """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too."""
+        slot.close()
+        if not keep_adapter:
+            self.base_of(slot.run_id).remove_adapter(slot.adapter)
+            self._unloaded[slot.run_id] = self._runs.pop(slot.run_id)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    # -- taking results away -----------------------------------------------------------------------------------
+
+    def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
+        if run_id in self._unloaded:  # written to its checkpoint when it was unloaded or deleted
+            self.wait_for_writes()
+            return os.fspath(export_checkpoint(self._unloaded[run_id].args.output_dir, path, record))
+        out = Path(path)
+        self._write_adapter(run_id, out)
+        (out / "rf_config.json").write_text(json.dumps(record, indent=2, default=str))
+        return os.fspath(out)
+
+    def _write_adapter(self, run_id: int, out: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if run_id not in self._runs:
+            raise ValueError(f"run {run_id} has no adapter any more (deleted)")
+        run, base = self._runs[run_id], self.base_of(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(base.peft, adapter_name=run.adapter)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
+        config = dataclasses.replace(base.peft.peft_config[run.adapter])
+        config.base_model_name_or_path = str(run.spec.model_config.model_name)
+        config.save_pretrained(os.fspath(out))
+
+    def release(self) -> None:
+        """Free every model, adapter and trainer; the checkpoints being written are finished first (a failed one
+        is raised, after everything is freed)."""
+        try:
+            self._writer.close()
+        finally:
+            self._release_models()
+
+    def _release_models(self) -> None:
+        self._bases.clear()
+        self._runs.clear()
+        self._unloaded.clear()
+        gc.collect()

@@ -26,8 +26,8 @@ from rf_notebook.commands import Export
 from rf_notebook.configs import RFModelConfig
 from rf_notebook.control import results as tables
 from rf_notebook.control.ops import Control
-from rf_notebook.control.prepare import Preparer, check_num_chunks, default_model_fn, format_datasets
-from rf_notebook.control.resume import Resumed, begin_fit, begin_resumed, close_interrupted, fit_record, resumable
+from rf_notebook.control.prepare import Preparer, default_model_fn
+from rf_notebook.control.resume import begin, close_interrupted, plan_fit
 from rf_notebook.engine import Engine
 from rf_notebook.engine.checkpoints import export_checkpoint
 from rf_notebook.search import Search
@@ -182,23 +182,23 @@ class Experiment:
             )
 
     def _fit(self, search: Search, model_fn: Callable, train: Any, evl: Any, fit: _args.Fit) -> None:
-        """run_fit once its arguments are checked: validate -> prepare every run (or the resumed ones) -> start."""
+        """run_fit once its arguments are checked: prepare every run (or the resumed ones) -> start training."""
         from rf_notebook.engine.torch_backend import TorchBackend
-        from rf_notebook.trainers._common import check_shared_state
 
-        specs = search.expand()
-        formatted = format_datasets(search.trainer_type, specs, train, evl)
-        record = fit_record(search.trainer_type, fit.num_chunks, fit.seed, train, evl, fit.precision)
-        if fit.resume:
-            if self._engine is not None:  # an idle engine of this experiment may still be writing checkpoints
-                self._engine.backend.wait_for_writes()
-            resumed = resumable(self._store, self._preparer, specs, record, self.name)
-        else:
-            resumed = Resumed()
-            ids = self._store.reserve_run_ids(len(specs))
-            resumed.runs = [self._preparer.prepare(i, s, fit.seed, fit.precision) for i, s in zip(ids, specs)]
-            check_num_chunks(resumed.runs, len(train), fit.num_chunks)
-        check_shared_state(resumed.runs)
+        if fit.resume and self._engine is not None:  # an idle engine of this experiment may still be writing
+            self._engine.backend.wait_for_writes()
+        plan = plan_fit(
+            self._store,
+            self._preparer,
+            search,
+            train,
+            evl,
+            num_chunks=fit.num_chunks,
+            seed=fit.seed,
+            precision=fit.precision,
+            resume=fit.resume,
+            name=self.name,
+        )
         self._warn_device()
         if not self._store.durable:
             self._store.attach(self.path)  # StorageError (unwritable folder) before anything trains
@@ -210,27 +210,25 @@ class Experiment:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-        if fit.resume:
-            begin_resumed(self._store, resumed)
-        else:
-            begin_fit(self._store, resumed.runs, record, with_policy=fit.policy is not None)
+        begin(self._store, plan, with_policy=fit.policy is not None)
         backend = TorchBackend(
             model_fn,
             train,
             evl,
             fit.num_chunks,
             on_nonfinite=fit.on_nonfinite,
-            formatted=formatted,
-            resume_points=resumed.points,
+            formatted=plan.formatted,
+            resume_points=plan.points,
         )
         engine = Engine(
             self._store,
-            resumed.runs,
+            plan.runs,
             backend,
             on_rung=self._control.policy_hook(fit.policy),
             checkpoints=True,
-            decided_rung=resumed.decided,
-            replay=resumed.replay,
+            decided_rung=plan.decided,
+            replay=plan.replay,
+            owner=self,
         )
         self._control.engine = engine
         if fit.display if fit.display is not None else _kernel.in_kernel():
@@ -240,10 +238,10 @@ class Experiment:
         try:
             engine.start()
         except BaseException as exc:
-            for run in resumed.runs:
+            for run in plan.runs:
                 self._store.update_run(run.run_id, status=RunStatus.FAILED, error=f"setup failed: {exc!r}")
             raise
-        logger.info("experiment %r: %d runs training in the background", self.name, len(resumed.runs))
+        logger.info("experiment %r: %d runs training in the background", self.name, len(plan.runs))
 
     def _warn_device(self) -> None:
         changes = self._preparer.device_changes

@@ -18,13 +18,13 @@ from typing import Any
 from rf_notebook.configs import (
     TRAINER_TYPES,
     TRAINING_ARGS,
-    ConfigSpec,
     RFLoraConfig,
     RFModelConfig,
     check_generation_config,
     stable_repr,
 )
 from rf_notebook.space import List, Range, alternatives
+from rf_notebook.spec import ConfigSpec
 
 __all__ = [
     "List",

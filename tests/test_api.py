@@ -326,6 +326,22 @@ def test_a_second_run_fit_while_one_is_active_is_refused(data, tmp_path):
     assert {r.status for r in exp.runs()} <= {RunStatus.FINISHED, RunStatus.STOPPED}
 
 
+def test_an_experiment_nobody_holds_is_still_seen_while_it_trains(data, tmp_path):
+    """`Experiment(...).run_fit(...)` without keeping the object: the process's checks still see it training."""
+    import gc
+    import weakref
+
+    exp = Experiment("unheld", experiments_dir=tmp_path)
+    exp.run_fit(sweep(max_steps=48), demo_model_fn, *data, num_chunks=4, seed=0, display=False)
+    held = weakref.ref(exp)
+    del exp
+    gc.collect()
+    assert held() is not None
+    with pytest.raises(RuntimeError, match="experiment 'unheld' is training in this process"):
+        Experiment("unheld", experiments_dir=tmp_path)
+    held().end(wait=False)
+
+
 def test_formatting_func_turns_raw_rows_into_training_text(tmp_path):
     import datasets
 

@@ -325,20 +325,26 @@ def test_fields_of_the_versions_rapidfire_pins_become_todays_with_one_warning():
         RFSFTConfig(warmup_ratio=1.0)
     with pytest.raises(ValueError, match="warmup_ratio=0.1 and warmup_steps=10 are both set"):
         RFSFTConfig(warmup_ratio=0.1, warmup_steps=10)
+    with pytest.warns(LegacyFieldWarning):  # a searched ratio: both ends of its Range are checked
+        assert isinstance(RFSFTConfig(warmup_ratio=Range(0.01, 0.1)).warmup_steps, Range)
+    with pytest.raises(ValueError, match="warmup_ratio is 1.5"):
+        RFSFTConfig(warmup_ratio=Range(0.1, 1.5))
 
 
 def test_the_names_that_moved_stay_importable_from_configs():
     """Code written against the one-module layout keeps working: rf_notebook.configs re-exports the names that now
-    live in rf_notebook.space, rf_notebook.fields and rf_notebook.search (the search ones loaded on first use)."""
+    live in rf_notebook.space, rf_notebook.fields, rf_notebook.spec and rf_notebook.search (the search ones loaded on
+    first use)."""
     import subprocess
     import sys
 
-    from rf_notebook import configs, fields, search, space
+    from rf_notebook import configs, fields, search, space, spec
 
     moved = {
         space: ["List", "Range"],
         fields: ["LegacyFieldWarning", "OwnedField", "OWNED_FIELDS", "owned_refusal", "owned_value_repr"]
         + ["PRECISION_FIELDS", "PROCESS_FIELDS", "PER_BASE_FIELDS"],
+        spec: ["ConfigSpec"],
         search: ["RunSpec", "RFGridSearch", "RFRandomSearch", "format_value", "varying_params"],
     }
     for module, names in moved.items():

@@ -349,16 +349,19 @@ def test_what_a_gpu_notebook_asks_is_decided_before_anything_trains(tmp_path):
     adjusted up front, with the one device warning telling the truth about what the base is loaded in."""
     import torch
 
+    from rf_notebook.control.prepare import Preparer
+
     experiment = Experiment("gpu-notebook", experiments_dir=tmp_path)
     asked = RFModelConfig(
         model_name=MODEL,
         model_kwargs={"load_in_4bit": False, "load_in_8bit": True, "device_map": "auto", "torch_dtype": torch.float16},
     )
-    args, adjusted = experiment._fit_device({"optim": "adamw_8bit", "bf16": True}, asked, on_gpu=False)
+    preparer = Preparer(experiment.path)
+    args, adjusted = preparer.fit_device({"optim": "adamw_8bit", "bf16": True}, asked, on_gpu=False)
     assert args == {"optim": "adamw_torch", "bf16": False}
     assert adjusted.model_kwargs == {"torch_dtype": "float32"}  # nothing transformers 5 would refuse
     assert asked.model_kwargs["load_in_8bit"] is True  # the user's config is untouched
-    said = "; ".join(experiment._device_warnings)
+    said = "; ".join(preparer.device_changes)
     for part in (
         "bf16=True (this machine has no GPU: trained in float32)",
         "model_kwargs torch_dtype=float16 (no GPU: the base is loaded in float32)",

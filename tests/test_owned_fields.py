@@ -58,7 +58,7 @@ def test_runs_told_to_share_a_folder_keep_their_own_checkpoints_and_exports(tmp_
 
 
 def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path, monkeypatch):
-    from rf_notebook.engine import TorchBackend
+    from rf_notebook.engine.torch_backend import TorchBackend
 
     folder = tmp_path / "checkpoints"
     kept = ["other-run", "step-final", "12", "notes.tmp-step-3"]

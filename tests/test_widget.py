@@ -84,8 +84,9 @@ class Recorder:
         self.store, self.name = store, "exp"
 
 
-def recording_panel(store, mode="push"):
-    panel = Panel(Recorder(store), mode=mode)
+def recording_panel(store, mode="push", control=None):
+    """A panel that records what it sends; `control`: the IC-op service its clicks go to (a real experiment's)."""
+    panel = Panel(control or Recorder(store), mode=mode)
     sent = []
     panel._emit = lambda message: sent.append((time.monotonic(), message))
     return panel, sent
@@ -236,8 +237,7 @@ def running():
     with tempfile.TemporaryDirectory() as tmp:
         exp = Experiment("panel", experiments_dir=tmp)
         exp.run_fit(group, demo_model_fn, arithmetic_dataset("train", n=64), num_chunks=2, seed=0, display=False)
-        panel, sent = recording_panel(exp.store)
-        panel._experiment = exp
+        panel, sent = recording_panel(exp.store, control=exp._control)
         yield exp, panel, sent
         exp.end(wait=False)
 

@@ -1,4 +1,8 @@
-"""A run_fit's record in the experiment, and continuing it after a kernel restart (`run_fit(..., resume=True)`).
+"""A run_fit's plan and record in the experiment, and continuing it after a kernel restart (`run_fit(...,
+resume=True)`).
+
+`plan_fit` prepares what a run_fit trains (every run of the search, or the resumed ones) before anything is loaded;
+`begin` records it in the store once nothing can refuse it any more.
 
 Each run_fit stores what it started with (trainer type, chunks, seed, data fingerprints, precision, its run ids) in
 the store's "fits" meta. A resume rebuilds the last run_fit's runs from the same search (checked against the stored
@@ -14,21 +18,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from rf_notebook.commands import CloneModify, Command, Stop
-from rf_notebook.control.prepare import Preparer
+from rf_notebook.control.prepare import Preparer, check_num_chunks, format_datasets
 from rf_notebook.engine.backend import PreparedRun
 from rf_notebook.engine.checkpoints import resume_point
 from rf_notebook.fields import OWNED_FIELDS
-from rf_notebook.search import RunSpec
+from rf_notebook.search import RunSpec, Search
 from rf_notebook.store import RunStatus, Store
+from rf_notebook.trainers._common import check_shared_state
 
 __all__ = [
-    "Resumed",
-    "begin_fit",
-    "begin_resumed",
+    "FitPlan",
+    "begin",
     "close_interrupted",
     "config_changes",
     "data_fingerprint",
     "fit_record",
+    "plan_fit",
     "resumable",
 ]
 
@@ -57,12 +62,15 @@ def fit_record(
     }
 
 
-class Resumed:
-    """What a resume continues: the live runs, where each continues ({run_id: (step, folder)}), the policy's
-    decisions to apply first (commands), the last rung the policy fully decided, and the other pending ops with why
-    they never apply."""
+class FitPlan:
+    """What a run_fit trains: the runs, and for a resume where each continues ({run_id: (step, folder)}), the
+    policy's decisions to apply first (commands), the last rung the policy fully decided, and the other pending ops
+    with why they never apply; the data sets put through each formatting_func, and the fit's record."""
 
     def __init__(self) -> None:
+        self.resume = False
+        self.record: dict[str, Any] = {}
+        self.formatted: dict[int, tuple[Any, Any]] = {}
         self.runs: list[PreparedRun] = []
         self.points: dict[int, tuple[int, str]] = {}
         self.replay: list[Command] = []
@@ -70,7 +78,37 @@ class Resumed:
         self.refusals: list[tuple[int, str]] = []
 
 
-def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[str, Any], name: str) -> Resumed:
+def plan_fit(
+    store: Store,
+    preparer: Preparer,
+    search: Search,
+    train: Any,
+    evl: Any,
+    *,
+    num_chunks: int,
+    seed: int,
+    precision: str | None,
+    resume: bool,
+    name: str,
+) -> FitPlan:
+    """Prepare a run_fit (validated, nothing loaded or recorded yet): every run of `search`, or with `resume` the
+    last run_fit's runs that can still train."""
+    specs = search.expand()
+    formatted = format_datasets(search.trainer_type, specs, train, evl)
+    record = fit_record(search.trainer_type, num_chunks, seed, train, evl, precision)
+    if resume:
+        plan = resumable(store, preparer, specs, record, name)
+    else:
+        plan = FitPlan()
+        ids = store.reserve_run_ids(len(specs))
+        plan.runs = [preparer.prepare(run_id, spec, seed, precision) for run_id, spec in zip(ids, specs)]
+        check_num_chunks(plan.runs, len(train), num_chunks)
+    check_shared_state(plan.runs)
+    plan.resume, plan.record, plan.formatted = resume, record, formatted
+    return plan
+
+
+def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[str, Any], name: str) -> FitPlan:
     """The last run_fit's runs (and clones made from them) that can still train, rebuilt from the same search."""
     fits = store.meta("fits", [])
     if not fits:
@@ -106,7 +144,7 @@ def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[
             prepared[op.new_run_id] = preparer.prepare_clone(
                 prepared[op.run_id], op.new_run_id, op.args["overrides"], op.args["warm_start"], fit["seed"]
             )
-    resumed = Resumed()
+    resumed = FitPlan()
     for run_id, run in prepared.items():
         if store.run(run_id).status.is_terminal:
             continue
@@ -121,7 +159,7 @@ def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[
 
 
 def _replay(
-    store: Store, preparer: Preparer, prepared: dict[int, PreparedRun], seed: int, fit_number: int, into: Resumed
+    store: Store, preparer: Preparer, prepared: dict[int, PreparedRun], seed: int, fit_number: int, into: FitPlan
 ) -> None:
     """Commands for the policy's ops that a process ended before applying, the last rung the policy fully decided,
     and the other pending ops with why they never apply (refused once run_fit starts). Ops of a rung whose decision
@@ -174,7 +212,15 @@ def close_interrupted(store: Store) -> None:
             store.settle_op(op.op_id, "refused", "the process ended before the op was applied")
 
 
-def begin_fit(store: Store, prepared: Sequence[PreparedRun], fit: dict[str, Any], with_policy: bool) -> None:
+def begin(store: Store, plan: FitPlan, with_policy: bool) -> None:
+    """Record a planned run_fit in the store: a new one, or a resume."""
+    if plan.resume:
+        _begin_resumed(store, plan)
+    else:
+        _begin_new(store, plan.runs, plan.record, with_policy)
+
+
+def _begin_new(store: Store, prepared: Sequence[PreparedRun], fit: dict[str, Any], with_policy: bool) -> None:
     """Record a new run_fit: its runs (queued) and what it started with; ops a process that ended left pending
     never apply."""
     for op in store.ic_log():
@@ -187,7 +233,7 @@ def begin_fit(store: Store, prepared: Sequence[PreparedRun], fit: dict[str, Any]
         store.set_meta("policy_rung", {"fit": len(store.meta("fits")), "rung": 0})
 
 
-def begin_resumed(store: Store, resumed: Resumed) -> None:
+def _begin_resumed(store: Store, resumed: FitPlan) -> None:
     """Record a resume: the ops that never apply refused, each run's metrics after its checkpoint dropped (they are
     logged again), and runs that were interrupted (not stopped by an op) queued again."""
     for op_id, why in resumed.refusals:

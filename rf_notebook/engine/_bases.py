@@ -72,6 +72,10 @@ class Bases:
             self._bases[key] = self._load(model_config)
         return self._bases[key]
 
+    def loaded(self, model_config: Any) -> SharedBase:
+        """The base of `model_config`, which must be loaded already (KeyError if not: nothing is loaded here)."""
+        return self._bases[model_config.base_key()]
+
     def _load(self, model_config: Any) -> SharedBase:
         """Call `create_model_fn` once for a distinct base and check that it returned (model, tokenizer)."""
         loaded = self.create_model_fn(model_config)

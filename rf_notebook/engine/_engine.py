@@ -47,8 +47,12 @@ class Engine:
         checkpoints: bool = False,
         decided_rung: int | None = None,
         replay: Sequence[Command] = (),
+        owner: Any = None,
     ):
         self.store, self.backend = store, backend
+        # Kept alive as long as this engine (its thread): the Experiment, whose process-wide checks (one experiment
+        # trains at a time, one object per directory) and clean-up at exit hold it weakly.
+        self.owner = owner
         self.checkpoints = checkpoints  # write each run's state at every rung (a durable experiment)
         # Called on this thread when every live run has finished chunk k (a synchronous rung), once per k, for
         # every k after `decided_rung` (None: every rung the runs have already passed counts as decided).

@@ -115,7 +115,7 @@ class TorchBackend:
                 datasets.enable_progress_bar()
 
     def base_of(self, run_id: int) -> SharedBase:
-        return self._bases.get(self._runs[run_id].spec.model_config)
+        return self._bases.loaded(self._runs[run_id].spec.model_config)
 
     def build(
         self, run: PreparedRun, warm_from: RunSlot | None = None, resume_from: tuple[int, str] | None = None

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rf_notebook.store import RunStatus
+from rf_notebook.store import LIVE_STATUSES
 
 __all__ = ["Decision", "Policy", "RunAtRung"]
 
@@ -93,9 +93,12 @@ class Policy(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
+_LIVE = frozenset(status.value for status in LIVE_STATUSES)
+
+
 def live(runs: Sequence[RunAtRung]) -> list[RunAtRung]:
     """The runs still in the schedule (queued or training)."""
-    return [r for r in runs if RunStatus(r.status).is_live]
+    return [r for r in runs if r.status in _LIVE]
 
 
 def fmt(value: float) -> str:

@@ -186,7 +186,7 @@ class Experiment:
         from rf_notebook.engine.torch_backend import TorchBackend
 
         if fit.resume and self._engine is not None:  # an idle engine of this experiment may still be writing
-            self._engine.backend.wait_for_writes()
+            self._engine.wait_for_writes()
         plan = plan_fit(
             self._store,
             self._preparer,

@@ -105,6 +105,10 @@ class Engine:
             self.commands.put(command)
         return command
 
+    def wait_for_writes(self) -> None:
+        """Wait for the checkpoints the backend is writing (any thread), before reading them."""
+        self.backend.wait_for_writes()
+
     def pending(self) -> bool:
         """Whether commands wait (or storage failed); a training run checks this before each optimizer step."""
         return not self.commands.empty() or self.store.storage_error is not None

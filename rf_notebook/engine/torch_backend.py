@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from rf_notebook import _versions
 from rf_notebook.chunking import chunk_plan
 from rf_notebook.engine import _process_state, checkpoints
 from rf_notebook.engine._bases import Bases, SharedBase
@@ -42,6 +43,8 @@ from rf_notebook.engine.checkpoints import (
 from rf_notebook.trainers import TRAINERS
 
 logger = logging.getLogger(__name__)
+
+_versions.check()  # the TRL / transformers internals this backend relies on are those of the supported versions
 
 # TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)

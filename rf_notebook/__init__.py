@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Experiment": "rf_notebook.api",
+    "info": "rf_notebook._info",
     "List": "rf_notebook.space",
     "Range": "rf_notebook.space",
     "RFModelConfig": "rf_notebook.configs",
@@ -28,6 +29,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "info",
     "LegacyFieldWarning",
     "Experiment",
     "List",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from rf_notebook._info import info
     from rf_notebook.api import Experiment
     from rf_notebook.configs import (
         RFDPOConfig,

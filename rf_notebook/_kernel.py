@@ -34,7 +34,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["in_kernel", "route_to_subshell", "wait"]
+__all__ = ["in_kernel", "route_to_subshell", "serves_while_blocked", "wait"]
 
 SERVE_INTERVAL_S = 0.05
 
@@ -55,6 +55,11 @@ def route_to_subshell(comm: Any) -> None:
     """Have the kernel handle `comm`'s incoming messages on the subshell the front end sent them on."""
     if callable(getattr(comm, "_reply_subshell_for", None)):
         comm._reply_subshell_for = lambda data, default: default
+
+
+def serves_while_blocked() -> bool:
+    """Whether `wait`, called here (a kernel's main thread), serves the panel's clicks while it blocks."""
+    return _Server.here() is not None
 
 
 def wait(step: Callable[[float], bool], timeout: float | None) -> bool:

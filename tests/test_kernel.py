@@ -149,3 +149,31 @@ def test_a_click_acts_while_a_cell_blocks_in_wait(channel, kernel, tmp_path):
     else:
         assert "MainThread" not in handled_on and handled_on.count("subshell") == 2, handled_on
     output_of(kernel, kernel.execute("exp.end(wait=False)"))
+
+
+def test_info_reports_the_kernel_and_what_rf_notebook_does_about_it(kernel):
+    """`rf_notebook.info()` in a kernel: the ipykernel version, and that clicks reach the panel while a cell blocks
+    (both ipykernel 7.4 and Colab's 6.29); `python -m rf_notebook info` outside one says how to get those facts."""
+    said = output_of(kernel, kernel.execute("import rf_notebook; rf_notebook.info()"))
+    assert f"ipykernel {kernel.rf_ipykernel}" in said and "front end: Jupyter kernel; panel in push mode" in said
+    assert "clicks arrive on a subshell or are served by the wait itself" in said, said
+    assert "NOT SUPPORTED" not in said
+
+
+def test_info_outside_a_kernel_names_versions_device_and_precision():
+    out = subprocess.run([sys.executable, "-m", "rf_notebook", "info"], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("rf_notebook ") and lines[1].startswith("versions: torch ")
+    assert "device: GPUs none" in out.stdout and "precision: CPU: float32" in out.stdout
+    assert "buttons: not in a Jupyter kernel" in out.stdout
+
+
+def test_info_in_colab_says_the_panel_polls(monkeypatch):
+    import types
+
+    from rf_notebook._info import facts
+
+    monkeypatch.delenv("RF_NOTEBOOK_PANEL_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    found = facts()
+    assert found["colab"] and found["panel"].startswith("pull mode (Colab"), found["panel"]

@@ -12,15 +12,13 @@ engine's background thread.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import warnings
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rf_notebook import _args, _kernel, _progress
+from rf_notebook import _args, _kernel, _progress, _registry
 from rf_notebook._journal import DB_NAME
 from rf_notebook.commands import Export
 from rf_notebook.configs import RFModelConfig
@@ -36,24 +34,6 @@ from rf_notebook.store import RunRecord, RunStatus, Store
 logger = logging.getLogger(__name__)
 
 __all__ = ["Experiment", "default_model_fn"]
-
-# Experiments of this process. Runs share process-wide state (random generators, Accelerate's singletons) that
-# the one scheduler thread swaps per run, so only one experiment may train at a time.
-_EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
-# The Experiment object that holds each experiment directory in this process (re-running a notebook's
-# `exp = Experiment("x")` cell hands the directory over to the new object).
-_HOLDERS: weakref.WeakValueDictionary[Path, Experiment] = weakref.WeakValueDictionary()
-
-
-@atexit.register
-def _end_all() -> None:
-    """A script that exits without `end()`: unwind the suspended trainers before the interpreter goes away
-    (a training thread still holding suspended greenlets at exit aborts the process)."""
-    for exp in list(_EXPERIMENTS):
-        try:
-            exp.end(wait=False)
-        except Exception:  # exiting anyway; one experiment's failure must not keep the others running
-            logger.exception("ending experiment %r at exit", exp.name)
 
 
 class Experiment:
@@ -77,21 +57,12 @@ class Experiment:
         self.path = Path(experiments_dir) / experiment_name
         self._panel: Any = None
         self._device_warned = False
-        key = self.path.resolve()
-        holder = _HOLDERS.get(key)
-        if holder is not None:
-            if holder._training():
-                raise RuntimeError(
-                    f"experiment {experiment_name!r} is training in this process (another Experiment object): "
-                    "use that object, or end() it first"
-                )
-            holder._release_directory()
+        _registry.take_over(self.path, self.name)
         self._store = Store.open(self.path) if (self.path / DB_NAME).exists() else Store()
         close_interrupted(self._store)
         self._preparer = Preparer(self.path)
         self._control = Control(self.name, self._store, self._preparer)
-        _HOLDERS[key] = self
-        _EXPERIMENTS.add(self)
+        _registry.register(self)
 
     @property
     def store(self) -> Store:
@@ -102,11 +73,6 @@ class Experiment:
     @property
     def _engine(self) -> Engine | None:
         return self._control.engine
-
-    def _release_directory(self) -> None:
-        """Hand the directory to a newer Experiment object of this process (its history stays readable here)."""
-        self.end(wait=False)
-        self._store.close()
 
     # -- starting ----------------------------------------------------------------------------------------------
 
@@ -148,7 +114,7 @@ class Experiment:
         on a GPU without bfloat16 such as a T4, each said in one warning), or "bf16", "fp16" or "fp32" for every
         run, over their configs. "bf16" works on a CPU too (Accelerate's CPU autocast); "fp16" needs a GPU.
         """
-        self._check_can_train()
+        _registry.check_can_train(self)
         fit = _args.check_fit(
             param_config,
             create_model_fn,
@@ -163,23 +129,6 @@ class Experiment:
             precision=precision,
         )
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit)
-
-    def _check_can_train(self) -> None:
-        if self._training():
-            raise RuntimeError(
-                f"experiment {self.name!r} is already running a run_fit; wait() for it or end() it first"
-            )
-        for other in list(_EXPERIMENTS):
-            if other is not self and other._training():
-                raise RuntimeError(
-                    f"experiment {other.name!r} is still training in this process; one experiment trains at a "
-                    "time: wait() for it or end() it first"
-                )
-        if _HOLDERS.get(self.path.resolve()) is not self:
-            raise RuntimeError(
-                f"this Experiment object no longer holds {str(self.path)!r}: a newer Experiment({self.name!r}) "
-                "in this process took it over; use that one"
-            )
 
     def _fit(self, search: Search, model_fn: Callable, train: Any, evl: Any, fit: _args.Fit) -> None:
         """run_fit once its arguments are checked: prepare every run (or the resumed ones) -> start training."""
@@ -280,7 +229,9 @@ class Experiment:
         with _progress.ProgressLine(self._store, self.name, lambda: engine.runs) as line:
             return _kernel.wait(line.wrap(step), timeout)
 
-    def _training(self) -> bool:
+    @property
+    def training(self) -> bool:
+        """Whether this experiment's run_fit is training now (a run queued or training, and its engine running)."""
         engine = self._engine
         if engine is None or not engine.alive:
             return False
@@ -393,7 +344,7 @@ class Experiment:
         stops them where they are instead (they can continue with `run_fit(..., resume=True)`). An interrupt while
         waiting leaves the experiment running.
         """
-        if wait and self._training():
+        if wait and self.training:
             live = len(self._control.live_runs())
             print(
                 f"{self.name}: waiting for {live} run{'s' if live != 1 else ''} to finish training before ending "

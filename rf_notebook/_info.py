@@ -46,8 +46,10 @@ def facts() -> dict[str, Any]:
 
 
 def _device() -> dict[str, Any]:
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        return {"torch_threads": None, "cuda": None, "gpus": [], "bf16": None}
     device: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -10,6 +10,7 @@ with a message naming the installed version and the range, instead of a run that
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from collections.abc import Mapping
 
 __all__ = ["CHECKED", "check", "requirements", "problems"]
@@ -19,7 +20,7 @@ CHECKED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
 def requirements() -> dict[str, str]:
-    """rf_notebook's own requirement specifier of each checked library ({"trl": ">=1.13,<2", ...}), as installed
+    """rf_notebook's own requirement specifier of each checked library ({"trl": ">=1.16,<2", ...}), as installed
     (empty when rf_notebook runs from a source tree that was never installed)."""
     from packaging.requirements import Requirement
 
@@ -38,14 +39,21 @@ def requirements() -> dict[str, str]:
 def problems(installed: Mapping[str, str | None], required: Mapping[str, str]) -> list[str]:
     """What is wrong with `installed` versions ({name: version or None}) against `required` specifiers."""
     from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
+    from packaging.version import InvalidVersion, Version
 
     found = []
     for name, spec in required.items():
         version = installed.get(name)
         if version is None:
             found.append(f"{name}{spec} is required, but {name} is not installed")
-        elif not SpecifierSet(spec).contains(Version(version), prereleases=True):
+            continue
+        try:
+            parsed = Version(version)
+        except InvalidVersion:
+            found.append(f"{name}{spec} is required, but {name}'s version {version!r} cannot be read")
+            continue
+        # A build of the release itself counts as that release: an NVIDIA image's torch 2.4.0a0+git... is 2.4.0.
+        if not any(SpecifierSet(spec).contains(v, prereleases=True) for v in (parsed, Version(parsed.base_version))):
             found.append(f"{name}{spec} is required, but {name} {version} is installed")
     return found
 
@@ -54,11 +62,14 @@ def check() -> None:
     """Refuse to train with a checked library outside rf_notebook's supported range (ImportError naming each)."""
     required = requirements()
     installed = {}
-    for name in required:
+    for name in list(required):
         try:
             installed[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            installed[name] = None
+            if importlib.util.find_spec(name) is not None:  # importable without metadata (a source checkout)
+                del required[name]
+            else:
+                installed[name] = None
     found = problems(installed, required)
     if found:
         wanted = " ".join(f"'{name}{spec}'" for name, spec in required.items())

@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -23,6 +22,7 @@ INSTALLED = os.environ.get("RF_NOTEBOOK_INSTALLED") == "1"  # make test-lowest: 
 
 
 def declared() -> dict[str, Requirement]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return {Requirement(line).name: Requirement(line) for line in project["dependencies"]}
 
@@ -61,6 +61,11 @@ def test_both_constraint_sets_fall_in_the_declared_ranges():
 def test_a_version_outside_the_range_is_refused_naming_it_and_the_range(monkeypatch):
     assert _versions.problems({"trl": "1.16.0"}, {"trl": ">=1.16,<2"}) == []
     assert _versions.problems({"torch": "2.13.0+cpu"}, {"torch": ">=2.4"}) == []  # a local build label is fine
+    assert _versions.problems({"torch": "2.4.0a0+git34c6371"}, {"torch": ">=2.4"}) == []  # a GPU image's build
+    assert _versions.problems({"torch": "2.3.1"}, {"torch": ">=2.4"}) == [
+        "torch>=2.4 is required, but torch 2.3.1 is installed"
+    ]
+    assert "cannot be read" in _versions.problems({"trl": "custom"}, {"trl": ">=1.16"})[0]
     assert _versions.problems({"trl": "2.0.0", "peft": None}, {"trl": ">=1.16,<2", "peft": ">=0.21"}) == [
         "trl>=1.16,<2 is required, but trl 2.0.0 is installed",
         "peft>=0.21 is required, but peft is not installed",

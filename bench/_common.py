@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,21 @@ def qwen05_fn(model_config: Any = None) -> tuple[Any, Any]:
 
 
 MODELS = {"demo": demo_model_fn, "llama512": llama512_fn, "qwen05": qwen05_fn}
+
+
+class Timing:
+    """Wall and process CPU time (every thread's) of a `with` block."""
+
+    wall: float
+    cpu: float
+
+    def __enter__(self) -> Timing:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
 
 
 def plain_trainer(

@@ -215,6 +215,7 @@ class Experiment:
         engine = self._engine
         if engine is None:
             return True
+        engine.caller_idle()  # this thread only waits from here on: it keeps nothing that slows training down
 
         def done(runs: list[RunRecord], ops: list[Any]) -> bool:
             mine = [r for r in runs if r.run_id in engine.runs]

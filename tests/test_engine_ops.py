@@ -89,6 +89,9 @@ class FakeBackend(Backend):
     def activate(self, slot):
         assert not slot.closed
 
+    def caller_idle(self):
+        pass
+
     def suspended(self, slot):
         pass
 

@@ -103,8 +103,9 @@ def test_delete_frees_the_run_and_keeps_its_metrics(data, tmp_path):
     engine = exp._engine
     slot = engine._slots[1]
     gone = [weakref.ref(slot.trainer), weakref.ref(slot)]
-    peft_model = engine.backend.base_of(1).peft
-    lora_params = [weakref.ref(p) for n, p in peft_model.named_parameters() if ".run1." in n]
+    base = engine.backend.base_of(1)
+    peft_model = base.peft
+    lora_params = [weakref.ref(p) for p in base.adapters.parameters("run1")]
     assert lora_params
     exp.delete(1)
     assert exp.wait(timeout=300)

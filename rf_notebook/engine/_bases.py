@@ -1,6 +1,6 @@
 """The models the runs share: one resident base per distinct (model, kwargs), carrying every run's LoRA adapter
-in one PEFT wrapper, and the reference models DPO runs name (other than a base). Loaded once per experiment with
-the user's `create_model_fn`, on the scheduler thread."""
+in one PEFT wrapper (only the active one in its module tree: `_adapters`), and the reference models DPO runs name
+(other than a base). Loaded once per experiment with the user's `create_model_fn`, on the scheduler thread."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rf_notebook.configs import stable_repr
+from rf_notebook.engine._adapters import Adapters
 from rf_notebook.engine._slot import Patches
 
 __all__ = ["Bases", "SharedBase"]
@@ -19,6 +20,7 @@ class SharedBase:
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
         self.peft: Any = None
+        self.adapters: Adapters | None = None
         self.pristine: Patches | None = None
         # TRL's constructor and transformers' train() each register a hook that makes the embedding output require
         # grad (activation checkpointing with adapters), keeping no handle on the previous ones: one per call, so
@@ -44,17 +46,25 @@ class SharedBase:
         set_seed(seed)
         if self.peft is None:
             self.peft = get_peft_model(self.model, lora, adapter_name=name)
+            self.adapters = Adapters(self.peft)
             self.pristine = Patches.capture(self.modules)
         else:
-            self.peft.add_adapter(name, lora)
-        self.peft.set_adapter(name)
+            self.adapters.add(name, lora)
+
+    def use(self, name: str) -> None:
+        """Make a run's adapter the active one (the only one in the module tree)."""
+        self.adapters.use(name)
+
+    def adapter_weights(self, name: str) -> dict[str, Any]:
+        """A run's adapter weights as PEFT saves them (keys without the adapter name); it becomes the active one."""
+        from peft.utils import get_peft_model_state_dict
+
+        self.use(name)
+        return get_peft_model_state_dict(self.peft, adapter_name=name)
 
     def remove_adapter(self, name: str) -> None:
-        """Delete a run's adapter (another one becomes active first; each run sets its own before training)."""
-        others = [other for other in self.peft.peft_config if other != name]
-        if others and name in self.peft.active_adapters:
-            self.peft.set_adapter(others[0])
-        self.peft.delete_adapter(name)
+        """Delete a run's adapter (another one becomes active; each run sets its own before training)."""
+        self.adapters.remove(name)
 
 
 class Bases:

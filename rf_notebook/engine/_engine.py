@@ -89,6 +89,7 @@ class Engine:
     def start(self) -> None:
         """Start the thread; return once setup is done, re-raising any setup error here. Idempotent."""
         if self._thread is None:
+            self.caller_idle()
             self._thread = threading.Thread(target=self._main, name="rf_notebook-scheduler", daemon=True)
             self._thread.start()
         self._ready.wait()
@@ -104,6 +105,10 @@ class Engine:
         else:
             self.commands.put(command)
         return command
+
+    def caller_idle(self) -> None:
+        """The calling thread leaves the CPU to training (it starts the engine, or waits for it to finish)."""
+        self.backend.caller_idle()
 
     def wait_for_writes(self) -> None:
         """Wait for the checkpoints the backend is writing (any thread), before reading them."""

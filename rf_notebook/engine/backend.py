@@ -3,7 +3,7 @@
 The loop (`_engine.Engine`) decides which run trains, when and for how long, and applies IC ops; a backend does the
 work: `TorchBackend` (`rf_notebook.engine.torch_backend`) with shared base models, LoRA adapters and TRL trainers
 on this process's device, and the stateful tests' fake backend, whose runs count steps. Every method of a backend
-is called on the scheduler thread, except `wait_for_writes` (any thread). No torch here.
+is called on the scheduler thread, except `wait_for_writes` and `caller_idle` (any thread). No torch here.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ class Backend(Protocol):
 
     def wait_for_writes(self) -> None:
         """Wait for the checkpoints being written before reading them (any thread; a failure is left to flush)."""
+
+    def caller_idle(self) -> None:
+        """The calling thread leaves the CPU to training (it starts the engine, or waits for it): free what it holds
+        that would slow the scheduler thread down (any thread)."""
 
     def unload(self, slot: Slot) -> None:
         """Write a stopped run to its checkpoint and free it; `reload` rebuilds it exactly."""

@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rf_notebook import _versions
 from rf_notebook.chunking import chunk_plan
-from rf_notebook.engine import _process_state, checkpoints
+from rf_notebook.engine import _openmp, _process_state, checkpoints
 from rf_notebook.engine._bases import Bases, SharedBase
 from rf_notebook.engine._callbacks import ApplyOverrides, FailOnNonFinite, GenerationMetrics, TolerantMetrics
 from rf_notebook.engine._slot import Patches, RunSlot
@@ -215,8 +215,6 @@ class TorchBackend:
         buffered generations), copied off the live run: what its checkpoint holds."""
         import copy
 
-        from peft.utils import get_peft_model_state_dict
-
         if slot.run_id not in self._runs:
             raise ValueError(f"run {slot.run_id} has no adapter any more (deleted)")
         run, base, trainer = self._runs[slot.run_id], self.base_of(slot.run_id), slot.trainer
@@ -225,7 +223,7 @@ class TorchBackend:
         scaler = getattr(trainer.accelerator, "scaler", None)
         tensors = to_host(
             {
-                "adapter": get_peft_model_state_dict(base.peft, adapter_name=run.adapter),
+                "adapter": base.adapter_weights(run.adapter),
                 "optimizer": trainer.optimizer.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "buffer": trainer._buffered_inputs if _mid_generation(trainer) else None,
@@ -269,12 +267,17 @@ class TorchBackend:
         for the training thread to raise."""
         self._writer.wait()
 
+    def caller_idle(self) -> None:
+        """Free the calling thread's idle OpenMP pool: while it exists, the scheduler thread's team sleeps between ops
+        instead of spinning (see `_openmp`)."""
+        _openmp.release_thread_pool()
+
     # -- driving -----------------------------------------------------------------------------------------------
 
     def activate(self, slot: RunSlot) -> None:
         """Put back what this run's trainer expects of the shared model and the process."""
         base = self.base_of(slot.run_id)
-        base.peft.set_adapter(slot.adapter)
+        base.use(slot.adapter)
         slot.patches.apply(base.modules)
         _process_state.restore(slot.state)
 
@@ -333,14 +336,13 @@ class TorchBackend:
         return os.fspath(out)
 
     def _write_adapter(self, run_id: int, out: Path) -> None:
-        from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         if run_id not in self._runs:
             raise ValueError(f"run {run_id} has no adapter any more (deleted)")
         run, base = self._runs[run_id], self.base_of(run_id)
         out.mkdir(parents=True, exist_ok=True)
-        weights = get_peft_model_state_dict(base.peft, adapter_name=run.adapter)
+        weights = base.adapter_weights(run.adapter)
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
         config = dataclasses.replace(base.peft.peft_config[run.adapter])

@@ -1,0 +1,112 @@
+"""Every run's adapter on one PEFT model with only the active one in the module tree (`engine._adapters`): the model
+computes exactly what PEFT's own multi-adapter model computes, and what the trainer walks does not grow with runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from rf_notebook.demo import demo_model_fn
+from rf_notebook.engine._adapters import Adapters
+
+CONFIGS = {
+    "run1": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+    "run2": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    "run3": LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj"], use_rslora=True, lora_dropout=0.1),
+}
+
+
+def _model(parking: bool):
+    """The demo base with the three adapters (random B, so each changes the output), in either representation."""
+    model, _ = demo_model_fn()
+    names = list(CONFIGS)
+    torch.manual_seed(0)
+    peft = get_peft_model(model, CONFIGS[names[0]], adapter_name=names[0])
+    adapters = Adapters(peft) if parking else None
+    for name in names[1:]:
+        torch.manual_seed(len(name))
+        adapters.add(name, CONFIGS[name]) if parking else peft.add_adapter(name, CONFIGS[name])
+    with torch.no_grad():
+        for name in names:
+            if parking:
+                adapters.use(name)
+            else:
+                peft.set_adapter(name)
+            torch.manual_seed(hash(name) % 1000)
+            for n, p in peft.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.normal_(std=0.5)
+    return peft, adapters
+
+
+def _lora_names(peft) -> set[str]:
+    return {n for n, _ in peft.named_parameters() if "lora_" in n}
+
+
+def test_only_the_active_adapter_is_in_the_tree_and_outputs_match_peft():
+    parked, adapters = _model(parking=True)
+    plain, _ = _model(parking=False)
+    assert adapters.parking
+    ids = torch.tensor([[1, 5, 9, 13, 7, 3]])
+    for name in ["run2", "run1", "run3", "run2"]:
+        adapters.use(name)
+        plain.set_adapter(name)
+        assert adapters.in_tree() == [name] and parked.active_adapters == [name]
+        trainable = {n for n, p in parked.named_parameters() if p.requires_grad}
+        assert trainable and all(f".{name}." in n for n in trainable)
+        assert trainable == {n for n, p in plain.named_parameters() if p.requires_grad}
+        parked.eval(), plain.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(parked(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_what_the_trainer_walks_does_not_grow_with_the_number_of_runs():
+    model, _ = demo_model_fn()
+    peft = get_peft_model(model, CONFIGS["run1"], adapter_name="run1")
+    adapters = Adapters(peft)
+    one = (len(list(peft.parameters())), len(list(peft.modules())), set(peft.state_dict()))
+    for i in range(2, 12):
+        adapters.add(f"run{i}", CONFIGS["run1"])
+    adapters.use("run1")
+    assert (len(list(peft.parameters())), len(list(peft.modules())), set(peft.state_dict())) == one
+    assert len(adapters.parameters("run7")) == len(adapters.parameters("run1")) > 0  # parked, not lost
+
+
+def test_training_a_parked_adapter_continues_where_it_stopped():
+    peft, adapters = _model(parking=True)
+    adapters.use("run1")
+    before = [p.detach().clone() for p in adapters.parameters("run1")]
+    optimizer = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.1)
+    peft.train()
+    peft(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    optimizer.step()
+    adapters.use("run2")
+    adapters.use("run1")
+    after = adapters.parameters("run1")
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the step reached run1's own tensors
+    assert all(p.requires_grad for p in after)
+
+
+def test_remove_a_parked_and_the_active_adapter():
+    peft, adapters = _model(parking=True)
+    adapters.use("run3")
+    adapters.remove("run1")  # parked
+    assert "run1" not in peft.peft_config and adapters.active == "run3"
+    adapters.remove("run3")  # active: another one takes its place
+    assert list(peft.peft_config) == ["run2"] and adapters.in_tree() == ["run2"] and peft.active_adapters == ["run2"]
+    with pytest.raises(KeyError, match=r"no adapter 'run1' on this model \(adapters: \['run2'\]\)"):
+        adapters.use("run1")
+
+
+def test_modules_to_save_keep_peft_s_own_switching():
+    model, _ = demo_model_fn()
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
+    peft = get_peft_model(model, config, adapter_name="run1")
+    adapters = Adapters(peft)
+    adapters.add("run2", config)
+    assert not adapters.parking and sorted(adapters.in_tree()) == ["run1", "run2"]
+    adapters.use("run1")
+    assert peft.active_adapters == ["run1"]
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable and not any(".run2." in n for n in trainable)

@@ -5,11 +5,11 @@
 The pieces of transformers' training loop (forward + backward, gradient clipping, optimizer step, LR schedule,
 zero_grad, FLOP counting, fetching batches, callbacks) are timed by wrapping them at class level while the benchmark
 runs, in both modes, alternating: (a) `Experiment.run_fit` with N runs interleaved in chunks, (b) the same configs
-one after another with plain `SFTTrainer.train()`, each on a fresh base. rf_notebook's own work outside the trainer
-comes from `exp.stats()` (setup, switching runs, evaluation, clean-up); the time a run spends suspended inside its
-callback (the other runs training) is taken out of "callbacks". "other" is what is left of the wall time: the
-trainer's loop itself, base loading and trainer construction in (b). Prints ms per optimizer step; writes
-bench/results/profile-<model>.json and the table in BENCHMARKS.md.
+one after another with plain `SFTTrainer.train()`, each on a fresh base. rf_notebook's own work outside the
+trainer comes from `exp.stats()` (setup, switching runs, evaluation, chunk-end checkpoints, clean-up); the time a
+run spends suspended inside its callback (the other runs training) is taken out of "callbacks". "other" is what is
+left of the wall time: the trainer's loop itself, base loading and trainer construction in (b). Prints ms per
+optimizer step; writes bench/results/profile-<model>.json and the table in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,14 +30,20 @@ TRAINER_PIECES = [
     ("forward + backward", "transformers.trainer", "Trainer", "training_step"),
     ("clip gradients", "transformers.trainer", "Trainer", "_clip_grad_norm"),
     ("optimizer step", "accelerate.optimizer", "AcceleratedOptimizer", "step"),
-    ("LR schedule", "accelerate.scheduler", "AcceleratedScheduler", "step"),
+    ("LR schedule", "torch.optim.lr_scheduler", "LRScheduler", "step"),
     ("zero_grad", "torch.nn.modules.module", "Module", "zero_grad"),
     ("FLOP count", "transformers.trainer", "Trainer", "floating_point_ops"),
     ("fetch batches", "transformers.trainer", "Trainer", "get_batch_samples"),
     ("callbacks", "transformers.trainer_callback", "CallbackHandler", "call_event"),
     ("suspended", "rf_notebook.engine._slot", "RunSlot", "suspend"),
 ]
-ENGINE_PIECES = {"setup": "setup_s", "switch runs": "switch_s", "evaluate": "eval_s", "clean-up": "cleanup_s"}
+ENGINE_PIECES = {
+    "setup": "setup_s",
+    "switch runs": "switch_s",
+    "evaluate": "eval_s",
+    "checkpoint": "checkpoint_s",
+    "clean-up": "cleanup_s",
+}
 
 
 class Pieces:

@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
     }
+    write_table(save(f"thread-{args.model}", result))
+    print(result)
+    return result
+
+
+def write_table(results: list[dict]) -> None:
     rows = [
         [
             r["date"],
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['plain_thread_ratio_median']:.3f}" if "plain_thread_ratio_median" in r else "-",
             f"`{r['command']}`",
         ]
-        for r in save(f"thread-{args.model}", result)
+        for r in results
     ]
     write_section(
         "thread",
@@ -117,8 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         rows,
     )
-    print(result)
-    return result
 
 
 if __name__ == "__main__":

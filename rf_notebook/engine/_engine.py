@@ -211,8 +211,7 @@ class Engine:
             t3 = time.perf_counter()
             if at_rung and self.checkpoints:
                 self._checkpoint(slot)
-            t_ckpt = time.perf_counter() - t3
-            t3 = time.perf_counter()
+            t3_ckpt = time.perf_counter()
         except Exception as exc:
             error = _describe(exc)
             # The traceback's frames hold the run's trainer, optimizer and activations: let them go now (a log
@@ -235,9 +234,9 @@ class Engine:
         self.stats["switches"] += 1
         self.stats["train_s"] += t2 - t1
         self.stats["eval_s"] += t3 - t2
-        self.stats["switch_s"] += (t1 - t0) + (t4 - t3)
+        self.stats["checkpoint_s"] += t3_ckpt - t3
+        self.stats["switch_s"] += (t1 - t0) + (t4 - t3_ckpt)
         self.stats["cleanup_s"] += time.perf_counter() - t4
-        self.stats["checkpoint_s"] += t_ckpt
 
     def _checkpoint(self, slot: Slot) -> None:
         """Write the run's state at this rung; a failed write (disk full) pauses the experiment, never the run."""

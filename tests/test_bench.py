@@ -25,6 +25,7 @@ ROOT = Path(__file__).parents[1]
         ),
         ("thread", ["--max-steps", "4", "--repeats", "1"], "thread-demo"),
         ("profile", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "profile-demo"),
+        ("scale", ["--sizes", "1", "2", "--max-steps", "4", "--num-chunks", "2"], "scale-demo"),
         ("memory", ["--model", "demo", "--runs", "1", "2"], "memory-demo"),
         ("ic_ops", ["--trials", "1"], "ic_ops"),
         ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),

@@ -111,7 +111,7 @@ class Adapters:
         if name == self._active:
             self._park_active()
         self._parked.pop(name, None)
-        del self.peft.peft_config[name]
+        self.peft.peft_config.pop(name, None)
         remaining = list(self.peft.peft_config)
         if self._active is None and remaining:
             self.use(remaining[0])

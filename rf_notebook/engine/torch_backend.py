@@ -88,6 +88,7 @@ class TorchBackend:
         self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
         self.resume_points = dict(resume_points or {})  # run id -> (step, checkpoint) for a resumed experiment
         self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
+        self._prepared: dict[Any, Any] = {}  # data sets a trainer prepared, for the runs that would prepare the same
 
     def connect(
         self,
@@ -171,6 +172,7 @@ class TorchBackend:
             model_config,
             callbacks,
             load_reference=self._bases.reference,
+            prepared=self._prepared,
         )
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)

@@ -4,7 +4,7 @@ behind these names, never in the engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["TrainerType"]
@@ -42,7 +42,9 @@ class TrainerType(Protocol):
         callbacks: Sequence[Any],
         *,
         load_reference: Callable[[Any], Any],
+        prepared: MutableMapping[Any, Any],
     ) -> Any:
         """The one TRL trainer a run keeps for its whole life, on the shared PEFT `model` (its adapter active).
         `load_reference(model_config)` gives the reference model the config names (loaded once per experiment,
-        None: the shared base with adapters disabled), for trainer types that compare against one."""
+        None: the shared base with adapters disabled), for trainer types that compare against one. `prepared` is
+        the experiment's cache of data sets already prepared for a trainer, for trainer types that share them."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from rf_notebook.configs import RFModelConfig
@@ -84,6 +84,7 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
+    prepared: MutableMapping[Any, Any],
 ) -> Any:
     import trl
 

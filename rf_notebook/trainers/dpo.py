@@ -7,7 +7,7 @@ names another model gets that model (loaded once by the engine, shared by the ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from rf_notebook.configs import RFDPOConfig, RFModelConfig
@@ -54,6 +54,7 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
+    prepared: MutableMapping[Any, Any],
 ) -> Any:
     from trl import DPOTrainer
 

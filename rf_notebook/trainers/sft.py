@@ -8,7 +8,8 @@ whole life).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from rf_notebook import chunking
@@ -46,6 +47,42 @@ def rung_multiple(args: Any) -> int:
     return 1
 
 
+# Training arguments that do not reach SFTTrainer's data preparation (tokenizing, labels, truncation, packing,
+# shuffling): runs that differ only in these train on one prepared copy of the data. Any other difference (max_length,
+# packing, seed, dataset_text_field, a field added by a later TRL, ...) gets its own preparation.
+OPTIMIZATION_ONLY = frozenset(
+    {
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_ratio",
+        "warmup_steps",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "optim",
+        "optim_args",
+        "output_dir",
+        "logging_dir",
+        "run_name",
+    }
+)
+
+
+def preparation_key(tokenizer: Any, args: Any, train: Any, evl: Any, formatting_func: Any) -> str:
+    """What SFTTrainer's preparation of (train, evl) depends on; equal keys give equal prepared data sets."""
+    relevant = {k: v for k, v in args.to_dict().items() if k not in OPTIMIZATION_ONLY}
+    objects = [id(tokenizer), id(train), id(evl), id(formatting_func)]
+    return json.dumps([objects, relevant], sort_keys=True, default=repr)
+
+
 def build_trainer(
     model: Any,
     tokenizer: Any,
@@ -56,16 +93,32 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
+    prepared: MutableMapping[Any, Any],
 ) -> Any:
+    """`prepared` holds the data sets already prepared by an earlier run's trainer (the experiment's cache): a run
+    whose preparation would be the same (`preparation_key`) starts from those instead of tokenizing again. TRL's
+    own `skip_prepare_dataset` is set only while its trainer is built; its `args` stay the run's own."""
     from trl import SFTTrainer
 
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        compute_metrics=model_config.compute_metrics,
-        formatting_func=model_config.formatting_func,
-        callbacks=list(callbacks),
-    )
+    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, model_config.formatting_func)
+    formatting_func = model_config.formatting_func
+    user_dataset_kwargs = args.dataset_kwargs
+    if key in prepared:
+        train_dataset, eval_dataset = prepared[key]
+        formatting_func = None  # already applied
+        args.dataset_kwargs = {**(user_dataset_kwargs or {}), "skip_prepare_dataset": True}
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=model_config.compute_metrics,
+            formatting_func=formatting_func,
+            callbacks=list(callbacks),
+        )
+    finally:
+        args.dataset_kwargs = user_dataset_kwargs
+    prepared.setdefault(key, (trainer.train_dataset, trainer.eval_dataset))
+    return trainer

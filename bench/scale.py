@@ -1,0 +1,132 @@
+"""Cost per step and per switch as the number of runs grows: N = 4, 16, 32, 64 runs on one base.
+
+    python -m bench.scale [--model demo|llama512] [--sizes 4 16 32 64] [--max-steps 16] [--num-chunks 4]
+
+Each N trains N SFT runs (learning rates cycled, the same compute per run) interleaved in `num_chunks` chunks in
+this one process, smallest N first and again largest first, so that drift hits both ends alike. From `exp.stats()`:
+the scheduler thread's training time per optimizer step (everything inside the trainers), its time per switch
+(activating a run's adapter, forward patches and process state; recording progress), and setup per run (building
+its adapter and trainer). Memory per run is `bench.memory`'s job. Target: per-step time at the largest N within
+5% of the smallest. Writes bench/results/scale-<model>.json and the table in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import transformers
+
+from bench._common import LEARNING_RATES, MODELS, header, new_experiment, save, write_section
+from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset
+
+
+def search(n_runs: int, max_steps: int, batch: int) -> RFGridSearch:
+    rates = [LEARNING_RATES[i % len(LEARNING_RATES)] * (1 + i // len(LEARNING_RATES)) for i in range(n_runs)]
+    return RFGridSearch(
+        RFModelConfig(
+            model_name=DEMO_MODEL,
+            peft_config=RFLoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+            training_args=RFSFTConfig(
+                learning_rate=List(rates), per_device_train_batch_size=batch, max_steps=max_steps
+            ),
+        ),
+        trainer_type="SFT",
+    )
+
+
+def measure(model_fn, n_runs: int, args, train, workdir: str) -> dict[str, float]:
+    exp = new_experiment("scale", workdir)
+    exp.run_fit(search(n_runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks, seed=0)
+    exp.wait()
+    runs = exp.runs()
+    assert all(r.status.value == "finished" for r in runs), [r.error for r in runs]
+    stats = exp.stats()
+    exp.end()
+    steps = sum(r.step for r in runs)
+    return {
+        "ms_per_step": 1000 * stats["train_s"] / steps,
+        "ms_per_switch": 1000 * stats["switch_s"] / stats["switches"],
+        "setup_s_per_run": stats["setup_s"] / n_runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 32, 64])
+    parser.add_argument("--max-steps", type=int, default=16)
+    parser.add_argument("--num-chunks", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    model_fn = MODELS[args.model]
+    train = arithmetic_dataset("train", n=args.max_steps * args.batch_size)
+    sizes = sorted(args.sizes)
+    measured: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    with tempfile.TemporaryDirectory() as workdir:
+        measure(model_fn, sizes[0], args, train, workdir)  # warm-up
+        for n in sizes + sizes[::-1]:
+            measured[n].append(measure(model_fn, n, args, train, workdir))
+    rows = {
+        n: {key: statistics.median(m[key] for m in ms) for key in ms[0]} | {"raw": ms} for n, ms in measured.items()
+    }
+    first, last = rows[sizes[0]], rows[sizes[-1]]
+    result = {
+        **header(f"scale-{args.model}", argv),
+        "model": args.model,
+        "max_steps": args.max_steps,
+        "num_chunks": args.num_chunks,
+        "batch_size": args.batch_size,
+        "sizes": {str(n): row for n, row in rows.items()},
+        "step_ratio_largest_to_smallest": last["ms_per_step"] / first["ms_per_step"],
+        "switch_ratio_largest_to_smallest": last["ms_per_switch"] / first["ms_per_switch"],
+    }
+    write_table(save(f"scale-{args.model}", result))
+    print(result)
+    return result
+
+
+def write_table(results: list[dict]) -> None:
+    rows = []
+    for r in results:
+        for n, row in r["sizes"].items():
+            rows.append(
+                [
+                    r["date"],
+                    r["machine"],
+                    r["model"],
+                    n,
+                    f"{row['ms_per_step']:.1f}",
+                    f"{row['ms_per_switch']:.2f}",
+                    f"{row['setup_s_per_run']:.2f}",
+                    f"`{r['command']}`",
+                ]
+            )
+        rows.append(
+            [
+                r["date"],
+                "",
+                "",
+                "largest / smallest",
+                f"{r['step_ratio_largest_to_smallest']:.3f}",
+                f"{r['switch_ratio_largest_to_smallest']:.3f}",
+                "",
+                "",
+            ]
+        )
+    write_section(
+        "scale",
+        "Cost as the number of runs grows",
+        "N SFT runs on one base, interleaved, same process, each N measured twice (smallest first, then largest "
+        "first); the scheduler thread's own accounting (`exp.stats()`): training time per optimizer step, time per "
+        "switch, setup per run. Target: per-step time at the largest N within 5% of the smallest.",
+        ["date", "machine", "model", "runs", "ms per step", "ms per switch", "setup s per run", "command"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

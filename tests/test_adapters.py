@@ -110,3 +110,27 @@ def test_modules_to_save_keep_peft_s_own_switching():
     assert peft.active_adapters == ["run1"]
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     assert trainable and not any(".run2." in n for n in trainable)
+
+
+def test_an_adapter_added_after_the_last_one_was_removed():
+    model, _ = demo_model_fn()
+    peft = get_peft_model(model, CONFIGS["run1"], adapter_name="run1")
+    adapters = Adapters(peft)
+    adapters.remove("run1")  # every run on this base unloaded, say
+    assert not peft.peft_config and not _lora_names(peft)
+    adapters.add("run2", CONFIGS["run2"])  # a Resume rebuilds one
+    assert adapters.in_tree() == ["run2"] and peft.active_adapters == ["run2"]
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable == _lora_names(peft) and all(".run2." in n for n in trainable)
+
+
+def test_a_wrapper_added_later_puts_the_parked_adapters_back():
+    peft, adapters = _model(parking=True)
+    weights = {name: [p.detach().clone() for p in adapters.parameters(name)] for name in CONFIGS}
+    adapters.add("run4", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]))
+    assert not adapters.parking and sorted(adapters.in_tree()) == ["run1", "run2", "run3", "run4"]
+    for name, before in weights.items():
+        adapters.use(name)
+        assert peft.active_adapters == [name]
+        for a, b in zip(adapters.parameters(name), before, strict=True):
+            assert torch.equal(a, b) and a.requires_grad

@@ -33,6 +33,10 @@ def test_runs_that_prepare_alike_tokenize_once(monkeypatch, tmp_path):
                 config(learning_rate=1e-3),
                 config(learning_rate=3e-4, per_device_train_batch_size=4, lr_scheduler_type="cosine"),
                 config(learning_rate=1e-3, max_length=48),  # truncates differently: its own preparation
+                config(
+                    learning_rate=1e-3, packing=True, max_length=64, per_device_train_batch_size=4
+                ),  # packed: not shared
+                config(learning_rate=3e-4, packing=True, max_length=64, per_device_train_batch_size=4),
             ]
         ),
         trainer_type="SFT",
@@ -40,11 +44,10 @@ def test_runs_that_prepare_alike_tokenize_once(monkeypatch, tmp_path):
     exp = Experiment("prepared", experiments_dir=tmp_path)
     exp.run_fit(search, demo_model_fn, arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8), seed=0)
     assert exp.wait(timeout=300)
-    assert [r.status.value for r in exp.runs()] == ["finished"] * 3
-    assert sorted(prepared, key=str) == sorted([("train", 1024), ("eval", 1024), ("train", 48), ("eval", 48)], key=str)
-    rows = {r.run_id: r.total_steps for r in exp.runs()}
-    assert rows == {1: 4, 2: 4, 3: 4}
+    assert [r.status.value for r in exp.runs()] == ["finished"] * 5
+    expected = [("train", 1024), ("eval", 1024), ("train", 48), ("eval", 48)] + [("train", 64), ("eval", 64)] * 2
+    assert sorted(prepared, key=str) == sorted(expected, key=str)
     new = exp.clone_modify(1, {"learning_rate": 5e-4})  # a clone reuses the prepared data as well
     assert exp.wait(timeout=300)
-    assert exp.run(new).status.value == "finished" and len(prepared) == 4
+    assert exp.run(new).status.value == "finished" and len(prepared) == len(expected)
     exp.end()

@@ -115,6 +115,10 @@ class Adapters:
         remaining = list(self.peft.peft_config)
         if self._active is None and remaining:
             self.use(remaining[0])
+        elif not remaining:  # no adapter left: none active, as PEFT's delete_adapter leaves it (a later add works)
+            for layer in self._layers:
+                layer.set_adapter([])
+            self.peft.active_adapter = self.peft.base_model.active_adapter = []
 
     # -- inside --------------------------------------------------------------------------------------------------
 

@@ -32,35 +32,37 @@ _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: omp_pause_soft
 
 
 @functools.cache
-def _libgomp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime this process has loaded (torch's bundled copy or the system's), if any."""
+def _libgomps() -> tuple[ctypes.CDLL, ...]:
+    """Every GNU OpenMP runtime this process has loaded (torch's bundled copy; scikit-learn, xgboost and others may
+    bring their own), each with OpenMP 5's pause routine."""
     try:
         with open(f"/proc/{os.getpid()}/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "/libgomp" in line}
     except OSError:  # not Linux: no libgomp
-        return None
+        return ()
+    found = []
     for path in sorted(paths):
         try:
             lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing runs
-        except OSError:
+        except OSError:  # e.g. a "(deleted)" mapping
             continue
         if hasattr(lib, "omp_pause_resource_all"):
-            return lib
-    return None
+            found.append(lib)
+    return tuple(found)
 
 
 def release_thread_pool() -> bool:
-    """Free the calling thread's idle OpenMP workers (libgomp only). Returns whether a runtime did it; never raises.
+    """Free the calling thread's idle OpenMP workers in every libgomp loaded (each call frees only this thread's
+    pool, never another thread's team). Returns whether any runtime did it; never raises.
 
-    Must not be called from inside an OpenMP parallel region (a Python thread never is). The pool is rebuilt by the
-    next parallel op on this thread."""
+    A Python thread is never inside an OpenMP parallel region, where libgomp would refuse. The pool is rebuilt by
+    the next parallel op on this thread."""
     import torch  # noqa: F401  # libgomp is loaded with torch: before it, there is no pool to free
 
-    lib = _libgomp()
-    if lib is None:
-        return False
-    try:
-        return lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
-    except Exception:  # pragma: no cover - a runtime without a working pause: leave it as it is
-        logger.debug("omp_pause_resource_all failed", exc_info=True)
-        return False
+    released = False
+    for lib in _libgomps():
+        try:
+            released = lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0 or released
+        except Exception:  # pragma: no cover - a runtime without a working pause: leave it as it is
+            logger.debug("omp_pause_resource_all failed", exc_info=True)
+    return released

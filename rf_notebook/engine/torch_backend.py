@@ -52,6 +52,12 @@ warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", cate
 __all__ = ["TorchBackend"]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _mid_generation(trainer: Any) -> bool:
     """Whether the trainer's next micro-step reuses buffered generations (TRL regenerates every
     steps_per_generation x num_iterations micro-steps, or when the buffer is empty)."""
@@ -88,6 +94,7 @@ class TorchBackend:
         self._unloaded: dict[int, PreparedRun] = {}  # runs whose adapter is no longer on the model
         self.resume_points = dict(resume_points or {})  # run id -> (step, checkpoint) for a resumed experiment
         self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
+        self._garbage = False  # a discarded trainer waits for a garbage collection (see `discard`)
         self._prepared: dict[Any, Any] = {}  # data sets a trainer prepared, for the runs that would prepare the same
 
     def connect(
@@ -126,14 +133,18 @@ class TorchBackend:
     ) -> RunSlot:
         """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state; with
         `resume_from` (step, checkpoint folder), the state written there (a resumed experiment)."""
+        self._collect()  # discarded trainers first: this run's memory comes next
         base = self._bases.get(run.spec.model_config)
         unloaded = self._unloaded.pop(run.run_id, None)
         self._runs[run.run_id] = run
-        base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
+        added = False
         try:
+            base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
+            added = True
             return self._build_slot(run, base, warm_from, resume_from)
         except BaseException:  # nothing half-built stays: an export must never find a fresh, untrained adapter
-            base.remove_adapter(run.adapter)
+            if added:
+                base.remove_adapter(run.adapter)
             del self._runs[run.run_id]
             if unloaded is not None:
                 self._unloaded[run.run_id] = unloaded
@@ -312,19 +323,28 @@ class TorchBackend:
         self._unloaded.pop(run_id, None)
 
     def discard(self, slot: RunSlot, keep_adapter: bool) -> None:
-        """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too."""
+        """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too.
+
+        The trainer's reference cycles need a full garbage collection (~0.3 s with a loaded model in the process).
+        A run unloaded to make room, or any run on a GPU, is collected at once; a finished or failed run's trainer
+        on a CPU waits until memory is wanted next (a run built) or the experiment ends, so that the runs
+        finishing in the same last chunk cost one collection, not one each."""
         slot.close()
         if not keep_adapter:
             self.base_of(slot.run_id).remove_adapter(slot.adapter)
             self._unloaded[slot.run_id] = self._runs.pop(slot.run_id)
-        gc.collect()
-        try:
-            import torch
+        self._garbage = True
+        if not keep_adapter or _cuda():
+            self._collect()
 
-            if torch.cuda.is_available():
+    def _collect(self) -> None:
+        if self._garbage:
+            self._garbage = False
+            gc.collect()
+            if _cuda():
+                import torch
+
                 torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
 
     # -- taking results away -----------------------------------------------------------------------------------
 

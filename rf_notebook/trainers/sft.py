@@ -100,11 +100,15 @@ def build_trainer(
     own `skip_prepare_dataset` is set only while its trainer is built; its `args` stay the run's own."""
     from trl import SFTTrainer
 
-    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, model_config.formatting_func)
     formatting_func = model_config.formatting_func
+    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func)
+    # A packed data set keeps only input_ids and labels, from which TRL's constructor can no longer tell a
+    # conversational data set (what assistant_only_loss checks): those runs prepare their own.
+    shareable = not (args.packing or args.eval_packing or args.assistant_only_loss)
+    sources = (tokenizer, train_dataset, eval_dataset, formatting_func)  # kept with the entry: the key holds ids
     user_dataset_kwargs = args.dataset_kwargs
-    if key in prepared:
-        train_dataset, eval_dataset = prepared[key]
+    if shareable and key in prepared:
+        train_dataset, eval_dataset, _ = prepared[key]
         formatting_func = None  # already applied
         args.dataset_kwargs = {**(user_dataset_kwargs or {}), "skip_prepare_dataset": True}
     try:
@@ -120,5 +124,6 @@ def build_trainer(
         )
     finally:
         args.dataset_kwargs = user_dataset_kwargs
-    prepared.setdefault(key, (trainer.train_dataset, trainer.eval_dataset))
+    if shareable:
+        prepared.setdefault(key, (trainer.train_dataset, trainer.eval_dataset, sources))
     return trainer

@@ -13,7 +13,7 @@ from rf_notebook import _kernel, _versions
 
 __all__ = ["facts", "info"]
 
-_LIBRARIES = (*_versions.CHECKED, "anywidget", "ipywidgets", "ipykernel", "bokeh")
+_LIBRARIES = (*_versions.CHECKED, "anywidget", "ipywidgets", "ipykernel", "bokeh", "bitsandbytes")
 
 
 def _version(name: str) -> str | None:
@@ -81,7 +81,12 @@ def _behaviour(found: dict[str, Any]) -> dict[str, str]:
         clicks = "while a cell blocks (exp.wait()), clicks arrive on a subshell or are served by the wait itself"
     else:
         clicks = "this ipykernel's internals are not the ones rf_notebook knows: clicks wait for a blocked cell"
-    return {"precision": precision, "panel": panel, "clicks": clicks}
+    bnb = found["versions"].get("bitsandbytes")
+    if bnb is None:
+        qlora = "bitsandbytes not installed: a quantization_config base is refused (pip install 'rf_notebook[qlora]')"
+    else:
+        qlora = f"bitsandbytes {bnb}: a quantized base is loaded once, prepared once and shared by every run"
+    return {"precision": precision, "panel": panel, "clicks": clicks, "qlora": qlora}
 
 
 def info(file: IO[str] | None = None) -> None:
@@ -105,3 +110,4 @@ def info(file: IO[str] | None = None) -> None:
     print(f"front end: {kernel}; panel in {found['panel']}", file=out)
     print(f"precision: {found['precision']}", file=out)
     print(f"buttons: {found['clicks']}", file=out)
+    print(f"QLoRA: {found['qlora']}", file=out)

@@ -10,6 +10,7 @@ and the runs' readable names.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -141,6 +142,8 @@ def _check_model_config(config: Any, trainer_type: str) -> None:
         for value in alternatives(getattr(config, name)):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"RFModelConfig.{name} is {value!r}, but must be None or a dict of keyword arguments")
+            if value is not None and name != "tokenizer_kwargs":
+                _check_quantization(name, value)
     for value in alternatives(config.generation_config):
         check_generation_config(value)
     for value in alternatives(config.num_gpus):
@@ -151,6 +154,17 @@ def _check_model_config(config: Any, trainer_type: str) -> None:
                 f"RFModelConfig.num_gpus is {value}, but rf_notebook trains every run on the process's one device "
                 "(runs share one resident base model); use num_gpus=1 or leave it unset"
             )
+
+
+def _check_quantization(name: str, kwargs: dict) -> None:
+    """A quantized base (QLoRA) is asked for with transformers' `quantization_config`; bitsandbytes must be here."""
+    config = kwargs.get("quantization_config")
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    if getattr(method, "value", method) == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"RFModelConfig.{name}['quantization_config'] is a bitsandbytes quantization, but bitsandbytes is not "
+            "installed: pip install 'rf_notebook[qlora]' (bitsandbytes >= 0.50 also trains a 4-bit base on a CPU)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

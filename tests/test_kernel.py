@@ -166,6 +166,7 @@ def test_info_outside_a_kernel_names_versions_device_and_precision():
     assert lines[0].startswith("rf_notebook ") and lines[1].startswith("versions: torch ")
     assert "device: GPUs none" in out.stdout and "precision: CPU: float32" in out.stdout
     assert "buttons: not in a Jupyter kernel" in out.stdout
+    assert "QLoRA: bitsandbytes 0.50" in out.stdout
 
 
 def test_info_in_colab_says_the_panel_polls(monkeypatch):

@@ -19,6 +19,14 @@ class SharedBase:
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
+        # A base loaded in 4 or 8 bits (bitsandbytes) gets QLoRA's preparation once, for every run it carries:
+        # frozen, its unquantized half-precision weights (norms, embeddings) in float32 for stable training.
+        # Activation checkpointing stays each run's own setting (its trainer turns it on or off).
+        self.quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+        if self.quantized:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         self.peft: Any = None
         self.adapters: Adapters | None = None
         self.pristine: Patches | None = None
@@ -79,14 +87,14 @@ class Bases:
         """The base of `model_config`, loaded on first use."""
         key = model_config.base_key()
         if key not in self._bases:
-            self._bases[key] = self._load(model_config)
+            self._bases[key] = SharedBase(*self._load(model_config))
         return self._bases[key]
 
     def loaded(self, model_config: Any) -> SharedBase:
         """The base of `model_config`, which must be loaded already (KeyError if not: nothing is loaded here)."""
         return self._bases[model_config.base_key()]
 
-    def _load(self, model_config: Any) -> SharedBase:
+    def _load(self, model_config: Any) -> tuple[Any, Any]:
         """Call `create_model_fn` once for a distinct base and check that it returned (model, tokenizer)."""
         loaded = self.create_model_fn(model_config)
         if not (isinstance(loaded, tuple) and len(loaded) == 2):
@@ -110,7 +118,7 @@ class Bases:
             raise TypeError("create_model_fn returned a model with PEFT adapters; return the plain base model")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # batches need padding; as RapidFire AI and TRL's examples do
-        return SharedBase(model, tokenizer)
+        return model, tokenizer
 
     def reference(self, model_config: Any) -> Any:
         """A DPO reference model named by `ref_model_name`: the shared base itself (adapters disabled) when it
@@ -124,7 +132,7 @@ class Bases:
                 model_type=model_config.ref_model_type or "causal_lm",
                 model_kwargs=dict(model_config.ref_model_kwargs or {}),
             )
-            model = self._load(reference).model
+            model = self._load(reference)[0]
             model.requires_grad_(False)
             model.eval()
             self._references[key] = model

@@ -24,6 +24,7 @@ ROOT = Path(__file__).parents[1]
             "first_comparison-demo",
         ),
         ("thread", ["--max-steps", "4", "--repeats", "1"], "thread-demo"),
+        ("kernel", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "kernel-demo"),
         ("profile", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "profile-demo"),
         ("scale", ["--sizes", "1", "2", "--max-steps", "4", "--num-chunks", "2"], "scale-demo"),
         ("memory", ["--model", "demo", "--runs", "1", "2"], "memory-demo"),

@@ -68,6 +68,35 @@ def _mid_generation(trainer: Any) -> bool:
     return trainer._step % every != 0
 
 
+class _NoCollection:
+    """Stands in for the `gc` module where Accelerate frees memory: `collect` does nothing."""
+
+    @staticmethod
+    def collect(*args: Any) -> int:
+        return 0
+
+
+def _skip_collection(accelerator: Any) -> None:
+    """transformers' `train()` begins with `accelerator.free_memory()`, which runs a full `gc.collect()`: ~0.3 s per
+    run here, walking every live run's trainer, so its cost per run grew with the number of runs (and it made a
+    step at 64 runs 6.5% slower than at 4). The engine collects itself when memory is wanted (`discard`); this
+    trainer's call keeps everything else it does (dropping the accelerator's references, emptying the device
+    cache) without the collection."""
+    from accelerate.utils import memory
+
+    free = accelerator.free_memory
+
+    def free_memory(*objects: Any) -> Any:
+        collector, memory.gc = memory.gc, _NoCollection
+        try:
+            return free(*objects)
+        finally:
+            memory.gc = collector
+
+    if getattr(memory, "gc", None) is gc:  # an Accelerate that frees memory some other way is left alone
+        accelerator.free_memory = free_memory
+
+
 class TorchBackend:
     """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
 
@@ -187,6 +216,7 @@ class TorchBackend:
         )
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
+        _skip_collection(slot.trainer.accelerator)
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
         args, rows = run.args, len(slot.trainer.train_dataset)

@@ -6,7 +6,7 @@ benchmark sharing the CPU with anything else measures the other thing. bench/gpu
 
 from __future__ import annotations
 
-from bench import checkpoint, first_comparison, ic_ops, kernel, memory, overhead, profile, pruning, scale, thread
+from bench import checkpoint, first_comparison, fused, ic_ops, kernel, memory, overhead, profile, pruning, scale, thread
 
 RUNS = [
     (overhead.main, ["--model", "llama512", "--runs", "4", "--repeats", "3"]),
@@ -15,6 +15,8 @@ RUNS = [
     (kernel.main, ["--model", "demo", "--repeats", "4"]),
     (profile.main, ["--model", "demo"]),
     (scale.main, ["--model", "demo"]),
+    (fused.main, ["--model", "demo"]),
+    (fused.main, ["--model", "llama512", "--sizes", "4", "8", "--batches", "4"]),
     (thread.main, ["--model", "demo", "--repeats", "6"]),
     (first_comparison.main, ["--model", "llama512", "--repeats", "3"]),
     (memory.main, ["--model", "llama512"]),

@@ -26,6 +26,7 @@ class Fit:
     resume: bool
     on_nonfinite: str
     precision: str | None
+    fuse: bool = False
 
 
 def check_experiment(name: Any, mode: Any, experiments_dir: Any, experiment_path: Any, num_gpus: Any) -> str | Path:
@@ -66,6 +67,7 @@ def check_fit(
     resume: Any,
     on_nonfinite: Any,
     precision: Any,
+    fuse: Any = False,
 ) -> Fit:
     """`run_fit(...)`'s own arguments (not the runs' configs)."""
     from rf_notebook.policies import Policy
@@ -108,7 +110,9 @@ def check_fit(
                 "`precision` is 'fp16', but this machine has no GPU (fp16 mixed precision needs one); use 'bf16' "
                 "(CPU autocast) or 'fp32'"
             )
-    return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision)
+    if fuse not in (True, False, "auto"):
+        raise ValueError(f"`fuse` is {fuse!r}, but must be True, False or 'auto'")
+    return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision, fuse=fuse is True or fuse == "auto")
 
 
 def check_num_gpus(num_gpus: Any) -> None:

@@ -91,6 +91,7 @@ class Experiment:
         num_shards: int | None = None,
         num_gpus: int | None = None,
         precision: str | None = None,
+        fuse: bool | str = False,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
@@ -113,6 +114,10 @@ class Experiment:
         `precision`: None (each run's own `bf16` / `fp16`, TRL's default bf16 on a GPU; float32 on a CPU, and fp16
         on a GPU without bfloat16 such as a T4, each said in one warning), or "bf16", "fp16" or "fp32" for every
         run, over their configs. "bf16" works on a CPU too (Accelerate's CPU autocast); "fp16" needs a GPU.
+
+        `fuse`: True (or "auto") lets SFT runs on one base share each optimizer step's forward and backward pass
+        through the base (fused steps; each run keeps its own data order, loss, optimizer and schedule); runs that
+        cannot be fused take turns, and `stats()["fusion"]` says why. False (default): runs take turns.
         """
         _registry.check_can_train(self)
         fit = _args.check_fit(
@@ -127,6 +132,7 @@ class Experiment:
             resume=resume,
             on_nonfinite=on_nonfinite,
             precision=precision,
+            fuse=fuse,
         )
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit)
 
@@ -168,6 +174,7 @@ class Experiment:
             on_nonfinite=fit.on_nonfinite,
             formatted=plan.formatted,
             resume_points=plan.points,
+            fuse=fit.fuse,
         )
         engine = Engine(
             self._store,
@@ -286,7 +293,14 @@ class Experiment:
         A switch is one run handing the model to another at a chunk end; switch_s is the scheduler's own time
         for it (activating the run's adapter and state, recording progress), not training or evaluation.
         """
-        return dict(self._engine.stats) if self._engine is not None else {}
+        if self._engine is None:
+            return {}
+        stats = dict(self._engine.stats)
+        backend = self._engine.backend
+        if hasattr(backend, "fusion"):  # fused steps: how many forwards were shared, and which runs took part
+            stats["fused_forwards"] = backend.fused_forwards
+            stats["fusion"] = dict(backend.fusion)
+        return stats
 
     # -- IC ops: steer the running experiment -----------------------------------------------------------------
 

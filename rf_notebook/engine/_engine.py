@@ -82,6 +82,7 @@ class Engine:
             "cleanup_s": 0.0,
             "checkpoint_s": 0.0,
             "switches": 0,
+            "fused_groups": 0,  # times runs trained together in fused steps
         }
 
     # -- any thread --------------------------------------------------------------------------------------------
@@ -188,7 +189,26 @@ class Engine:
             self._drain(block=idle)
             run_id = None if self._stopping else self._pick()
             if run_id is not None:
-                self._train(self._slots[run_id])
+                group = self._fusion_group(run_id)
+                if len(group) > 1:
+                    self._train_together(group)
+                else:
+                    self._train(self._slots[run_id])
+
+    def _fusion_group(self, run_id: int) -> list[Slot]:
+        """The runs that train together with `run_id` in fused steps: live runs in the same chunk that the backend
+        can fuse with it (a backend without fused steps: just this run)."""
+        slot = self._slots[run_id]
+        partners = getattr(self.backend, "fusion_partners", None)
+        if partners is None:
+            return [slot]
+        chunk = self.store.run(run_id).chunks_done
+        candidates = [
+            self._slots[r.run_id]
+            for r in self.store.runs()
+            if r.run_id != run_id and r.run_id in self._slots and r.status.is_live and r.chunks_done == chunk
+        ]
+        return partners(slot, [c for c in candidates if not c.finished])
 
     def _pick(self) -> int | None:
         runnable = {r.run_id: r.chunks_done for r in self.store.runs() if r.status.is_live and r.run_id in self._slots}
@@ -205,7 +225,36 @@ class Engine:
             slot.advance(rung.step)
             t2 = time.perf_counter()
             self.backend.suspended(slot)
-            at_rung = slot.finished or slot.step >= rung.step
+        except Exception as exc:
+            self._failed(slot, exc)
+            return
+        self.stats["train_s"] += t2 - t1
+        self.stats["switch_s"] += t1 - t0
+        self._trained(slot, rung.step)
+
+    def _train_together(self, slots: list[Slot]) -> None:
+        """Train runs that share their steps (fused) to each one's next rung, then handle each as `_train` does."""
+        pause_at = {slot.run_id: slot.plan.next_rung(slot.step).step for slot in slots}
+        for slot in slots:
+            self.store.update_run(slot.run_id, status=RunStatus.TRAINING)
+        t1 = time.perf_counter()
+        try:
+            failed = self.backend.train_together(slots, pause_at)
+        except Exception as exc:  # the group's driver itself: its runs fail, the others go on
+            failed = {slot.run_id: exc for slot in slots}
+        self.stats["train_s"] += time.perf_counter() - t1
+        self.stats["fused_groups"] += 1
+        for slot in slots:
+            if slot.run_id in failed:
+                self._failed(slot, failed[slot.run_id])
+            else:
+                self._trained(slot, pause_at[slot.run_id])
+
+    def _trained(self, slot: Slot, pause_at: int) -> None:
+        """After a run handed control back: evaluate and checkpoint at a rung, record, free a finished run."""
+        t2 = time.perf_counter()
+        try:
+            at_rung = slot.finished or slot.step >= pause_at
             if at_rung:
                 self.backend.evaluate(slot)
             t3 = time.perf_counter()
@@ -213,16 +262,7 @@ class Engine:
                 self._checkpoint(slot)
             t3_ckpt = time.perf_counter()
         except Exception as exc:
-            error = _describe(exc)
-            # The traceback's frames hold the run's trainer, optimizer and activations: let them go now (a log
-            # handler keeping the exception, as pytest's does, would otherwise keep all of it alive).
-            traceback.clear_frames(exc.__traceback__)
-            del exc
-            logger.error("run %d failed:\n%s", slot.run_id, error)
-            self._current = None
-            self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=error)
-            self.backend.discard(self._slots.pop(slot.run_id), keep_adapter=True)
-            self._rungs()  # the others may have been waiting for this run at a rung
+            self._failed(slot, exc)
             return
         self._current = None if at_rung else slot.run_id
         self._progress(slot.run_id, slot)
@@ -232,11 +272,24 @@ class Engine:
         if slot.finished:
             self.backend.discard(slot, keep_adapter=True)  # frees trainer and optimizer; the adapter stays
         self.stats["switches"] += 1
-        self.stats["train_s"] += t2 - t1
         self.stats["eval_s"] += t3 - t2
         self.stats["checkpoint_s"] += t3_ckpt - t3
-        self.stats["switch_s"] += (t1 - t0) + (t4 - t3_ckpt)
+        self.stats["switch_s"] += t4 - t3_ckpt
         self.stats["cleanup_s"] += time.perf_counter() - t4
+
+    def _failed(self, slot: Slot, exc: BaseException) -> None:
+        """A run raised: it is marked failed and freed (its adapter stays for export); the others go on."""
+        error = _describe(exc)
+        # The traceback's frames hold the run's trainer, optimizer and activations: let them go now (a log
+        # handler keeping the exception, as pytest's does, would otherwise keep all of it alive).
+        traceback.clear_frames(exc.__traceback__)
+        del exc
+        logger.error("run %d failed:\n%s", slot.run_id, error)
+        if self._current == slot.run_id:
+            self._current = None
+        self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=error)
+        self.backend.discard(self._slots.pop(slot.run_id), keep_adapter=True)
+        self._rungs()  # the others may have been waiting for this run at a rung
 
     def _checkpoint(self, slot: Slot) -> None:
         """Write the run's state at this rung; a failed write (disk full) pauses the experiment, never the run."""

@@ -127,6 +127,7 @@ class RunSlot:
         self.pause_at = 0
         self.step = 0  # optimizer steps done, as of the last suspension
         self.finished = False  # train() has returned
+        self.fused_group: Any = None  # the fused group it trains in now (`_fused`), if any
         self._greenlet: greenlet.greenlet | None = None
 
     def callbacks(self, sink: Any) -> list[TrainerCallback]:
@@ -143,27 +144,41 @@ class RunSlot:
             return self.epoch_start[1]
         return self.state
 
-    def advance(self, pause_at: int) -> None:
+    @property
+    def greenlet(self) -> greenlet.greenlet | None:
+        return self._greenlet
+
+    def advance(self, pause_at: int) -> Any:
         """Train until optimizer step `pause_at` (or the end). The caller has activated this run's state.
 
         Grad mode, autocast and saved-tensor hooks are the thread's, so every greenlet of the scheduler thread
         shares them: a run must hand control back with them as it found them (it suspends between optimizer
-        steps, outside any forward), or the next run would train under them. Checked at every switch."""
-        _check_neutral(f"before run {self.run_id} resumes")
+        steps, outside any forward), or the next run would train under them. Checked at every switch.
+        Returns None, or in a fused group what the run parked with (`_fused`)."""
         self.pause_at = pause_at
         if self._greenlet is None:
             self._greenlet = greenlet.greenlet(lambda: self.trainer.train(resume_from_checkpoint=self.resume_from))
+            return self._switch()
+        return self._switch(None)
+
+    def resume(self, value: Any) -> Any:
+        """Hand a parked run (in a fused group) its answer and train on until it parks or suspends again."""
+        return self._switch(value)
+
+    def _switch(self, *value: Any) -> Any:
+        _check_neutral(f"before run {self.run_id} resumes")
         try:
-            self._greenlet.switch()
+            parked = self._greenlet.switch(*value)
         finally:
             self.state = _process_state.capture()
             self.step = self.trainer.state.global_step
             self.finished = self._greenlet.dead
         _check_neutral(f"after run {self.run_id} suspended")
+        return None if self.finished or parked == () else parked
 
     def suspend(self) -> None:
         """Called inside the run's greenlet: hand control back to the scheduler until `advance` is called."""
-        self._greenlet.parent.switch()
+        self._greenlet.parent.switch(None)
 
     def close(self) -> None:
         """Drop the trainer and unwind its suspended `train()` so that its memory can be freed."""

@@ -58,7 +58,7 @@ class Slot(Protocol):
     @property
     def finished(self) -> bool: ...
 
-    def advance(self, pause_at: int) -> None:
+    def advance(self, pause_at: int) -> Any:
         """Train until step `pause_at`, the end of training, or until the backend's `should_yield` says so."""
 
     def close(self) -> None:
@@ -122,3 +122,7 @@ class Backend(Protocol):
 
     def release(self) -> None:
         """Free everything (the experiment's end); checkpoints being written are finished first."""
+
+    # Optional, for fused steps (`TorchBackend`); a backend without them trains one run at a time:
+    #   fusion_partners(slot, candidates) -> [slot, *the candidates that train together with it]
+    #   train_together(slots, pause_at: {run_id: step}) -> {run_id: exception} for the runs that failed

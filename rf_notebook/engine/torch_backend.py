@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rf_notebook import _versions
 from rf_notebook.chunking import chunk_plan
-from rf_notebook.engine import _openmp, _process_state, checkpoints
+from rf_notebook.engine import _fused, _openmp, _process_state, checkpoints
 from rf_notebook.engine._bases import Bases, SharedBase
 from rf_notebook.engine._callbacks import ApplyOverrides, FailOnNonFinite, GenerationMetrics, TolerantMetrics
 from rf_notebook.engine._slot import Patches, RunSlot
@@ -109,8 +109,12 @@ class TorchBackend:
         on_nonfinite: str = "fail",
         formatted: Mapping[int, tuple[Any, Any]] | None = None,
         resume_points: Mapping[int, tuple[int, str]] | None = None,
+        fuse: bool = False,
     ):
         self.on_nonfinite = on_nonfinite
+        self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`)
+        self.fused_forwards = 0  # forwards over more than one run's rows
+        self.fusion: dict[int, str] = {}  # run id -> "fused", or why it takes turns
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         # Data sets already put through each distinct formatting_func (once, not once per run), by function.
         self.formatted = dict(formatted or {})
@@ -217,6 +221,10 @@ class TorchBackend:
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
         _skip_collection(slot.trainer.accelerator)
+        reason = _fused.fusable_reason(slot.trainer, base) if self.fuse else "fuse=False"
+        self.fusion[run.run_id] = reason or "fused"
+        if reason is None:
+            _fused.install_backward(slot, slot.trainer.accelerator)
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
         args, rows = run.args, len(slot.trainer.train_dataset)
@@ -323,6 +331,47 @@ class TorchBackend:
         base.use(slot.adapter)
         slot.patches.apply(base.modules)
         _process_state.restore(slot.state)
+
+    def fusion_partners(self, slot: RunSlot, candidates: list[RunSlot]) -> list[RunSlot]:
+        """`slot` and the runs of `candidates` that train in fused steps with it (same base, all fusable)."""
+        if self.fusion.get(slot.run_id) != "fused":
+            return [slot]
+        base = self.base_of(slot.run_id)
+        return [slot] + [
+            other
+            for other in candidates
+            if self.fusion.get(other.run_id) == "fused" and self.base_of(other.run_id) is base
+        ]
+
+    def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
+        """Train `slots` in fused steps, each until its step `pause_at[run_id]` (or a command, or its end).
+        Returns the runs that failed, with why; the others are suspended as after `advance`."""
+        group = _fused.FusedGroup(self.base_of(slots[0].run_id), slots, self._switch)
+        first: dict[RunSlot, Any] = {}
+        with group:
+            for slot in slots:
+                try:
+                    self.activate(slot)
+                    try:
+                        first[slot] = slot.advance(pause_at[slot.run_id])
+                    finally:
+                        self.suspended(slot)
+                except Exception as exc:
+                    group.failed[slot.run_id] = exc
+            group.run(first)
+        self.fused_forwards += group.fused_forwards
+        return group.failed
+
+    def _switch(self, slot: RunSlot, value: Any, after_forward: bool = False) -> Any:
+        if after_forward:  # from its backbone's output to its backward: TRL's LM head and loss, no walk of the tree
+            slot.patches.apply(self.base_of(slot.run_id).modules)
+            _process_state.restore(slot.state)
+        else:
+            self.activate(slot)
+        try:
+            return slot.resume(value)
+        finally:
+            self.suspended(slot)
 
     def suspended(self, slot: RunSlot) -> None:
         """After the run hands back control: keep the forward patches its train() may have installed

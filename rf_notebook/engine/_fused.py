@@ -1,0 +1,357 @@
+"""Fused steps: the runs that are due share one forward and one backward pass through their shared base.
+
+Each run keeps its own TRL trainer and its own loop (greenlet), as when runs take turns. What changes is where the
+base model's work happens. When a run's forward reaches the base's backbone (the decoder stack, under TRL's LM
+head and loss), its greenlet parks there with its inputs; once every run of the group has parked, the backbone runs
+once over all their rows (each run's batch padded on the right to the longest), and every LoRA layer adds each
+run's own adapter to that run's rows only, drawing its dropout from that run's own random stream. Each run then
+gets back its rows of the hidden states (cut to its own length) and carries on: TRL's LM head, loss, metrics and
+token counts are its own. When it calls `accelerator.backward(loss)`, it parks again with its scaled loss; one
+backward over the group's losses gives every adapter its own gradient (the base is frozen and the rows never mix).
+Clipping, optimizer step, LR schedule, accumulation and logging then run in each trainer as before.
+
+Exactness: a run's rows see the same weights, the same dropout masks and the same loss code as when trained
+alone; only the base's matrix products run over more rows (and right padding), which may round differently.
+Anything this cannot reproduce exactly is not fused (`fusable_reason`): mixed precision, activation
+checkpointing, base dropout, LoRA variants (DoRA), a model whose adapters cannot be parked. A forward whose
+arguments cannot be concatenated runs run by run, still within the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import greenlet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Backward", "Forward", "FusedGroup", "fusable_reason"]
+
+# Backbone arguments concatenated along the batch; padded on the right with these values.
+_PADDED = {"input_ids": 0, "attention_mask": 0, "position_ids": 0}
+
+
+@dataclasses.dataclass
+class Forward:
+    """A run parked at its backbone call."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    rng: Any = None  # the run's torch random state at this point (its dropout draws)
+
+
+@dataclasses.dataclass
+class Backward:
+    """A run parked at `accelerator.backward`, with its loss already scaled as Accelerate scales it."""
+
+    loss: Any
+
+
+def fusable_reason(trainer: Any, base: Any) -> str | None:
+    """Why this run cannot take part in fused steps (None: it can)."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    args = trainer.args
+    if type(trainer).__name__ != "SFTTrainer":
+        return f"{type(trainer).__name__} runs are not fused yet (SFT only)"
+    if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
+        return "a custom loss or label smoothing (TRL runs the model twice per step for them)"
+    if getattr(base.model.config, "output_router_logits", False):
+        return "a mixture-of-experts base (router logits)"
+    if args.bf16 or args.fp16:
+        return "mixed precision (fused steps are float32 only for now)"
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        return "activation checkpointing"
+    if getattr(args, "padding_free", False) or getattr(args, "packing", False):
+        return "packed / padding-free batches"
+    if not base.adapters.parking:
+        return "the model carries PEFT wrappers whose adapters cannot be parked (modules_to_save, trainable tokens)"
+    if _backbone(base) is None:
+        return f"{type(base.model).__name__} has no backbone to share"
+    for module in base.model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and not _is_lora_dropout(module, base):
+            return "the base model has dropout of its own (its masks would not be each run's own)"
+    if getattr(base.model.config, "attention_dropout", 0.0):
+        return "the base model has attention dropout"
+    for layer in base.adapters.layers:
+        if not isinstance(layer, LoraLinear) or type(layer) is not LoraLinear:
+            return f"LoRA on {type(layer).__name__} layers (fused steps handle plain linear layers)"
+        if layer.lora_variant:
+            return "a LoRA variant (DoRA, ...)"
+    return None
+
+
+def _is_lora_dropout(module: Any, base: Any) -> bool:
+    return any(module is d for layer in base.adapters.layers for d in layer.lora_dropout.values())
+
+
+def _backbone(base: Any) -> Any:
+    """The module TRL's fused LM head calls (`model.base_model`: the decoder stack), or None."""
+    model = base.model
+    backbone = getattr(model, "base_model", None)
+    return backbone if backbone is not None and backbone is not model else None
+
+
+class FusedGroup:
+    """Drives a group of runs on one shared base through fused steps until each leaves (rung, command, end).
+
+    `switch(slot, value, after_forward)` resumes a run's greenlet with `value` and returns what it parks with next
+    (`Forward`, `Backward`) or None once it has left; it restores the run's state before and keeps it after (the
+    backend's job). `after_forward`: the run only computes its loss before it parks again (its adapter need not be
+    the one in the module tree).
+    """
+
+    def __init__(self, base: Any, members: Sequence[Any], switch: Callable[[Any, Any, bool], Any]):
+        self.base, self.members, self.switch = base, list(members), switch
+        self.backbone = _backbone(base)
+        self.original = self.backbone.forward
+        self.failed: dict[int, BaseException] = {}
+        self.fused_forwards = 0  # forwards that ran over more than one run's rows
+
+    def __enter__(self) -> FusedGroup:
+        """Members' backbone calls and backward passes park here until `__exit__`."""
+        self._patched = self.backbone.__dict__.get("forward")
+        self.backbone.forward = self._intercept
+        for slot in self.members:
+            slot.fused_group = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._patched is None:
+            self.backbone.__dict__.pop("forward", None)
+        else:
+            self.backbone.forward = self._patched
+        for slot in self.members:
+            slot.fused_group = None
+
+    def _intercept(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        current = greenlet.getcurrent()
+        if (
+            not any(slot.greenlet is current for slot in self.members)
+            or not torch.is_grad_enabled()
+            or not self.backbone.training
+        ):  # not a member's training forward (an evaluation inside train(), a generation): as without fusion
+            return self.original(*args, **kwargs)
+        device = _device_of(args, kwargs)
+        request = Forward(args, kwargs, rng=_get_rng(device))
+        out = park(request)
+        _set_rng(device, request.rng)  # where this run's dropout draws left its stream
+        return out
+
+    def run(self, first: dict[Any, Any]) -> None:
+        """`first`: what each member parked with when it was started (None: it left already)."""
+        parked = {slot: request for slot, request in first.items() if request is not None}
+        while parked:
+            forwards = [slot for slot, request in parked.items() if isinstance(request, Forward)]
+            if forwards:  # every run first reaches its backward (or parks at another forward)
+                outputs = self._forward([(slot, parked[slot]) for slot in forwards])
+                for slot in forwards:
+                    parked.pop(slot)
+                    self._resume(parked, slot, outputs[slot], after_forward=True)
+                continue
+            losses = [request.loss for request in parked.values()]
+            self._backward(losses)
+            for slot in list(parked):
+                parked.pop(slot)
+                self._resume(parked, slot, None)
+
+    def _resume(self, parked: dict[Any, Any], slot: Any, value: Any, after_forward: bool = False) -> None:
+        try:
+            request = self.switch(slot, value, after_forward)
+        except Exception as exc:  # this run fails; the others go on
+            self.failed[slot.run_id] = exc
+            return
+        if request is not None:
+            parked[slot] = request
+
+    def _backward(self, losses: list[Any]) -> None:
+        import torch
+
+        torch.autograd.backward(losses)
+
+    # -- the fused forward ---------------------------------------------------------------------------------------
+
+    def _forward(self, requests: list[tuple[Any, Forward]]) -> dict[Any, Any]:
+        """Every parked run's backbone outputs: one call over all their rows where their arguments concatenate."""
+        batch = _concatenate([request for _, request in requests]) if len(requests) > 1 else None
+        if batch is None:
+            return {slot: self._alone(slot, request) for slot, request in requests}
+        kwargs, rows = batch
+        plan = _LoraPlan(self.base, [(slot.adapter, request, row) for (slot, request), row in zip(requests, rows)])
+        try:
+            with plan:
+                out = self.original(**kwargs)
+        except Exception:  # e.g. out of memory for all the rows at once: each run's own forward instead
+            logger.warning("a fused forward failed; its runs' forwards run one by one", exc_info=True)
+            return {slot: self._alone(slot, request) for slot, request in requests}
+        self.fused_forwards += 1
+        hidden = out.last_hidden_state
+        outputs = {}
+        for (slot, request), (start, stop, length) in zip(requests, rows):
+            request.rng = plan.rng[slot.adapter]
+            outputs[slot] = type(out)(last_hidden_state=hidden[start:stop, :length])
+        return outputs
+
+    def _alone(self, slot: Any, request: Forward) -> Any:
+        """One run's backbone call as it would be alone (its own adapter, its own random stream)."""
+        plan = _LoraPlan(self.base, [(slot.adapter, request, None)])
+        with plan:
+            out = self.original(*request.args, **request.kwargs)
+        request.rng = plan.rng[slot.adapter]
+        return out
+
+
+def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[int, int, int]]] | None:
+    """The runs' backbone arguments as one batch, padded on the right: (kwargs, [(start, stop, length)]); None when
+    they cannot be (positional arguments, other keys, other values)."""
+    import torch
+
+    keys = set(requests[0].kwargs)
+    if any(r.args or set(r.kwargs) != keys for r in requests) or "input_ids" not in keys:
+        return None
+    tensors = [k for k in keys if k in _PADDED]
+    others = {k: requests[0].kwargs[k] for k in keys - set(tensors)}
+    if any(r.kwargs[k] is not v and r.kwargs[k] != v for r in requests for k, v in others.items()):
+        return None
+    first = requests[0].kwargs["input_ids"]
+    for r in requests:
+        for key in tensors:
+            value = r.kwargs[key]
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape != r.kwargs["input_ids"].shape:
+                return None
+            if value.device != first.device:
+                return None
+    longest = max(r.kwargs["input_ids"].shape[1] for r in requests)
+    rows, start = [], 0
+    for r in requests:
+        size, length = r.kwargs["input_ids"].shape
+        rows.append((start, start + size, length))
+        start += size
+    kwargs = dict(others)
+    if "attention_mask" not in keys:  # padding needs a mask; a run without one attends to all of its tokens
+        tensors.append("attention_mask")
+        for r in requests:
+            r.kwargs["attention_mask"] = torch.ones_like(r.kwargs["input_ids"])
+    for key in tensors:
+        parts = [r.kwargs[key] for r in requests]
+        kwargs[key] = torch.cat(
+            [torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=_PADDED[key]) for p in parts]
+        )
+    return kwargs, rows
+
+
+class _LoraPlan:
+    """While entered, every LoRA layer of the base adds each run's adapter to that run's rows only."""
+
+    def __init__(self, base: Any, members: list[tuple[str, Forward, tuple[int, int, int] | None]]):
+        self.base, self.members = base, members
+        self.rng = {adapter: request.rng for adapter, request, _ in members}
+        self.entries = {adapter: base.adapters.layer_entries(adapter) for adapter, _, _ in members}
+
+    def __enter__(self) -> _LoraPlan:
+        for layer in self.base.adapters.layers:
+            layer.forward = self._forward_of(layer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer in self.base.adapters.layers:
+            layer.__dict__.pop("forward", None)
+
+    def _forward_of(self, layer: Any) -> Callable[..., Any]:
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            result = layer.base_layer(x, *args, **kwargs)
+            dtype = result.dtype
+            for adapter, _, rows in self.members:
+                entry = self.entries[adapter].get(layer)
+                if entry is None:  # this run's adapter does not target this layer
+                    continue
+                xi = x if rows is None else x[rows[0] : rows[1], : rows[2]]
+                xi = layer._cast_input_dtype(xi, entry["lora_A"].weight.dtype)
+                dropout = entry["lora_dropout"]
+                if isinstance(dropout, torch.nn.Identity):  # draws nothing
+                    delta = entry["lora_B"](entry["lora_A"](xi)) * entry["scaling"]
+                else:
+                    with _random_stream(self.rng, adapter, xi.device):
+                        delta = entry["lora_B"](entry["lora_A"](dropout(xi))) * entry["scaling"]
+                if rows is None:
+                    result = result + delta
+                else:  # elementwise the same sum as the run's own `result + delta`, on its rows only
+                    result[rows[0] : rows[1], : rows[2]] += delta
+            return result.to(dtype)
+
+        return forward
+
+
+class _random_stream:
+    """Draw from one run's torch random stream (kept in `streams[name]`), then keep where it got to."""
+
+    def __init__(self, streams: dict[str, Any], name: str, device: Any):
+        self.streams, self.name, self.device = streams, name, device
+
+    def __enter__(self) -> None:
+        self.saved = _get_rng(self.device)
+        _set_rng(self.device, self.streams[self.name])
+
+    def __exit__(self, *exc: Any) -> None:
+        self.streams[self.name] = _get_rng(self.device)
+        _set_rng(self.device, self.saved)
+
+
+def install_backward(slot: Any, accelerator: Any) -> None:
+    """Make the run's `accelerator.backward(loss)` park its scaled loss while it trains in a fused group (the group
+    runs one backward for all); otherwise, and for anything but a plain single-process backward, it is Accelerate's."""
+    from accelerate.utils import DistributedType
+
+    original = accelerator.backward
+
+    def backward(loss: Any, **kwargs: Any) -> Any:
+        group = getattr(slot, "fused_group", None)
+        if (
+            group is None
+            or greenlet.getcurrent() is not slot.greenlet
+            or kwargs
+            or accelerator.scaler is not None
+            or accelerator.distributed_type != DistributedType.NO
+        ):
+            return original(loss, **kwargs)
+        park(Backward(loss / accelerator.gradient_accumulation_steps))  # as Accelerate scales it
+        return None
+
+    accelerator.backward = backward
+
+
+def _device_of(args: tuple, kwargs: dict) -> Any:
+    import torch
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _get_rng(device: Any) -> Any:
+    import torch
+
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng(device: Any, state: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def park(request: Any) -> Any:
+    """Inside a run's greenlet: hand `request` to the group's driver and wait for its answer."""
+    return greenlet.getcurrent().parent.switch(request)

@@ -110,7 +110,7 @@ def check_fit(
                 "`precision` is 'fp16', but this machine has no GPU (fp16 mixed precision needs one); use 'bf16' "
                 "(CPU autocast) or 'fp32'"
             )
-    if fuse not in (True, False, "auto"):
+    if not isinstance(fuse, bool) and fuse != "auto":
         raise ValueError(f"`fuse` is {fuse!r}, but must be True, False or 'auto'")
     return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision, fuse=fuse is True or fuse == "auto")
 

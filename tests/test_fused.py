@@ -76,16 +76,31 @@ def _check_equal_to_plain_trl(exp: Experiment, train, tmp_path) -> None:
         )
 
 
+def _evals(exp: Experiment) -> list[tuple[int, int, float]]:
+    results = exp.results()
+    rows = results[results.metric == "eval_loss"].sort_values(["run_id", "step"])
+    return list(zip(rows.run_id, rows.step, rows.value))
+
+
 def test_fused_runs_equal_plain_trl(train, tmp_path):
+    evl = arithmetic_dataset("eval", n=24)
     exp = Experiment("fused", experiments_dir=tmp_path)
-    exp.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, None, num_chunks=3, seed=SEED, fuse=True)
+    exp.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, evl, num_chunks=3, seed=SEED, fuse=True)
     assert exp.wait(timeout=600)
     assert [r.status.value for r in exp.runs()] == ["finished"] * 4, [r.error for r in exp.runs()]
     stats = exp.stats()
     assert stats["fusion"] == {1: "fused", 2: "fused", 3: "fused", 4: "fused"}
     assert stats["fused_groups"] >= 3 and stats["fused_forwards"] >= 3 * 5  # every chunk: 5+ shared steps
     _check_equal_to_plain_trl(exp, train, tmp_path)
+    # Each run is evaluated at its chunk ends with its own adapter, as when the runs take turns.
+    turns = Experiment("turns", experiments_dir=tmp_path)
+    turns.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, evl, num_chunks=3, seed=SEED)
+    assert turns.wait(timeout=600)
+    fused_evals, turns_evals = _evals(exp), _evals(turns)
+    assert len(fused_evals) >= 12 and [e[:2] for e in fused_evals] == [e[:2] for e in turns_evals]
+    torch.testing.assert_close(torch.tensor([e[2] for e in fused_evals]), torch.tensor([e[2] for e in turns_evals]))
     exp.end(wait=False)
+    turns.end(wait=False)
 
 
 def test_a_fused_run_stopped_and_resumed_mid_chunk_stays_exact(train, tmp_path):
@@ -134,5 +149,6 @@ def test_runs_that_cannot_fuse_take_turns_and_say_why(tmp_path):
 def test_fuse_takes_true_false_or_auto(tmp_path):
     exp = Experiment("bad-fuse", experiments_dir=tmp_path)
     search = RFGridSearch(_model(4, 0.0, learning_rate=1e-3, max_steps=2), "SFT")
-    with pytest.raises(ValueError, match=r"`fuse` is 'yes', but must be True, False or 'auto'"):
-        exp.run_fit(search, demo_model_fn, arithmetic_dataset("train", n=8), fuse="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match=rf"`fuse` is {bad!r}, but must be True, False or 'auto'"):
+            exp.run_fit(search, demo_model_fn, arithmetic_dataset("train", n=8), fuse=bad)

@@ -245,6 +245,11 @@ class Engine:
         self.stats["train_s"] += time.perf_counter() - t1
         self.stats["fused_groups"] += 1
         for slot in slots:
+            if slot.run_id not in failed:
+                try:  # its adapter and state back before it is evaluated or checkpointed (others trained last)
+                    self.backend.activate(slot)
+                except Exception as exc:
+                    failed[slot.run_id] = exc
             if slot.run_id in failed:
                 self._failed(slot, failed[slot.run_id])
             else:

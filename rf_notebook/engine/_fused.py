@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Backward", "Forward", "FusedGroup", "fusable_reason"]
 
+# At most this many runs share one pass: every member's activations are alive until the group's backward.
+MAX_GROUP = 8
+
 # Backbone arguments concatenated along the batch; padded on the right with these values.
 _PADDED = {"input_ids": 0, "attention_mask": 0, "position_ids": 0}
 
@@ -41,6 +44,14 @@ class Forward:
     args: tuple
     kwargs: dict[str, Any]
     rng: Any = None  # the run's torch random state at this point (its dropout draws)
+
+
+@dataclasses.dataclass
+class _Raise:
+    """What a parked run gets back when its part of the group's work failed: raised in its own greenlet, so that
+    the run fails through its own stack (and the others go on)."""
+
+    error: BaseException
 
 
 @dataclasses.dataclass
@@ -58,10 +69,21 @@ def fusable_reason(trainer: Any, base: Any) -> str | None:
     args = trainer.args
     if type(trainer).__name__ != "SFTTrainer":
         return f"{type(trainer).__name__} runs are not fused yet (SFT only)"
+    if getattr(args, "neftune_noise_alpha", None):
+        return "NEFTune noise (drawn over the whole padded batch, not per run)"
+    if getattr(args, "activation_offloading", False):
+        return "activation offloading"
+    if getattr(args, "torch_compile", False):
+        return "torch_compile"
+    if "lomo" in str(args.optim).lower():
+        return f"the {args.optim} optimizer (its backward is its step)"
+    if len({str(d) for d in (getattr(base.model, "hf_device_map", None) or {}).values()}) > 1:
+        return "a base spread over several devices"
     if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
         return "a custom loss or label smoothing (TRL runs the model twice per step for them)"
-    if getattr(base.model.config, "output_router_logits", False):
-        return "a mixture-of-experts base (router logits)"
+    config = base.model.config.get_text_config()
+    if any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "output_router_logits")):
+        return "a mixture-of-experts base (its routers see every row of the batch)"
     if args.bf16 or args.fp16:
         return "mixed precision (fused steps are float32 only for now)"
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
@@ -75,10 +97,10 @@ def fusable_reason(trainer: Any, base: Any) -> str | None:
     for module in base.model.modules():
         if isinstance(module, torch.nn.Dropout) and module.p > 0 and not _is_lora_dropout(module, base):
             return "the base model has dropout of its own (its masks would not be each run's own)"
-    if getattr(base.model.config, "attention_dropout", 0.0):
+    if getattr(config, "attention_dropout", 0.0) or getattr(base.model.config, "attention_dropout", 0.0):
         return "the base model has attention dropout"
     for layer in base.adapters.layers:
-        if not isinstance(layer, LoraLinear) or type(layer) is not LoraLinear:
+        if type(layer) is not LoraLinear:
             return f"LoRA on {type(layer).__name__} layers (fused steps handle plain linear layers)"
         if layer.lora_variant:
             return "a LoRA variant (DoRA, ...)"
@@ -141,6 +163,8 @@ class FusedGroup:
         device = _device_of(args, kwargs)
         request = Forward(args, kwargs, rng=_get_rng(device))
         out = park(request)
+        if isinstance(out, _Raise):
+            raise out.error
         _set_rng(device, request.rng)  # where this run's dropout draws left its stream
         return out
 
@@ -155,11 +179,14 @@ class FusedGroup:
                     parked.pop(slot)
                     self._resume(parked, slot, outputs[slot], after_forward=True)
                 continue
-            losses = [request.loss for request in parked.values()]
-            self._backward(losses)
+            answer = None
+            try:
+                self._backward([request.loss for request in parked.values()])
+            except Exception as exc:  # every run whose loss was in it fails (no gradient reached any)
+                answer = _Raise(exc)
             for slot in list(parked):
                 parked.pop(slot)
-                self._resume(parked, slot, None)
+                self._resume(parked, slot, answer)
 
     def _resume(self, parked: dict[Any, Any], slot: Any, value: Any, after_forward: bool = False) -> None:
         try:
@@ -178,31 +205,40 @@ class FusedGroup:
     # -- the fused forward ---------------------------------------------------------------------------------------
 
     def _forward(self, requests: list[tuple[Any, Forward]]) -> dict[Any, Any]:
-        """Every parked run's backbone outputs: one call over all their rows where their arguments concatenate."""
+        """Every parked run's backbone outputs: one call over all their rows where their arguments concatenate,
+        else (or if that call fails, e.g. out of memory for all the rows at once) one call per run."""
         batch = _concatenate([request for _, request in requests]) if len(requests) > 1 else None
-        if batch is None:
-            return {slot: self._alone(slot, request) for slot, request in requests}
-        kwargs, rows = batch
-        plan = _LoraPlan(self.base, [(slot.adapter, request, row) for (slot, request), row in zip(requests, rows)])
-        try:
-            with plan:
-                out = self.original(**kwargs)
-        except Exception:  # e.g. out of memory for all the rows at once: each run's own forward instead
-            logger.warning("a fused forward failed; its runs' forwards run one by one", exc_info=True)
-            return {slot: self._alone(slot, request) for slot, request in requests}
-        self.fused_forwards += 1
-        hidden = out.last_hidden_state
-        outputs = {}
-        for (slot, request), (start, stop, length) in zip(requests, rows):
-            request.rng = plan.rng[slot.adapter]
-            outputs[slot] = type(out)(last_hidden_state=hidden[start:stop, :length])
-        return outputs
+        failed = None
+        if batch is not None:
+            kwargs, rows = batch
+            members = [(slot.adapter, request, row) for (slot, request), row in zip(requests, rows)]
+            plan = _LoraPlan(self.base, members)
+            try:
+                with plan:
+                    out = self.original(**kwargs)
+            except Exception as exc:
+                failed = f"{type(exc).__name__}: {exc}"
+            if failed is None:
+                self.fused_forwards += 1
+                hidden = out.last_hidden_state
+                outputs = {}
+                for (slot, request), (start, stop, length) in zip(requests, rows):
+                    request.rng = plan.rng[slot.adapter]
+                    outputs[slot] = type(out)(last_hidden_state=hidden[start:stop, :length])
+                return outputs
+            del plan, kwargs, batch  # the failed attempt's memory goes before the runs' own forwards
+            logger.warning("a fused forward failed (%s); its runs' forwards run one by one", failed)
+        return {slot: self._alone(slot, request) for slot, request in requests}
 
     def _alone(self, slot: Any, request: Forward) -> Any:
-        """One run's backbone call as it would be alone (its own adapter, its own random stream)."""
+        """One run's backbone call as it would be alone (its own adapter, its own random stream); an error is
+        handed back to that run to raise."""
         plan = _LoraPlan(self.base, [(slot.adapter, request, None)])
-        with plan:
-            out = self.original(*request.args, **request.kwargs)
+        try:
+            with plan:
+                out = self.original(*request.args, **request.kwargs)
+        except Exception as exc:
+            return _Raise(exc)
         request.rng = plan.rng[slot.adapter]
         return out
 
@@ -217,6 +253,8 @@ def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[in
         return None
     tensors = [k for k in keys if k in _PADDED]
     others = {k: requests[0].kwargs[k] for k in keys - set(tensors)}
+    if any(isinstance(r.kwargs[k], torch.Tensor) for r in requests for k in others):
+        return None  # a tensor argument this does not know how to pad
     if any(r.kwargs[k] is not v and r.kwargs[k] != v for r in requests for k, v in others.items()):
         return None
     first = requests[0].kwargs["input_ids"]
@@ -255,13 +293,17 @@ class _LoraPlan:
         self.entries = {adapter: base.adapters.layer_entries(adapter) for adapter, _, _ in members}
 
     def __enter__(self) -> _LoraPlan:
-        for layer in self.base.adapters.layers:
+        self.patched = {layer: layer.__dict__.get("forward") for layer in self.base.adapters.layers}
+        for layer in self.patched:
             layer.forward = self._forward_of(layer)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for layer in self.base.adapters.layers:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in self.patched.items():
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
 
     def _forward_of(self, layer: Any) -> Callable[..., Any]:
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -273,7 +315,8 @@ class _LoraPlan:
                 entry = self.entries[adapter].get(layer)
                 if entry is None:  # this run's adapter does not target this layer
                     continue
-                xi = x if rows is None else x[rows[0] : rows[1], : rows[2]]
+                # Contiguous, as the run's own activations are (CUDA's dropout kernel draws differently otherwise)
+                xi = x if rows is None else x[rows[0] : rows[1], : rows[2]].contiguous()
                 xi = layer._cast_input_dtype(xi, entry["lora_A"].weight.dtype)
                 dropout = entry["lora_dropout"]
                 if isinstance(dropout, torch.nn.Identity):  # draws nothing
@@ -322,7 +365,9 @@ def install_backward(slot: Any, accelerator: Any) -> None:
             or accelerator.distributed_type != DistributedType.NO
         ):
             return original(loss, **kwargs)
-        park(Backward(loss / accelerator.gradient_accumulation_steps))  # as Accelerate scales it
+        answer = park(Backward(loss / accelerator.gradient_accumulation_steps))  # as Accelerate scales it
+        if isinstance(answer, _Raise):
+            raise answer.error
         return None
 
     accelerator.backward = backward

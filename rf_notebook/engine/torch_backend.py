@@ -222,7 +222,7 @@ class TorchBackend:
             slot.trainer.remove_callback(noisy)
         _skip_collection(slot.trainer.accelerator)
         reason = _fused.fusable_reason(slot.trainer, base) if self.fuse else "fuse=False"
-        self.fusion[run.run_id] = reason or "fused"
+        self.fusion = {**self.fusion, run.run_id: reason or "fused"}  # replaced, never changed: read from any thread
         if reason is None:
             _fused.install_backward(slot, slot.trainer.accelerator)
         slot.patches = Patches.capture(base.modules)
@@ -337,11 +337,8 @@ class TorchBackend:
         if self.fusion.get(slot.run_id) != "fused":
             return [slot]
         base = self.base_of(slot.run_id)
-        return [slot] + [
-            other
-            for other in candidates
-            if self.fusion.get(other.run_id) == "fused" and self.base_of(other.run_id) is base
-        ]
+        partners = [c for c in candidates if self.fusion.get(c.run_id) == "fused" and self.base_of(c.run_id) is base]
+        return [slot, *partners[: _fused.MAX_GROUP - 1]]
 
     def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
         """Train `slots` in fused steps, each until its step `pause_at[run_id]` (or a command, or its end).

@@ -56,13 +56,14 @@ def data():
     return arithmetic_dataset("train", n=192), arithmetic_dataset("eval", n=24)
 
 
-def _train_alone(config: dict, train) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The same resolved config, trained by a plain SFTTrainer on a fresh copy of the base."""
+def _train_alone(config: dict, train, base: tuple | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The same resolved config, trained by a plain SFTTrainer on a fresh copy of the base (or `base`: a fresh
+    (model, tokenizer) prepared by the caller)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = demo_model_fn(None)
+    model, tokenizer = base or demo_model_fn(None)
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**config["training_args"]),

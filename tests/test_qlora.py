@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_exactness import _train_alone
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
@@ -57,22 +58,12 @@ def loads(monkeypatch):
 
 def _alone(config: dict, train) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The QLoRA recipe with plain TRL: a fresh 4-bit base, prepared, then SFTTrainer(peft_config=...)."""
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from peft.utils import get_peft_model_state_dict
-    from trl import SFTConfig, SFTTrainer
+    from peft import prepare_model_for_kbit_training
 
     model, tokenizer = demo_model_fn({"model_kwargs": {"quantization_config": _nf4()}})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(**config["training_args"]),
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**config["peft_config"]),
+    return _train_alone(
+        config, train, (prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer)
     )
-    trainer.train()
-    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    return weights, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def test_interleaved_qlora_runs_share_one_prepared_base_and_equal_plain_trl(loads, tmp_path):

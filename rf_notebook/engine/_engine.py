@@ -200,7 +200,7 @@ class Engine:
         can fuse with it (a backend without fused steps: just this run)."""
         slot = self._slots[run_id]
         partners = getattr(self.backend, "fusion_partners", None)
-        if partners is None:
+        if partners is None or not getattr(self.backend, "fuse", False):  # nothing to look up: runs take turns
             return [slot]
         chunk = self.store.run(run_id).chunks_done
         candidates = [

@@ -116,6 +116,7 @@ class Feed:
             "done": done,
             "counts": dict(counts),
             "storage_error": self.store.storage_error,  # the experiment is paused until the runs are resumed
+            "notices": self.store.notices(),  # trouble that ends no run (a failing tracker)
         }
 
     @staticmethod

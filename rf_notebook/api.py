@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rf_notebook import _args, _kernel, _progress, _registry
+from rf_notebook import _args, _kernel, _progress, _registry, tracking
 from rf_notebook._journal import DB_NAME
 from rf_notebook.commands import Export
 from rf_notebook.configs import RFModelConfig
@@ -51,8 +51,15 @@ class Experiment:
         experiments_dir: str | Path = "rf_experiments",
         experiment_path: str | Path | None = None,
         num_gpus: int | None = None,
+        trackers: Any = None,
     ):
+        """`trackers`: where every run_fit of this experiment also logs its runs (unless run_fit names its own):
+        a list of "mlflow", "tensorboard", "trackio" (stores inside the experiment folder; Trackio: its local
+        store) or configured sinks such as `rf_notebook.tracking.MLflow("http://127.0.0.1:5000")`."""
         experiments_dir = _args.check_experiment(experiment_name, mode, experiments_dir, experiment_path, num_gpus)
+        tracking.resolve(trackers)  # checked now: names, and that each tracker's package is installed
+        self._trackers = trackers
+        self._tracking: Any = None
         self.name = experiment_name
         self.path = Path(experiments_dir) / experiment_name
         self._panel: Any = None
@@ -92,6 +99,7 @@ class Experiment:
         num_gpus: int | None = None,
         precision: str | None = None,
         fuse: bool | str = False,
+        trackers: Any = None,
     ) -> None:
         """Validate, load the base model(s), build every run's trainer, start training and return.
 
@@ -118,6 +126,12 @@ class Experiment:
         `fuse`: True (or "auto") lets SFT runs on one base share each optimizer step's forward and backward pass
         through the base (fused steps; each run keeps its own data order, loss, optimizer and schedule); runs that
         cannot be fused take turns, and `stats()["fusion"]` says why. False (default): runs take turns.
+
+        `trackers`: also log every run, live, to MLflow, TensorBoard and / or Trackio: ["mlflow", "tensorboard",
+        "trackio"] (stores inside the experiment folder; Trackio: its local store) or configured sinks from
+        `rf_notebook.tracking`. None (default): the Experiment's `trackers`; [] none. One tracker run per run,
+        named as in the panel, with its config, status, lineage and every metric by step (and `samples`); a tracker
+        that fails is reported in the panel and the log while training goes on.
         """
         _registry.check_can_train(self)
         fit = _args.check_fit(
@@ -134,9 +148,10 @@ class Experiment:
             precision=precision,
             fuse=fuse,
         )
-        self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit)
+        sinks = tracking.resolve(self._trackers if trackers is None else trackers)
+        self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit, sinks)
 
-    def _fit(self, search: Search, model_fn: Callable, train: Any, evl: Any, fit: _args.Fit) -> None:
+    def _fit(self, search: Search, model_fn: Callable, train: Any, evl: Any, fit: _args.Fit, sinks: list[Any]) -> None:
         """run_fit once its arguments are checked: prepare every run (or the resumed ones) -> start training."""
         from rf_notebook.engine.torch_backend import TorchBackend
 
@@ -159,6 +174,7 @@ class Experiment:
             self._store.attach(self.path)  # StorageError (unwritable folder) before anything trains
         if self._engine is not None:
             self._engine.shutdown()
+        self._close_tracking()
         # Accelerate holds one mixed-precision mode (and dynamo setting) per process, set by the first trainer that
         # prepares; nothing else trains in this process now (checked above), so this run_fit sets its own. (Its
         # only reset is this private one; without it a second run_fit in another precision fails in Accelerate.)
@@ -187,6 +203,9 @@ class Experiment:
             owner=self,
         )
         self._control.engine = engine
+        if sinks:  # each tracker's own thread reads the store: training never waits on a tracker
+            self._tracking = tracking.Tracking(self._store, self.name, self.path, sinks)
+            self._tracking.start()
         if fit.display if fit.display is not None else _kernel.in_kernel():
             self.panel()
         if self._panel is not None:
@@ -233,9 +252,13 @@ class Experiment:
 
         if not _progress.wanted(progress, _kernel.in_kernel()):
             # In a kernel, the panel's buttons keep working meanwhile (Run All reaches this while training runs).
-            return _kernel.wait(step, timeout)
-        with _progress.ProgressLine(self._store, self.name, lambda: engine.runs) as line:
-            return _kernel.wait(line.wrap(step), timeout)
+            ended = _kernel.wait(step, timeout)
+        else:
+            with _progress.ProgressLine(self._store, self.name, lambda: engine.runs) as line:
+                ended = _kernel.wait(line.wrap(step), timeout)
+        if ended and self._tracking is not None:
+            self._tracking.flush(TRACKING_FLUSH_S)  # the trackers hold every value too (a failing one keeps trying)
+        return ended
 
     @property
     def training(self) -> bool:
@@ -372,8 +395,53 @@ class Experiment:
             for r in self._store.runs():
                 if not r.status.is_terminal:
                     self._store.update_run(r.run_id, status=RunStatus.STOPPED)
+        self._close_tracking()
         if self._panel is not None:
             self._panel.stop_writer()
+
+    # -- trackers ------------------------------------------------------------------------------------------------
+
+    def _close_tracking(self) -> None:
+        if self._tracking is not None:
+            self._tracking.close(TRACKING_FLUSH_S)
+            self._tracking = None
+
+    def flush_tracking(self, timeout: float = 30.0) -> bool:
+        """Wait until the run_fit's trackers hold every value logged so far; False if one failed (it keeps
+        retrying in the background; `tracking_errors()` says why) or `timeout` seconds ran out. `wait()` does this
+        when training ends."""
+        return True if self._tracking is None else self._tracking.flush(timeout)
+
+    def tracking_errors(self) -> dict[str, str]:
+        """Each failing tracker's last error ({} when every tracker is up to date or none is used)."""
+        return {} if self._tracking is None else self._tracking.errors()
+
+    def export_tracking(self, tracker: Any, uri: str | Path | None = None) -> None:
+        """Replay the experiment's history (every run, its config, tags and metrics) into a tracker, e.g. after the
+        fact: `export_tracking("mlflow", uri="sqlite:///mlflow.db")`. `uri` is MLflow's tracking URI,
+        TensorBoard's log folder or Trackio's project (default: each one's default, as for `trackers=`); `tracker`
+        may also be a configured sink. Runs already there are continued, not duplicated."""
+        if self.training:
+            raise RuntimeError(
+                f"experiment {self.name!r} is training: export_tracking replays a finished history; wait() or end() "
+                "first, or pass trackers= to run_fit to log live"
+            )
+        if isinstance(tracker, str) and uri is not None:
+            kind = tracker.lower()
+            if kind not in tracking.KINDS:
+                raise ValueError(f"export_tracking: unknown tracker {tracker!r}; expected one of {[*tracking.KINDS]}")
+            option = {"mlflow": "tracking_uri", "tensorboard": "log_dir", "trackio": "project"}[kind]
+            tracker = tracking.KINDS[kind](**{option: str(uri)})
+        elif uri is not None:
+            raise ValueError(f"export_tracking: uri={uri!r} goes with a tracker name, not with {tracker!r}")
+        sinks = tracking.resolve([tracker])
+        if not self._store.durable:
+            self._store.attach(self.path)  # the experiment's uid is kept with its history
+        tracking.Tracking(self._store, self.name, self.path, sinks).replay()
+
+
+# How long wait() and end() give the trackers to catch up with the store.
+TRACKING_FLUSH_S = 30.0
 
 
 def _trainable(runs: list[RunRecord]) -> bool:

@@ -192,8 +192,8 @@ OWNED_FIELDS: dict[str, OwnedField] = {
     "use_liger_kernel": OwnedField(_SHARED_BASE, _is_false),
     "cast_lm_head_to_fp32": OwnedField(_SHARED_BASE, _is_false),
     "report_to": OwnedField(
-        "rf_notebook logs every run itself (exp.results(), the panel); TRL's trackers (wandb, mlflow, tensorboard, "
-        "trackio) assume one run per process and would mix the interleaved runs into one",
+        "rf_notebook logs every run itself (exp.results(), the panel, and run_fit(trackers=['mlflow', 'tensorboard', "
+        "'trackio'])); TRL's trackers assume one run per process and would mix the interleaved runs into one",
         lambda v: v is None or v in ("none", "no") or (isinstance(v, (list, tuple)) and all(x == "none" for x in v)),
     ),
 }

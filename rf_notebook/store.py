@@ -111,6 +111,7 @@ class Store:
         self._version = 0
         self._journal: Any = None
         self._storage_error: str | None = None
+        self._notices: dict[str, str] = {}  # key -> text: trouble the panel shows that ends no run (not saved)
 
     @classmethod
     def open(cls, directory: str | Path) -> Store:
@@ -183,6 +184,21 @@ class Store:
             self._journal.rewrite(list(self._runs.values()), self._metrics, self._ops, self._meta)
             self._storage_error = None
             self._version += 1
+
+    def add_notice(self, key: str, text: str) -> None:
+        """Show `text` in the panel until `clear_notice(key)` (a tracker that fails while training goes on)."""
+        with self._lock:
+            self._notices[key] = text
+            self._version += 1
+
+    def clear_notice(self, key: str) -> None:
+        with self._lock:
+            if self._notices.pop(key, None) is not None:
+                self._version += 1
+
+    def notices(self) -> list[str]:
+        with self._lock:
+            return list(self._notices.values())
 
     def meta(self, key: str, default: Any = None) -> Any:
         with self._lock:

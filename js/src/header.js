@@ -1,4 +1,4 @@
-// Above the curves: the header line (title, progress, timing, status counts, Stop all, a storage alert), the
+// Above the curves: the header line (title, progress, timing, status counts, Stop all, a storage alert, notices), the
 // metric select and the legend, whose chips highlight a run.
 
 import { h, safeColor } from "./dom.js";
@@ -19,6 +19,9 @@ export function renderHeader(dom, state) {
   const storage = header.storage_error;
   dom.alert.hidden = !storage;
   dom.alert.textContent = storage ? `Paused: ${storage}. Free space (or fix the folder), then Resume the runs.` : "";
+  const notices = header.notices || []; // trouble that ends no run, e.g. a tracker that cannot be reached
+  dom.notice.hidden = !notices.length;
+  dom.notice.textContent = notices.join("\n");
 }
 
 /** The metric select lists every logged metric; `view.metric` falls back to the first when it has none. */

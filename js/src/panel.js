@@ -111,6 +111,7 @@ export class Panel {
       table: h("table", { class: "rfnb-table" }),
       log: h("div", { class: "rfnb-log" }),
       alert: h("div", { class: "rfnb-alert", role: "alert", hidden: true }),
+      notice: h("div", { class: "rfnb-notice", role: "status", hidden: true }),
       overlay: h("div", { class: "rfnb-overlay", hidden: true }),
     };
     dom.root = h(
@@ -118,6 +119,7 @@ export class Panel {
       { class: "rfnb-root" },
       h("div", { class: "rfnb-header" }, dom.title, h("div", { class: "rfnb-bar" }, dom.progress), dom.timing, dom.counts, dom.stopAll),
       dom.alert,
+      dom.notice,
       dom.message,
       h(
         "div",

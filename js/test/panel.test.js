@@ -262,6 +262,23 @@ describe("panel", () => {
     expect(alert.querySelector("b")).toBeNull();
   });
 
+  it("shows a failing tracker's notice as text, and hides it once cleared", () => {
+    const model = fakeModel();
+    const { el } = mount(model);
+    const state = snapshot([run(1)]);
+    model.emit({ type: "snapshot", state });
+    expect(el.querySelector(".rfnb-notice").hidden).toBe(true);
+    state.header = { ...state.header, notices: ["mlflow tracking failed (training goes on; retrying): <i>refused</i>"] };
+    model.emit({ type: "snapshot", state });
+    const notice = el.querySelector(".rfnb-notice");
+    expect(notice.hidden).toBe(false);
+    expect(notice.textContent).toBe("mlflow tracking failed (training goes on; retrying): <i>refused</i>");
+    expect(notice.querySelector("i")).toBeNull();
+    state.header = { ...state.header, notices: [] };
+    model.emit({ type: "snapshot", state });
+    expect(el.querySelector(".rfnb-notice").hidden).toBe(true);
+  });
+
   it("gives the plotted metric its own table column", () => {
     const model = fakeModel();
     const { el } = mount(model);

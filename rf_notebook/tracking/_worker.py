@@ -1,0 +1,272 @@
+"""Feeding the trackers from the store: one thread per tracker, never the training thread.
+
+The training thread only writes the store (as it always does); each tracker's thread wakes every `interval`
+seconds, takes the metric rows logged since its cursor, the runs and the IC-op log, and hands the tracker one batch
+per run. A slow or unreachable tracker therefore delays only its own thread: training and the other trackers go
+on. A failing call is reported once (the log and a notice in the panel) and retried from the same cursor with a
+growing back-off, so nothing is lost while it recovers; per run, the last step each tracker already holds is
+remembered, so a retry or a restart never logs a point twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rf_notebook.store import ICRecord, RunRecord, Store
+from rf_notebook.tracking import Point, Sink, TrackedRun
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Tracking", "run_tags", "experiment_uid"]
+
+MAX_BACKOFF_S = 30.0
+
+
+def experiment_uid(store: Store) -> str:
+    """A stable id for the experiment (kept in its database): tracker runs are found again by it after a restart,
+    and another experiment of the same name never takes them over."""
+    uid = store.meta("uid")
+    if uid is None:
+        uid = uuid.uuid4().hex[:12]
+        store.set_meta("uid", uid)
+    return uid
+
+
+def run_tags(record: RunRecord, experiment: str, made_by: ICRecord | None, ops: Sequence[ICRecord]) -> dict[str, str]:
+    """What a tracker shows about a run besides its config and metrics: its experiment, trainer type, status,
+    lineage and the policy decisions that touched it (`ops`: the IC ops about this run)."""
+    tags = {
+        "rf_notebook.experiment": experiment,
+        "rf_notebook.run_id": str(record.run_id),
+        "rf_notebook.trainer_type": record.trainer_type,
+        "rf_notebook.status": record.status.value,
+        "rf_notebook.source": "initial" if made_by is None else made_by.origin,
+    }
+    if made_by is not None:
+        tags["rf_notebook.cloned_from"] = str(made_by.run_id)
+        if made_by.args.get("warm_start"):
+            tags["rf_notebook.warm_started_from"] = str(made_by.run_id)
+    if record.error:
+        tags["rf_notebook.error"] = record.error[:1000]
+    decisions = [
+        f"{op.op}{'' if op.step is None else f' at step {op.step}'}{f': {op.reason}' if op.reason else ''}"
+        for op in ops
+        if op.origin == "policy" and op.outcome == "applied"
+    ]
+    if made_by is not None and made_by.origin == "policy":
+        decisions.insert(0, f"made by clone_modify of run {made_by.run_id}: {made_by.reason or ''}".rstrip(": "))
+    if decisions:
+        tags["rf_notebook.policy"] = "; ".join(decisions)[:5000]
+    return tags
+
+
+@dataclasses.dataclass
+class _RunState:
+    run: TrackedRun
+    last: dict[str, int]  # metric -> last step the tracker holds
+    tags: dict[str, str]  # the tags it holds
+
+
+class _Worker:
+    """One tracker fed from the store by one thread."""
+
+    def __init__(self, tracking: Tracking, sink: Sink):
+        self.tracking, self.sink = tracking, sink
+        self.cursor = 0
+        self.runs: dict[int, _RunState] = {}
+        self.opened = False
+        self.error: str | None = None
+        self.passes = 0  # completed attempts (failed ones too)
+        self.cond = threading.Condition()
+        self.wanted = 0  # a flush asks for a pass numbered at least this
+        self.closing = False
+        self.thread: threading.Thread | None = None
+
+    # -- the thread ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name=f"rf_notebook-{self.sink.kind}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        backoff = self.tracking.interval
+        while True:
+            with self.cond:
+                deadline = time.monotonic() + backoff
+                while not self.closing and self.wanted <= self.passes:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.cond.wait(remaining)
+                closing = self.closing
+            ok = self.attempt()
+            backoff = self.tracking.interval if ok else min(max(backoff, 1.0) * 2, MAX_BACKOFF_S)
+            if closing:
+                self._close()
+                return
+
+    def attempt(self) -> bool:
+        """One pass; a failure is reported once (until the tracker works again) and retried later."""
+        try:
+            self.sync()
+        except Exception as exc:  # a tracker's failure never reaches training
+            message = f"{self.sink.kind} tracking failed (training goes on; retrying): {type(exc).__name__}: {exc}"
+            if self.error is None:
+                logger.warning("experiment %r: %s", self.tracking.experiment, message)
+                self.tracking.store.add_notice(f"tracking:{self.sink.kind}", message)
+            self.error = message
+            ok = False
+        else:
+            if self.error is not None:
+                logger.info("experiment %r: %s tracking works again", self.tracking.experiment, self.sink.kind)
+                self.tracking.store.clear_notice(f"tracking:{self.sink.kind}")
+            self.error = None
+            ok = True
+        with self.cond:
+            self.passes += 1
+            self.cond.notify_all()
+        return ok
+
+    def _close(self) -> None:
+        try:
+            self.sink.close()
+        except Exception as exc:
+            logger.warning("experiment %r: closing %s tracking failed: %s", self.tracking.experiment, self.sink, exc)
+
+    def flush(self, deadline: float) -> bool:
+        """Ask for a pass now and wait (until `deadline`, a monotonic time) for it; True if it succeeded."""
+        with self.cond:
+            target = self.passes + 1
+            self.wanted = max(self.wanted, target)
+            self.cond.notify_all()
+            while self.passes < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.thread is None or not self.thread.is_alive():
+                    return False
+                self.cond.wait(remaining)
+        return self.error is None
+
+    def close(self, deadline: float) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- one pass --------------------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Bring the tracker up to date with the store: new runs, new metric points, changed tags."""
+        tracking = self.tracking
+        if not self.opened:
+            self.sink.open(tracking.experiment, tracking.directory)
+            self.opened = True
+        rows, cursor = tracking.store.metrics_since(self.cursor)
+        records = tracking.store.runs()  # read after the rows: every row's run is among them
+        ops = tracking.store.ic_log()
+        made_by = {op.new_run_id: op for op in ops if op.op == "clone_modify" and op.new_run_id}
+        about: dict[int, list[ICRecord]] = {}
+        for op in ops:
+            if op.run_id is not None:
+                about.setdefault(op.run_id, []).append(op)
+        tags = {
+            r.run_id: run_tags(r, tracking.experiment, made_by.get(r.run_id), about.get(r.run_id, [])) for r in records
+        }
+        for record in records:
+            if record.run_id not in self.runs:
+                self._start(record, tags[record.run_id], made_by.get(record.run_id))
+        by_run: dict[int, list[Any]] = {}
+        for m in rows:
+            by_run.setdefault(m.run_id, []).append(m)
+        rows_per_step = {r.run_id: r.rows_per_step for r in records}
+        for run_id, run_rows in by_run.items():
+            state = self.runs[run_id]
+            points = _new_points(run_rows, state.last, rows_per_step.get(run_id, 0.0))
+            if points:
+                self.sink.log(state.run, points)
+                for p in points:
+                    state.last[p.name] = max(state.last.get(p.name, p.step), p.step)
+        self.cursor = cursor
+        for record in records:
+            state = self.runs[record.run_id]
+            if tags[record.run_id] != state.tags:
+                self.sink.set_tags(state.run, tags[record.run_id])
+                state.tags = tags[record.run_id]
+
+    def _start(self, record: RunRecord, tags: dict[str, str], made_by: ICRecord | None) -> None:
+        tracking = self.tracking
+        parent = None if made_by is None else f"{tracking.uid}-{made_by.run_id}"
+        run = TrackedRun(
+            key=f"{tracking.uid}-{record.run_id}",
+            run_id=record.run_id,
+            name=record.name,
+            experiment=tracking.experiment,
+            params=dict(record.params),
+            tags=tags,
+            parent_key=parent,
+        )
+        last = dict(self.sink.start_run(run))
+        self.runs[record.run_id] = _RunState(run, last, tags)
+
+
+def _new_points(rows: Sequence[Any], last: Mapping[str, int], rows_per_step: float) -> list[Point]:
+    """The rows a tracker does not hold yet (step past its last for that metric), plus `samples` (data set rows
+    seen) at every new step."""
+    points = [Point(m.step, m.name, m.value, m.wall_time) for m in rows if m.step > last.get(m.name, -1)]
+    if rows_per_step > 0:
+        seen = last.get("samples", -1)
+        steps: dict[int, float] = {}
+        for m in rows:
+            if m.step > seen and m.step not in steps:
+                steps[m.step] = m.wall_time
+        points += [Point(step, "samples", step * rows_per_step, wall) for step, wall in steps.items()]
+    return points
+
+
+class Tracking:
+    """The experiment's trackers, each fed from `store` by its own thread (`start`); `flush` waits until they
+    hold everything logged so far, `close` flushes and releases them."""
+
+    def __init__(self, store: Store, experiment: str, directory: Path, sinks: Sequence[Sink], interval: float = 1.0):
+        self.store, self.experiment, self.directory, self.interval = store, experiment, Path(directory), interval
+        self.uid = experiment_uid(store)
+        self.workers = [_Worker(self, sink) for sink in sinks]
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return [w.sink for w in self.workers]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every tracker holds what the store holds now (True), or `timeout` seconds ran out or a
+        tracker failed (False; it keeps retrying in the background)."""
+        deadline = time.monotonic() + timeout
+        return all([w.flush(deadline) for w in self.workers])
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Last pass, then release every tracker (joins its thread for at most `timeout` seconds in all)."""
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.close(deadline)
+
+    def errors(self) -> dict[str, str]:
+        """Each failing tracker's last error."""
+        return {w.sink.kind: w.error for w in self.workers if w.error is not None}
+
+    def replay(self) -> None:
+        """Write everything in the store to the trackers now, on this thread; a tracker's error is raised."""
+        for worker in self.workers:
+            try:
+                worker.sync()
+            finally:
+                worker._close()

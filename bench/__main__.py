@@ -6,13 +6,27 @@ benchmark sharing the CPU with anything else measures the other thing. bench/gpu
 
 from __future__ import annotations
 
-from bench import checkpoint, first_comparison, fused, ic_ops, kernel, memory, overhead, profile, pruning, scale, thread
+from bench import (
+    checkpoint,
+    first_comparison,
+    fused,
+    ic_ops,
+    kernel,
+    memory,
+    overhead,
+    profile,
+    pruning,
+    scale,
+    thread,
+    tracking,
+)
 
 RUNS = [
     (overhead.main, ["--model", "llama512", "--runs", "4", "--repeats", "3"]),
     (overhead.main, ["--model", "llama512", "--runs", "8", "--max-steps", "32", "--repeats", "3"]),
     (overhead.main, ["--model", "demo", "--repeats", "5"]),
     (kernel.main, ["--model", "demo", "--repeats", "4"]),
+    (tracking.main, ["--model", "demo", "--repeats", "4"]),
     (profile.main, ["--model", "demo"]),
     (scale.main, ["--model", "demo"]),
     (fused.main, ["--model", "demo"]),

@@ -13,7 +13,8 @@ from rf_notebook import _kernel, _versions
 
 __all__ = ["facts", "info"]
 
-_LIBRARIES = (*_versions.CHECKED, "anywidget", "ipywidgets", "ipykernel", "bokeh", "bitsandbytes")
+_TRACKERS = ("mlflow", "tensorboard", "trackio")
+_LIBRARIES = (*_versions.CHECKED, "anywidget", "ipywidgets", "ipykernel", "bokeh", "bitsandbytes", *_TRACKERS)
 
 
 def _version(name: str) -> str | None:
@@ -86,7 +87,13 @@ def _behaviour(found: dict[str, Any]) -> dict[str, str]:
         qlora = "bitsandbytes not installed: a quantization_config base is refused (pip install 'rf_notebook[qlora]')"
     else:
         qlora = f"bitsandbytes {bnb}: a quantized base is loaded once, prepared once and shared by every run"
-    return {"precision": precision, "panel": panel, "clicks": clicks, "qlora": qlora}
+    have = [name for name in _TRACKERS if found["versions"].get(name)]
+    trackers = (f"run_fit(trackers=...) can log to {', '.join(have)}" if have else "no tracker installed") + (
+        ""
+        if len(have) == len(_TRACKERS)
+        else " (pip install 'rf_notebook[tracking]' adds MLflow, TensorBoard, Trackio)"
+    )
+    return {"precision": precision, "panel": panel, "clicks": clicks, "qlora": qlora, "trackers": trackers}
 
 
 def info(file: IO[str] | None = None) -> None:
@@ -111,3 +118,4 @@ def info(file: IO[str] | None = None) -> None:
     print(f"precision: {found['precision']}", file=out)
     print(f"buttons: {found['clicks']}", file=out)
     print(f"QLoRA: {found['qlora']}", file=out)
+    print(f"trackers: {found['trackers']}", file=out)

@@ -323,6 +323,8 @@ class Experiment:
         if hasattr(backend, "fusion"):  # fused steps: how many forwards were shared, and which runs took part
             stats["fused_forwards"] = backend.fused_forwards
             stats["fusion"] = dict(backend.fusion)
+        if self._tracking is not None:  # CPU seconds each tracker's thread used
+            stats["tracking_s"] = self._tracking.busy()
         return stats
 
     # -- IC ops: steer the running experiment -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A process that runs (or resumes) a 4-config demo experiment and SIGKILLs itself at a chosen point.
 
-    python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt]
+    python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt] [--trackers mlflow,tensorboard]
 
 POINT is where the N-th occurrence (counted in this process) kills it, with a real SIGKILL:
   step        inside an optimizer step (after forward and backward, before the optimizer update)
@@ -113,6 +113,11 @@ def main() -> None:
         i = args.index("--policy")
         policy = POLICIES[args[i + 1]]()
         del args[i : i + 2]
+    trackers = None
+    if "--trackers" in args:
+        i = args.index("--trackers")
+        trackers = args[i + 1].split(",")
+        del args[i : i + 2]
     directory, mode = args[0], args[1]
     if len(args) > 2:
         point, n = args[2].split(":")
@@ -127,6 +132,7 @@ def main() -> None:
         display=False,
         resume=mode == "resume",
         policy=policy,
+        trackers=trackers,
     )
     exp.wait()
     exp.end(wait=False)

@@ -37,9 +37,10 @@ KILL_POINTS = [
 ]
 
 
-def child(directory: Path, mode: str, point: str | None = None, policy: str | None = None):
+def child(directory: Path, mode: str, point: str | None = None, policy: str | None = None, extra: tuple = ()):
     args = [sys.executable, str(CHILD), str(directory), mode, *([point] if point else [])]
     args += ["--policy", policy] if policy else []
+    args += list(extra)
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 

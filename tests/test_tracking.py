@@ -224,8 +224,8 @@ def test_a_restart_continues_the_same_tracker_runs_and_export_replays_history(da
         from mlflow.tracking import MlflowClient
 
         assert_same(read_mlflow(MlflowClient(uri), "restarted")[0], want)
-    again.export_tracking("tensorboard", uri=tmp_path / "tb-export")
-    tb_metrics, _ = read_tensorboard(tmp_path / "tb-export")
+    again.export_tracking("tensorboard", uri=tmp_path / "tb-export")  # a folder of one's own: a subfolder each
+    tb_metrics, _ = read_tensorboard(tmp_path / "tb-export" / "restarted")
     assert_same({k.split(" ", 1)[1]: v for k, v in tb_metrics.items()}, want, rel=1e-6)
 
 
@@ -274,15 +274,17 @@ def test_a_failing_tracker_is_reported_once_and_training_and_the_others_go_on(da
         assert Feed(exp.store, "failing").snapshot()["header"]["notices"] == exp.store.notices()
         assert exp.wait(timeout=300)  # the broken tracker does not hold the experiment up
     assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
-    wait_for(lambda: set(exp.tracking_errors()) == {"broken"} and exp.flush_tracking(0.1) is False, timeout=120)
-    assert exp.store.notices() == [notice]  # the flaky one recovered and its notice is gone
+    wait_for(lambda: set(exp.tracking_errors()) == {"broken"}, timeout=120)  # the flaky one recovered...
+    assert exp.store.notices() == [notice]  # ...and its notice is gone
+    assert exp.flush_tracking() is False  # the broken one still fails
     warnings = [r for r in caplog.records if "tracking failed" in r.getMessage()]
     assert len(warnings) == 2  # once per failing tracker, however many times it was retried
+    exp.end()  # a last pass for each tracker
+    assert exp.store.notices() == []  # nothing retries any more
     want = expected(exp)
     assert {name: {k: sorted(v) for k, v in s.items()} for name, s in flaky.points.items()} == want
     assert_same(read_mlflow(mlflow_client(exp), "failing")[0], want)
     assert {t["rf_notebook.status"] for t in flaky.tags.values()} == {"finished"}
-    exp.end()
 
 
 @pytest.mark.parametrize(
@@ -310,3 +312,56 @@ def test_sink_options_are_checked():
         TensorBoard(log_dir=1.5)
     with pytest.raises(ValueError, match=r"Trackio\(project=''\)"):
         Trackio(project="")
+
+
+def test_names_mlflow_would_refuse_are_made_valid_not_dropped():
+    from rf_notebook.tracking._mlflow import key
+
+    assert key("rewards/chosen") == "rewards/chosen" and key("eval_loss") == "eval_loss"
+    assert key("acc@1 (%)") == "acc_1 ___" and len(key("x" * 300)) == 250
+    assert key("/a//b/") == "a/b" and key("../x") == "_/x" and key("") == "_"
+    assert MLflow().metric_key("acc@1") == "acc_1"
+
+
+def test_a_failed_mlflow_start_is_retried_into_the_same_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rf_notebook.tracking import TrackedRun
+    from rf_notebook.tracking._mlflow import MLflowImpl
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    impl = MLflowImpl(uri, "retry")
+    run = TrackedRun("uid-1", 1, "r=2", "retry", {"a": 1, "a@": 2}, {"rf_notebook.status": "running"})
+    log_batch = impl.client.log_batch
+
+    def fail_once(*args, **kwargs):
+        impl.client.log_batch = log_batch
+        raise ConnectionError("server went away")
+
+    impl.client.log_batch = fail_once  # the params batch fails right after the run was created
+    with pytest.raises(ConnectionError):
+        impl.start_run(run)
+    assert impl.start_run(run) == {}
+    again = MLflowImpl(uri, "retry")  # and a later session finds it too
+    assert again.start_run(run) == {}
+    (found,) = MlflowClient(uri).search_runs([impl.experiment_id])
+    assert found.data.params == {"a": "1", "a_": "2"} and found.data.tags["rf_notebook.status"] == "running"
+
+
+def test_sigkill_then_resume_leaves_each_tracker_with_every_point_once(tmp_path):
+    """Killed mid-step twice (the trackers a second behind the store, the store ahead of the last checkpoint), then
+    resumed: the same tracker runs end with every point of the finished experiment, once."""
+    from test_durability import child
+
+    trackers = ["--trackers", "mlflow,tensorboard,trackio"]
+    for mode, point in [("start", "step:20"), ("resume", "step:9"), ("resume", None)]:
+        proc = child(tmp_path, mode, point, extra=trackers)
+        assert proc.returncode == (0 if point is None else -9), proc.stderr[-3000:]
+    exp = Experiment("crash", experiments_dir=tmp_path)
+    assert {r.status for r in exp.runs()} == {RunStatus.FINISHED}
+    want = expected(exp)
+    assert_same(read_mlflow(mlflow_client(exp), "crash")[0], want)
+    tb_metrics, _ = read_tensorboard(exp.path / "tensorboard")
+    assert_same({k.split(" ", 1)[1]: v for k, v in tb_metrics.items()}, want, rel=1e-6)
+    assert_same(read_trackio("crash", exp)[0], want)
+    exp.store.close()

@@ -19,6 +19,7 @@ A sink is one small class (`Sink`); each tracker's lives in its own module and i
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -77,6 +78,17 @@ class Sink(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional: most sinks have nothing to release
         """Flush and release what the sink holds."""
 
+    def metric_key(self, name: str) -> str:
+        """The name the tracker keeps metric `name` under (what `start_run`'s last steps are keyed by)."""
+        return name
+
+    def fresh(self) -> Sink:
+        """The copy one run_fit's tracking works on (shallow; the built-in sinks drop their connection state)."""
+        copied = copy.copy(self)
+        if hasattr(copied, "_impl"):
+            copied._impl = None
+        return copied
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -117,22 +129,18 @@ class MLflow(Sink):
     def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
         self._impl.set_tags(run, tags)
 
-    @property
-    def uri(self) -> str | None:
-        """The tracking URI in use (once opened)."""
-        return self._impl.uri if self._impl is not None else self.tracking_uri
+    def metric_key(self, name: str) -> str:
+        from rf_notebook.tracking._mlflow import key
 
-    def mlflow_run_id(self, key: str) -> str | None:
-        """The MLflow run id of the rf_notebook run with `TrackedRun.key` `key` (once started)."""
-        return self._impl.ids.get(key) if self._impl is not None else None
+        return key(name)
 
     def __repr__(self) -> str:
-        return f"MLflow(tracking_uri={self.uri!r})"
+        return f"MLflow(tracking_uri={self.tracking_uri!r})"
 
 
 class TensorBoard(Sink):
-    """TensorBoard event files, one `SummaryWriter` (one folder) per run under `log_dir` (default: `tensorboard/`
-    in the experiment folder; view it with `tensorboard --logdir <that folder>`)."""
+    """TensorBoard event files, one `SummaryWriter` (one folder) per run: in `tensorboard/` of the experiment folder
+    by default, else in `<log_dir>/<experiment name>/` (view either with `tensorboard --logdir <folder>`)."""
 
     kind = "tensorboard"
 
@@ -146,7 +154,9 @@ class TensorBoard(Sink):
     def open(self, experiment: str, experiment_dir: Path) -> None:
         from rf_notebook.tracking._tensorboard import TensorBoardImpl
 
-        self._impl = TensorBoardImpl(self.log_dir or Path(experiment_dir) / "tensorboard")
+        # A folder of one's own may hold several experiments: each gets its subfolder.
+        folder = self.log_dir / safe_name(experiment) if self.log_dir else Path(experiment_dir) / "tensorboard"
+        self._impl = TensorBoardImpl(folder)
 
     def start_run(self, run: TrackedRun) -> Mapping[str, int]:
         return self._impl.start_run(run)
@@ -160,12 +170,6 @@ class TensorBoard(Sink):
     def close(self) -> None:
         if self._impl is not None:
             self._impl.close()
-
-    def run_dir(self, run: TrackedRun) -> Path:
-        """The folder holding `run`'s event files."""
-        from rf_notebook.tracking._tensorboard import run_dir
-
-        return run_dir(self.log_dir or Path("."), run) if self._impl is None else self._impl.run_dir(run)
 
     def __repr__(self) -> str:
         return f"TensorBoard(log_dir={str(self.log_dir) if self.log_dir else None!r})"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import shutil
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from rf_notebook.tracking import Point, TrackedRun
@@ -16,8 +21,7 @@ KEY_TAG = "rf_notebook.key"
 
 # rf_notebook status -> MLflow run status (a stopped run may be resumed: KILLED, then RUNNING again).
 STATUS = {
-    "queued": "RUNNING",
-    "training": "RUNNING",
+    "running": "RUNNING",
     "stopped": "KILLED",
     "finished": "FINISHED",
     "failed": "FAILED",
@@ -38,9 +42,42 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def key(name: str) -> str:
+    """`name` as an MLflow key: letters, digits, `_ - . / ` and spaces, a normal relative path (no empty, `.` or
+    `..` parts, no leading or trailing `/`), at most 250 characters."""
+    text = re.sub(r"[^\w\-. /]", "_", str(name))
+    parts = [p if p not in (".", "..") else "_" for p in text.split("/") if p]
+    return "/".join(parts)[:250].rstrip("/") or "_"
+
+
 def _param(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
     return text[:MAX_PARAM_CHARS]
+
+
+def _new_sqlite(uri: str) -> None:
+    """A new SQLite tracking database starts as a copy of an empty one this MLflow version already made (kept in the
+    user's cache folder): creating one runs MLflow's schema migrations, ~3 s of CPU taken from training each time."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if path.exists():
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rf_notebook"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        if not template.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            made = template.with_name(f"{template.name}.{os.getpid()}-{threading.get_ident()}")
+            MlflowClient(f"sqlite:///{made}").search_experiments()  # creates and migrates it
+            os.replace(made, template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+    except OSError:  # no cache folder: MLflow creates the database itself
+        path.unlink(missing_ok=True)
 
 
 class MLflowImpl:
@@ -48,8 +85,9 @@ class MLflowImpl:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         with _quiet("mlflow.store.db.utils", "alembic"):  # creating a database logs to stderr: a notebook's last cell
+            _new_sqlite(uri)
+            self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment_name)
         if found is None:
             self.experiment_id = self.client.create_experiment(experiment_name)
@@ -58,42 +96,63 @@ class MLflowImpl:
                 self.client.restore_experiment(found.experiment_id)
             self.experiment_id = found.experiment_id
         self.ids: dict[str, str] = {}  # TrackedRun.key -> MLflow run id
+        self.known = self._runs_by_key()  # runs an earlier session made
+        self.status: dict[str, str] = {}  # MLflow run id -> the status MLflow holds
 
-    def _find(self, key: str) -> Any:
-        found = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+    def _runs_by_key(self) -> dict[str, Any]:
+        runs: dict[str, Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            runs.update({r.data.tags[KEY_TAG]: r for r in page if KEY_TAG in r.data.tags})
+            token = page.token
+            if not token:
+                return runs
+
+    def _find(self, run_key: str) -> Any:
+        """The MLflow run of `run_key` made by this tracking (a retried start), an earlier session, or another
+        writer since this one opened."""
+        if run_key in self.ids:
+            return self.client.get_run(self.ids[run_key])
+        if run_key in self.known:
+            return self.known.pop(run_key)
+        found = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{run_key}'", max_results=1)
         return found[0] if found else None
 
     def start_run(self, run: TrackedRun) -> Mapping[str, int]:
         from mlflow.entities import Param
 
         existing = self._find(run.key)
-        if existing is not None:
-            run_id = existing.info.run_id
-            self.ids[run.key] = run_id
-            last = {}
-            for name in existing.data.metrics:
-                history = self.client.get_metric_history(run_id, name)
-                if history:
-                    last[name] = max(m.step for m in history)
-            self.set_tags(run, run.tags)  # the status may have changed while no session was logging
-            return last
-        tags = {KEY_TAG: run.key, **run.tags}
+        if existing is None:
+            tags = {KEY_TAG: run.key}  # first, alone: a retry after a failure below finds this run, not a new one
+            existing = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags)
+        run_id = existing.info.run_id
+        self.ids[run.key], self.status[run_id] = run_id, existing.info.status
+        params: dict[str, str] = {}
+        for name, value in run.params.items():  # two names made one by key(): the first keeps it
+            params.setdefault(key(name), _param(value))
+        missing = [Param(k, v) for k, v in params.items() if k not in existing.data.params]
+        for i in range(0, len(missing), MAX_PARAMS):
+            self.client.log_batch(run_id, params=missing[i : i + MAX_PARAMS])
+        tags = {**run.tags}
         parent = self.ids.get(run.parent_key) if run.parent_key else None
         if parent is not None:
-            tags["mlflow.parentRunId"] = parent
-        created = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags)
-        run_id = created.info.run_id
-        self.ids[run.key] = run_id
-        params = [Param(str(k)[:250], _param(v)) for k, v in run.params.items()]
-        for i in range(0, len(params), MAX_PARAMS):
-            self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS])
-        self._status(run_id, run.tags)
-        return {}
+            tags["mlflow.parentRunId"] = parent  # a clone sits under its parent in MLflow's run list
+        if any(existing.data.tags.get(key(k)) != v for k, v in tags.items()):
+            self.set_tags(run, tags)
+        else:
+            self._status(run_id, tags)
+        last = {}
+        for name in existing.data.metrics:  # what an earlier session logged: not logged again
+            history = self.client.get_metric_history(run_id, name)
+            if history:
+                last[name] = max(m.step for m in history)
+        return last
 
     def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(p.name, p.value, int(p.wall_time * 1000), p.step) for p in points]
+        metrics = [Metric(key(p.name), p.value, int(p.wall_time * 1000), p.step) for p in points]
         run_id = self.ids[run.key]
         for i in range(0, len(metrics), MAX_METRICS):
             self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS])
@@ -102,13 +161,16 @@ class MLflowImpl:
         from mlflow.entities import RunTag
 
         run_id = self.ids[run.key]
-        items = [RunTag(k, v) for k, v in tags.items()]
+        items = [RunTag(key(k), v) for k, v in tags.items()]
         for i in range(0, len(items), MAX_TAGS):
             self.client.log_batch(run_id, tags=items[i : i + MAX_TAGS])
         self._status(run_id, tags)
 
     def _status(self, run_id: str, tags: Mapping[str, str]) -> None:
         status = STATUS.get(tags.get("rf_notebook.status", ""), "RUNNING")
+        if self.status.get(run_id) == status:
+            return
+        self.status[run_id] = status
         if status == "RUNNING":
             self.client.update_run(run_id, status=status)
         else:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Tracking", "run_tags", "experiment_uid"]
 
 MAX_BACKOFF_S = 30.0
+SLOW_S = 5.0  # a pass taking longer is not waited for by wait() / end(): the tracker is not answering
 
 
 def experiment_uid(store: Store) -> str:
@@ -46,7 +47,9 @@ def run_tags(record: RunRecord, experiment: str, made_by: ICRecord | None, ops: 
         "rf_notebook.experiment": experiment,
         "rf_notebook.run_id": str(record.run_id),
         "rf_notebook.trainer_type": record.trainer_type,
-        "rf_notebook.status": record.status.value,
+        # "running" while the run has a place in the schedule (queued and training alternate at every chunk: not
+        # news for a tracker), then stopped, finished, failed or deleted.
+        "rf_notebook.status": "running" if record.status.is_live else record.status.value,
         "rf_notebook.source": "initial" if made_by is None else made_by.origin,
     }
     if made_by is not None:
@@ -83,9 +86,13 @@ class _Worker:
         self.runs: dict[int, _RunState] = {}
         self.opened = False
         self.error: str | None = None
-        self.passes = 0  # completed attempts (failed ones too)
+        self.started = 0  # passes begun (failed ones too), numbered from 1
+        self.passes = 0  # passes completed
+        self.running_since: float | None = None  # when the pass in progress began (monotonic)
+        self.synced_version = -1  # the store's version the last successful pass read
+        self.busy_s = 0.0  # CPU time of this tracker's thread in its passes
         self.cond = threading.Condition()
-        self.wanted = 0  # a flush asks for a pass numbered at least this
+        self.wanted = 0  # a flush asks for the pass with this number (one begun after it asked)
         self.closing = False
         self.thread: threading.Thread | None = None
 
@@ -100,20 +107,27 @@ class _Worker:
         while True:
             with self.cond:
                 deadline = time.monotonic() + backoff
-                while not self.closing and self.wanted <= self.passes:
+                while not self.closing and self.wanted <= self.started:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self.cond.wait(remaining)
-                closing = self.closing
-            ok = self.attempt()
-            backoff = self.tracking.interval if ok else min(max(backoff, 1.0) * 2, MAX_BACKOFF_S)
+                closing, asked = self.closing, self.wanted > self.started
+            idle = self.error is None and self.tracking.store.version == self.synced_version
+            if closing or asked or not idle:  # nothing new in the store: no pass (it would rebuild every tag)
+                ok = self.attempt()
+                backoff = self.tracking.interval if ok else min(max(backoff, 1.0) * 2, MAX_BACKOFF_S)
             if closing:
                 self._close()
                 return
 
     def attempt(self) -> bool:
         """One pass; a failure is reported once (until the tracker works again) and retried later."""
+        started = time.thread_time()
+        with self.cond:
+            self.started += 1
+            self.running_since = time.monotonic()
+        version = self.tracking.store.version  # read before the store is: a change meanwhile makes another pass
         try:
             self.sync()
         except Exception as exc:  # a tracker's failure never reaches training
@@ -128,9 +142,12 @@ class _Worker:
                 logger.info("experiment %r: %s tracking works again", self.tracking.experiment, self.sink.kind)
                 self.tracking.store.clear_notice(f"tracking:{self.sink.kind}")
             self.error = None
+            self.synced_version = version
             ok = True
         with self.cond:
             self.passes += 1
+            self.running_since = None
+            self.busy_s += time.thread_time() - started
             self.cond.notify_all()
         return ok
 
@@ -139,26 +156,43 @@ class _Worker:
             self.sink.close()
         except Exception as exc:
             logger.warning("experiment %r: closing %s tracking failed: %s", self.tracking.experiment, self.sink, exc)
+        if self.error is not None:
+            logger.warning(
+                "experiment %r: %s tracking stopped while failing; what it missed can be written with "
+                "exp.export_tracking(...) or the next run_fit with this tracker",
+                self.tracking.experiment,
+                self.sink.kind,
+            )
+        self.tracking.store.clear_notice(f"tracking:{self.sink.kind}")  # nothing retries any more
+
+    def _stuck(self) -> bool:
+        """A pass has been running for more than SLOW_S seconds (an unreachable server's retries)."""
+        return self.running_since is not None and time.monotonic() - self.running_since > SLOW_S
 
     def flush(self, deadline: float) -> bool:
-        """Ask for a pass now and wait (until `deadline`, a monotonic time) for it; True if it succeeded."""
+        """Ask for a pass that begins after this call and wait (until `deadline`, a monotonic time, and no longer
+        than a stuck pass allows) for it to end; True if it succeeded."""
         with self.cond:
-            target = self.passes + 1
+            target = self.started + 1
             self.wanted = max(self.wanted, target)
             self.cond.notify_all()
             while self.passes < target:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.thread is None or not self.thread.is_alive():
+                if remaining <= 0 or self.thread is None or not self.thread.is_alive() or self._stuck():
                     return False
-                self.cond.wait(remaining)
+                self.cond.wait(min(remaining, 0.5))
         return self.error is None
 
     def close(self, deadline: float) -> None:
+        """Ask for a last pass, then wait (until `deadline`, and not for a stuck tracker) for the thread to end."""
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join(max(0.0, deadline - time.monotonic()))
+        while self.thread is not None and self.thread.is_alive():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stuck():
+                return
+            self.thread.join(min(remaining, 0.5))
 
     # -- one pass --------------------------------------------------------------------------------------------
 
@@ -188,11 +222,12 @@ class _Worker:
         rows_per_step = {r.run_id: r.rows_per_step for r in records}
         for run_id, run_rows in by_run.items():
             state = self.runs[run_id]
-            points = _new_points(run_rows, state.last, rows_per_step.get(run_id, 0.0))
+            points = _new_points(run_rows, state.last, rows_per_step.get(run_id, 0.0), self.sink.metric_key)
             if points:
                 self.sink.log(state.run, points)
                 for p in points:
-                    state.last[p.name] = max(state.last.get(p.name, p.step), p.step)
+                    name = self.sink.metric_key(p.name)
+                    state.last[name] = max(state.last.get(name, p.step), p.step)
         self.cursor = cursor
         for record in records:
             state = self.runs[record.run_id]
@@ -216,12 +251,14 @@ class _Worker:
         self.runs[record.run_id] = _RunState(run, last, tags)
 
 
-def _new_points(rows: Sequence[Any], last: Mapping[str, int], rows_per_step: float) -> list[Point]:
-    """The rows a tracker does not hold yet (step past its last for that metric), plus `samples` (data set rows
-    seen) at every new step."""
-    points = [Point(m.step, m.name, m.value, m.wall_time) for m in rows if m.step > last.get(m.name, -1)]
+def _new_points(
+    rows: Sequence[Any], last: Mapping[str, int], rows_per_step: float, key: Callable[[str], str]
+) -> list[Point]:
+    """The rows a tracker does not hold yet (step past its last for that metric, `last` keyed by `key(name)`),
+    plus `samples` (data set rows seen) at every new step."""
+    points = [Point(m.step, m.name, m.value, m.wall_time) for m in rows if m.step > last.get(key(m.name), -1)]
     if rows_per_step > 0:
-        seen = last.get("samples", -1)
+        seen = last.get(key("samples"), -1)
         steps: dict[int, float] = {}
         for m in rows:
             if m.step > seen and m.step not in steps:
@@ -234,10 +271,12 @@ class Tracking:
     """The experiment's trackers, each fed from `store` by its own thread (`start`); `flush` waits until they
     hold everything logged so far, `close` flushes and releases them."""
 
-    def __init__(self, store: Store, experiment: str, directory: Path, sinks: Sequence[Sink], interval: float = 1.0):
+    def __init__(self, store: Store, experiment: str, directory: Path, sinks: Sequence[Sink], interval: float = 2.0):
         self.store, self.experiment, self.directory, self.interval = store, experiment, Path(directory), interval
         self.uid = experiment_uid(store)
-        self.workers = [_Worker(self, sink) for sink in sinks]
+        # Each Tracking works on its own copy of a sink: a user's sink object given to several run_fits (or
+        # experiments) never has one tracking's state replaced under another's thread.
+        self.workers = [_Worker(self, sink.fresh()) for sink in sinks]
 
     @property
     def sinks(self) -> list[Sink]:
@@ -249,15 +288,21 @@ class Tracking:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every tracker holds what the store holds now (True), or `timeout` seconds ran out or a
-        tracker failed (False; it keeps retrying in the background)."""
+        tracker failed (False; it keeps retrying in the background). A tracker already failing, or not answering
+        for SLOW_S seconds, is not waited for: an unreachable server must not hold up every `wait()`."""
         deadline = time.monotonic() + timeout
-        return all([w.flush(deadline) for w in self.workers])
+        return all([w.error is None and w.flush(deadline) for w in self.workers])
 
     def close(self, timeout: float = 30.0) -> None:
-        """Last pass, then release every tracker (joins its thread for at most `timeout` seconds in all)."""
+        """Last pass, then release every tracker (joins each healthy tracker's thread for at most `timeout`
+        seconds in all; a failing or stuck one makes its last try in the background, on its own sink copy)."""
         deadline = time.monotonic() + timeout
         for worker in self.workers:
-            worker.close(deadline)
+            worker.close(deadline if worker.error is None else time.monotonic())
+
+    def busy(self) -> dict[str, float]:
+        """Each tracker's thread's CPU seconds so far (what tracking took from the machine)."""
+        return {w.sink.kind: w.busy_s for w in self.workers}
 
     def errors(self) -> dict[str, str]:
         """Each failing tracker's last error."""

@@ -365,3 +365,30 @@ def test_sigkill_then_resume_leaves_each_tracker_with_every_point_once(tmp_path)
     assert_same({k.split(" ", 1)[1]: v for k, v in tb_metrics.items()}, want, rel=1e-6)
     assert_same(read_trackio("crash", exp)[0], want)
     exp.store.close()
+
+
+def test_a_policys_decision_is_in_the_tags_of_the_run_it_stopped(data, tmp_path):
+    from rf_notebook.policies import SuccessiveHalving
+
+    sink = Flaky(failures=0)  # an in-memory tracker
+    exp = Experiment("policy", experiments_dir=tmp_path)
+    exp.run_fit(
+        group(),
+        demo_model_fn,
+        *data,
+        num_chunks=2,
+        seed=0,
+        display=False,
+        policy=SuccessiveHalving(eta=2),
+        trackers=[sink],
+    )
+    assert exp.wait(timeout=300)
+    exp.end()
+    stopped = [r for r in exp.runs() if r.status is RunStatus.STOPPED]
+    assert len(stopped) == 1
+    (op,) = [op for op in exp.store.ic_log() if op.origin == "policy"]
+    tags = sink.tags[stopped[0].name]
+    assert tags["rf_notebook.status"] == "stopped"
+    assert tags["rf_notebook.policy"] == f"stop at step {op.step}: {op.reason}"
+    (kept,) = [r for r in exp.runs() if r.run_id != stopped[0].run_id]
+    assert "rf_notebook.policy" not in sink.tags[kept.name]

@@ -26,7 +26,7 @@ RUNS = [
     (overhead.main, ["--model", "llama512", "--runs", "8", "--max-steps", "32", "--repeats", "3"]),
     (overhead.main, ["--model", "demo", "--repeats", "5"]),
     (kernel.main, ["--model", "demo", "--repeats", "4"]),
-    (tracking.main, ["--model", "demo", "--repeats", "4"]),
+    (tracking.main, ["--model", "demo", "--repeats", "3"]),
     (profile.main, ["--model", "demo"]),
     (scale.main, ["--model", "demo"]),
     (fused.main, ["--model", "demo"]),

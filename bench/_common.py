@@ -128,7 +128,9 @@ def sweep(n_runs: int, max_steps: int, batch: int, **training_args: Any) -> RFGr
     )
 
 
-def parse_args(doc: str, argv: list[str] | None, *, runs: bool = True, repeats: int = 3) -> argparse.Namespace:
+def parse_args(
+    doc: str, argv: list[str] | None, *, runs: bool = True, repeats: int = 3, max_steps: int = 64, num_chunks: int = 8
+) -> argparse.Namespace:
     """The arguments every training benchmark takes; also quiets transformers' logging."""
     import transformers
 
@@ -136,8 +138,9 @@ def parse_args(doc: str, argv: list[str] | None, *, runs: bool = True, repeats: 
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     if runs:
         parser.add_argument("--runs", type=int, default=4)
-        parser.add_argument("--num-chunks", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=64)
+    if num_chunks:
+        parser.add_argument("--num-chunks", type=int, default=num_chunks)
+    parser.add_argument("--max-steps", type=int, default=max_steps)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=repeats)
     transformers.logging.set_verbosity_error()

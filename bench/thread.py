@@ -60,7 +60,7 @@ def train_once(model_fn, train, max_steps: int, batch: int, workdir: str, mode: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__, argv, runs=False, repeats=5)
+    args = parse_args(__doc__, argv, runs=False, repeats=5, num_chunks=0)
     model_fn = MODELS[args.model]
     train = arithmetic_dataset("train", n=args.max_steps * args.batch_size)
     times: dict[str, list[float]] = {mode: [] for mode in MODES}

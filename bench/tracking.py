@@ -1,14 +1,16 @@
-"""What logging every run to MLflow, TensorBoard and Trackio costs training.
+"""What logging every run to MLflow, TensorBoard and Trackio costs training, on the demo sweep.
 
-    python -m bench.tracking [--model demo|llama512] [--runs 4] [--num-chunks 8] [--max-steps 64] [--repeats 4]
+    python -m bench.tracking [--model demo|llama512] [--num-chunks 4] [--max-steps 256] [--repeats 3]
 
-The same sweep (`--runs` configs x `--max-steps` steps, evaluated every 16 steps) trained twice per repetition in one
-process, each time in a fresh experiment: (a) with `trackers=["mlflow", "tensorboard", "trackio"]` (their default
-stores: SQLite in the experiment folder, event files in it, Trackio's local store in a temporary TRACKIO_DIR), (b)
-without. Modes alternate order between repetitions, after one warm-up of each (the trackers' imports are paid once
-per process, not per experiment: reported separately as `import_s`). Each time is `run_fit` to the end of `wait()`,
-which includes the trackers catching up with the last values. Reports a / b (median, min, max) and what the trackers
-received. Writes bench/results/tracking-<model>.json and its table in BENCHMARKS.md. Target: a / b <= 1.02.
+The demo sweep (`python -m rf_notebook.demo`: 4 SFT configs x 256 steps in 4 chunks, exact match generated at each
+chunk end) trained twice per repetition in one process, each time in a fresh experiment: (a) with
+`trackers=["mlflow", "tensorboard", "trackio"]` (their default stores: SQLite in the experiment folder, event files in
+it, Trackio's local store in a temporary TRACKIO_DIR), (b) without. Modes alternate order between repetitions, after
+one warm-up of each (the trackers' imports are paid once per process, not per experiment: reported separately as
+`import_s`). Each time is `run_fit` to the end of `wait()`, which includes the trackers catching up with the last
+values. Reports a / b (median, min, max), each tracker thread's CPU seconds and their share of the process's CPU
+time (a figure the machine's noise moves far less than wall times). Writes bench/results/tracking-<model>.json and its
+table in BENCHMARKS.md. Target: a / b <= 1.02.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import statistics
 import tempfile
 import time
 
-from bench._common import MODELS, Timing, header, new_experiment, parse_args, save, sweep, write_section
+from bench._common import MODELS, Timing, header, new_experiment, parse_args, save, write_section
 
 TRACKERS = ["mlflow", "tensorboard", "trackio"]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__, argv, repeats=4)
+    args = parse_args(__doc__, argv, runs=False, repeats=3, max_steps=256, num_chunks=4)
+    if args.batch_size != 16:
+        raise SystemExit("--batch-size: the demo sweep's is 16")
     os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="trackio-"))  # before trackio is imported
     t0 = time.perf_counter()
     import mlflow.tracking  # noqa: F401
@@ -34,14 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
     import_s = time.perf_counter() - t0
 
     from rf_notebook.demo import arithmetic_dataset
+    from rf_notebook.demo.__main__ import sweep
 
     model_fn = MODELS[args.model]
-    train = arithmetic_dataset("train", n=args.max_steps * args.batch_size)
-    evl = arithmetic_dataset("eval", n=32)
+    train, evl = (
+        arithmetic_dataset("train"),
+        arithmetic_dataset("eval", n=int(os.environ.get("RF_BENCH_EVAL_ROWS", 128))),
+    )
     workdir = tempfile.mkdtemp()
-    search = sweep(args.runs, args.max_steps, args.batch_size, eval_strategy="steps", eval_steps=16)
+    search = sweep(args.max_steps)
 
-    def once(trackers: list[str]) -> tuple[float, int]:
+    def once(trackers: list[str]) -> tuple[float, float, dict[str, float], int]:
         exp = new_experiment("tracking", workdir)
         with Timing() as t:
             exp.run_fit(
@@ -50,23 +57,35 @@ def main(argv: list[str] | None = None) -> dict:
             assert exp.wait()
         assert all(r.status.value == "finished" for r in exp.runs()), [r.error for r in exp.runs()]
         assert not exp.tracking_errors(), exp.tracking_errors()
-        rows = len(exp.store.metrics())
+        metrics = exp.store.metrics()
+        tail = time.time() - max(m.wall_time for m in metrics)  # from the last value logged to wait()'s return
+        rows = len(metrics)
+        busy = exp.stats().get("tracking_s", {})  # each tracker thread's CPU seconds
         exp.end()
-        return t.wall, rows
+        tails[bool(trackers)].append(tail)
+        return t.wall, t.cpu, busy, rows
 
+    tails: dict[bool, list[float]] = {True: [], False: []}
     once(TRACKERS)
     once([])  # warm-ups
+    tails = {True: [], False: []}
     times: dict[str, list[float]] = {"a": [], "b": []}
+    shares: list[float] = []  # the trackers' CPU seconds / the whole process's, in the tracked runs
+    busy_by_tracker: dict[str, list[float]] = {name: [] for name in TRACKERS}
     rows = 0
     for i in range(args.repeats):
         for mode in ("a", "b") if i % 2 == 0 else ("b", "a"):
-            wall, rows = once(TRACKERS if mode == "a" else [])
+            wall, cpu, busy, rows = once(TRACKERS if mode == "a" else [])
             times[mode].append(wall)
+            if mode == "a":
+                shares.append(sum(busy.values()) / cpu)
+                for name in TRACKERS:
+                    busy_by_tracker[name].append(busy[name])
     ratios = [a / b for a, b in zip(times["a"], times["b"])]
     result = {
         **header(f"tracking-{args.model}", argv),
         "model": args.model,
-        "runs": args.runs,
+        "runs": len(search.expand()),
         "num_chunks": args.num_chunks,
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
@@ -78,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "tracker_cpu_s": {name: statistics.median(v) for name, v in busy_by_tracker.items()},
+        "tracker_cpu_share": statistics.median(shares),
+        "tail_s": {"tracked": statistics.median(tails[True]), "untracked": statistics.median(tails[False])},
     }
     write_table(save(f"tracking-{args.model}", result))
     print(result)
@@ -95,6 +117,9 @@ def write_table(results: list[dict]) -> None:
             f"{statistics.median(r['tracked_s']):.1f}",
             f"{statistics.median(r['untracked_s']):.1f}",
             f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]",
+            ", ".join(f"{k} {v:.2f}" for k, v in r["tracker_cpu_s"].items()) if "tracker_cpu_s" in r else "",
+            f"{100 * r['tracker_cpu_share']:.1f}%" if "tracker_cpu_share" in r else "",
+            f"{r['tail_s']['tracked']:.2f} / {r['tail_s']['untracked']:.2f}" if "tail_s" in r else "",
             f"{r['import_s']:.1f}",
             f"`{r['command']}`",
         ]
@@ -104,7 +129,9 @@ def write_table(results: list[dict]) -> None:
         "tracking",
         "Tracking overhead (#22)",
         "run_fit to the end of wait() with MLflow, TensorBoard and Trackio all on (a) vs off (b), fresh experiments "
-        "in one process, alternating order; median [min, max] of a / b. Target: <= 1.02.",
+        "in one process, alternating order; median [min, max] of a / b. Target: <= 1.02. Tracker CPU: each "
+        "tracker thread's CPU seconds per experiment (median), and their sum as a share of the process's CPU time. "
+        "Tail: from the last value logged to wait()'s return (the trackers' final catch-up), median.",
         [
             "date",
             "machine",
@@ -114,6 +141,9 @@ def write_table(results: list[dict]) -> None:
             "a (s)",
             "b (s)",
             "a / b",
+            "tracker CPU (s)",
+            "tracker CPU share",
+            "tail a / b (s)",
             "imports (s)",
             "command",
         ],

@@ -32,7 +32,7 @@ ROOT = Path(__file__).parents[1]
         ("ic_ops", ["--trials", "1"], "ic_ops"),
         ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),
         ("pruning", ["--seeds", "1", "--configs", "4", "--rows", "64", "--num-chunks", "2"], "pruning"),
-        ("tracking", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "tracking-demo"),
+        ("tracking", ["--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "tracking-demo"),
     ],
 )
 def test_benchmark_command_writes_json_and_table(module, args, result, tmp_path):

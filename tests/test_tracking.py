@@ -392,3 +392,47 @@ def test_a_policys_decision_is_in_the_tags_of_the_run_it_stopped(data, tmp_path)
     assert tags["rf_notebook.policy"] == f"stop at step {op.step}: {op.reason}"
     (kept,) = [r for r in exp.runs() if r.run_id != stopped[0].run_id]
     assert "rf_notebook.policy" not in sink.tags[kept.name]
+
+
+class Costly(Flaky):
+    """A tracker whose every `log` burns `cpu_s` seconds of its thread's CPU time."""
+
+    kind = "costly"
+
+    def __init__(self, cpu_s: float):
+        super().__init__(failures=0)
+        self.cpu_s = cpu_s
+
+    def log(self, run, points):
+        until = time.thread_time() + self.cpu_s
+        while time.thread_time() < until:
+            pass
+        super().log(run, points)
+
+
+def test_a_costly_tracker_is_throttled_to_its_cpu_share_and_flush_still_gets_everything(tmp_path):
+    from rf_notebook.store import RunRecord, Store
+    from rf_notebook.tracking import Tracking
+    from rf_notebook.tracking._worker import DUTY
+
+    store = Store()
+    store.add_run(RunRecord(1, "only", "SFT", {}, status=RunStatus.TRAINING, rows_per_step=8.0))
+    cheap, costly = Flaky(failures=0), Costly(cpu_s=0.02)
+    tracking = Tracking(store, "throttled", tmp_path, [cheap, costly], interval=0.05)
+    cheap, costly = (w.sink for w in tracking.workers)  # each tracking works on its own copies
+    tracking.start()
+    step, start = 0, time.monotonic()
+    while time.monotonic() - start < 3.0:  # a value every 10 ms: something new at every pass
+        step += 1
+        store.log_metrics(1, step, 0, {"loss": 1.0 / step})
+        time.sleep(0.01)
+    # The cheap tracker passes every 50 ms; a pass of the costly one costs >= 20 ms of CPU, so it waits >= 20 ms / DUTY
+    # (4 s) after its first: at most two passes began in 3 s.
+    assert 0.02 / DUTY >= 3.0
+    assert cheap.calls >= 10
+    assert costly.calls <= 2, costly.calls
+    assert tracking.busy()["costly"] < 0.1
+    assert tracking.flush(timeout=30)  # a flush does not wait for the throttle
+    tracking.close()
+    for sink in (cheap, costly):
+        assert [s for s, _ in sink.points["only"]["loss"]] == list(range(1, step + 1))

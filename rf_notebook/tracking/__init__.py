@@ -75,6 +75,14 @@ class Sink(abc.ABC):
     def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
         """The run's tags changed (status, policy decisions): record the new ones."""
 
+    def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
+        """One pass's news about one run: new `points` (maybe none) and its tags if they changed (else None). A
+        tracker that can write both in one request overrides this (MLflow: one `log_batch`)."""
+        if points:
+            self.log(run, points)
+        if tags is not None:
+            self.set_tags(run, tags)
+
     def close(self) -> None:  # noqa: B027 - optional: most sinks have nothing to release
         """Flush and release what the sink holds."""
 
@@ -100,7 +108,32 @@ def _needs(package: str, extra: str) -> None:
         raise ValueError(f"trackers: {extra!r} needs the {package} package: pip install 'rf_notebook[{extra}]'")
 
 
-class MLflow(Sink):
+class _Builtin(Sink):
+    """A built-in tracker: `open` makes `_impl` (its module's class, imported only then), which does the work."""
+
+    _impl: Any = None
+
+    def start_run(self, run: TrackedRun) -> Mapping[str, int]:
+        return self._impl.start_run(run)
+
+    def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
+        self._impl.log(run, points)
+
+    def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
+        self._impl.set_tags(run, tags)
+
+    def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
+        if hasattr(self._impl, "update"):
+            self._impl.update(run, points, tags)
+        else:
+            super().update(run, points, tags)
+
+    def close(self) -> None:
+        if self._impl is not None and hasattr(self._impl, "close"):
+            self._impl.close()
+
+
+class MLflow(_Builtin):
     """MLflow through an `MlflowClient` bound to `tracking_uri` (default: SQLite in the experiment folder,
     `sqlite:///<experiment dir>/mlflow.db`; view it with `mlflow ui --backend-store-uri <that uri>`). The MLflow
     experiment is `experiment_name` (default: the rf_notebook experiment's name)."""
@@ -112,22 +145,13 @@ class MLflow(Sink):
         if tracking_uri is not None and not isinstance(tracking_uri, str):
             raise ValueError(f"MLflow(tracking_uri={tracking_uri!r}): expected a URI string or None")
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
-        self._impl: Any = None
+        self._impl = None
 
     def open(self, experiment: str, experiment_dir: Path) -> None:
         from rf_notebook.tracking._mlflow import MLflowImpl
 
         uri = self.tracking_uri or f"sqlite:///{Path(experiment_dir).resolve() / 'mlflow.db'}"
         self._impl = MLflowImpl(uri, self.experiment_name or experiment)
-
-    def start_run(self, run: TrackedRun) -> Mapping[str, int]:
-        return self._impl.start_run(run)
-
-    def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
-        self._impl.log(run, points)
-
-    def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
-        self._impl.set_tags(run, tags)
 
     def metric_key(self, name: str) -> str:
         from rf_notebook.tracking._mlflow import key
@@ -138,7 +162,7 @@ class MLflow(Sink):
         return f"MLflow(tracking_uri={self.tracking_uri!r})"
 
 
-class TensorBoard(Sink):
+class TensorBoard(_Builtin):
     """TensorBoard event files, one `SummaryWriter` (one folder) per run: in `tensorboard/` of the experiment folder
     by default, else in `<log_dir>/<experiment name>/` (view either with `tensorboard --logdir <folder>`)."""
 
@@ -149,7 +173,7 @@ class TensorBoard(Sink):
         if log_dir is not None and not isinstance(log_dir, (str, Path)):
             raise ValueError(f"TensorBoard(log_dir={log_dir!r}): expected a folder path or None")
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self._impl: Any = None
+        self._impl = None
 
     def open(self, experiment: str, experiment_dir: Path) -> None:
         from rf_notebook.tracking._tensorboard import TensorBoardImpl
@@ -158,24 +182,11 @@ class TensorBoard(Sink):
         folder = self.log_dir / safe_name(experiment) if self.log_dir else Path(experiment_dir) / "tensorboard"
         self._impl = TensorBoardImpl(folder)
 
-    def start_run(self, run: TrackedRun) -> Mapping[str, int]:
-        return self._impl.start_run(run)
-
-    def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
-        self._impl.log(run, points)
-
-    def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
-        self._impl.set_tags(run, tags)
-
-    def close(self) -> None:
-        if self._impl is not None:
-            self._impl.close()
-
     def __repr__(self) -> str:
         return f"TensorBoard(log_dir={str(self.log_dir) if self.log_dir else None!r})"
 
 
-class Trackio(Sink):
+class Trackio(_Builtin):
     """Trackio's local store (its SQLite database per project in `TRACKIO_DIR`, by default
     `~/.cache/huggingface/trackio`; view it with `trackio show --project <project>`): no Space, no network. The
     project is `project` (default: the rf_notebook experiment's name)."""
@@ -187,21 +198,12 @@ class Trackio(Sink):
         if project is not None and (not isinstance(project, str) or not project):
             raise ValueError(f"Trackio(project={project!r}): expected a non-empty project name or None")
         self.project = project
-        self._impl: Any = None
+        self._impl = None
 
     def open(self, experiment: str, experiment_dir: Path) -> None:
         from rf_notebook.tracking._trackio import TrackioImpl
 
         self._impl = TrackioImpl(self.project or experiment)
-
-    def start_run(self, run: TrackedRun) -> Mapping[str, int]:
-        return self._impl.start_run(run)
-
-    def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
-        self._impl.log(run, points)
-
-    def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
-        self._impl.set_tags(run, tags)
 
     def __repr__(self) -> str:
         return f"Trackio(project={self.project!r})"

@@ -122,10 +122,14 @@ class MLflowImpl:
     def start_run(self, run: TrackedRun) -> Mapping[str, int]:
         from mlflow.entities import Param
 
+        tags = {**run.tags}
+        parent = self.ids.get(run.parent_key) if run.parent_key else None
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent  # a clone sits under its parent in MLflow's run list
         existing = self._find(run.key)
-        if existing is None:
-            tags = {KEY_TAG: run.key}  # first, alone: a retry after a failure below finds this run, not a new one
-            existing = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags)
+        if existing is None:  # one request, the key among the tags: a retry after a failure below finds this run
+            first = {KEY_TAG: run.key, **{key(k): v for k, v in list(tags.items())[: MAX_TAGS - 1]}}
+            existing = self.client.create_run(self.experiment_id, run_name=run.name, tags=first)
         run_id = existing.info.run_id
         self.ids[run.key], self.status[run_id] = run_id, existing.info.status
         params: dict[str, str] = {}
@@ -134,10 +138,6 @@ class MLflowImpl:
         missing = [Param(k, v) for k, v in params.items() if k not in existing.data.params]
         for i in range(0, len(missing), MAX_PARAMS):
             self.client.log_batch(run_id, params=missing[i : i + MAX_PARAMS])
-        tags = {**run.tags}
-        parent = self.ids.get(run.parent_key) if run.parent_key else None
-        if parent is not None:
-            tags["mlflow.parentRunId"] = parent  # a clone sits under its parent in MLflow's run list
         if any(existing.data.tags.get(key(k)) != v for k, v in tags.items()):
             self.set_tags(run, tags)
         else:
@@ -150,21 +150,25 @@ class MLflowImpl:
         return last
 
     def log(self, run: TrackedRun, points: Sequence[Point]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(key(p.name), p.value, int(p.wall_time * 1000), p.step) for p in points]
-        run_id = self.ids[run.key]
-        for i in range(0, len(metrics), MAX_METRICS):
-            self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS])
+        self.update(run, points, None)
 
     def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
+        self.update(run, [], tags)
+
+    def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
+        """New points and changed tags in as few `log_batch` requests as MLflow's limits allow (one, usually)."""
+        from mlflow.entities import Metric, RunTag
 
         run_id = self.ids[run.key]
-        items = [RunTag(key(k), v) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_TAGS):
-            self.client.log_batch(run_id, tags=items[i : i + MAX_TAGS])
-        self._status(run_id, tags)
+        metrics = [Metric(key(p.name), p.value, int(p.wall_time * 1000), p.step) for p in points]
+        items = [RunTag(key(k), v) for k, v in (tags or {}).items()]
+        while metrics or items:
+            batch_tags, items = items[:MAX_TAGS], items[MAX_TAGS:]
+            room = MAX_METRICS - len(batch_tags)  # MLflow caps a request at 1000 entities in all
+            batch_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(run_id, metrics=batch_metrics, tags=batch_tags)
+        if tags is not None:
+            self._status(run_id, tags)
 
     def _status(self, run_id: str, tags: Mapping[str, str]) -> None:
         status = STATUS.get(tags.get("rf_notebook.status", ""), "RUNNING")

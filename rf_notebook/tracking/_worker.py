@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["Tracking", "run_tags", "experiment_uid"]
 
 MAX_BACKOFF_S = 30.0
+# Between passes a tracker's thread takes at most this share of one core: a pass that cost c CPU seconds (besides
+# opening the tracker and starting runs, paid once) is followed by a wait of at least c / DUTY, up to MAX_THROTTLE_S.
+# A tracker with a high cost per call logs less often instead of slowing training; one whose cost is per point gains
+# nothing from waiting longer, and the backlog a flush (wait(), end()) writes grows with the wait: hence the cap.
+DUTY = 0.005
+MAX_THROTTLE_S = 10.0
+FAILING_GRACE_S = 1.0  # how long close() waits for the last try of a tracker that is failing
 SLOW_S = 5.0  # a pass taking longer is not waited for by wait() / end(): the tracker is not answering
 
 
@@ -90,7 +97,9 @@ class _Worker:
         self.passes = 0  # passes completed
         self.running_since: float | None = None  # when the pass in progress began (monotonic)
         self.synced_version = -1  # the store's version the last successful pass read
+        self.synced_signature: tuple = ()  # and its runs' signature (`_signature`)
         self.busy_s = 0.0  # CPU time of this tracker's thread in its passes
+        self.setup_s = 0.0  # the part of it spent opening the tracker and starting runs
         self.cond = threading.Condition()
         self.wanted = 0  # a flush asks for the pass with this number (one begun after it asked)
         self.closing = False
@@ -103,23 +112,37 @@ class _Worker:
         self.thread.start()
 
     def _loop(self) -> None:
-        backoff = self.tracking.interval
+        wait = self.tracking.interval  # until the next look at the store
+        throttled_until = 0.0  # before then (monotonic), only news about runs makes a pass, not new metric values
         while True:
             with self.cond:
-                deadline = time.monotonic() + backoff
+                deadline = time.monotonic() + wait
                 while not self.closing and self.wanted <= self.started:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self.cond.wait(remaining)
                 closing, asked = self.closing, self.wanted > self.started
-            idle = self.error is None and self.tracking.store.version == self.synced_version
-            if closing or asked or not idle:  # nothing new in the store: no pass (it would rebuild every tag)
+            # Nothing new in the store: no pass (it would rebuild every tag).
+            changed = self.error is not None or self.tracking.store.version != self.synced_version
+            due = time.monotonic() >= throttled_until or self._signature() != self.synced_signature
+            if closing or asked or (changed and due):
+                cpu = self.busy_s - self.setup_s
                 ok = self.attempt()
-                backoff = self.tracking.interval if ok else min(max(backoff, 1.0) * 2, MAX_BACKOFF_S)
+                if ok:
+                    wait = self.tracking.interval
+                    cost = self.busy_s - self.setup_s - cpu
+                    throttled_until = time.monotonic() + min(cost / DUTY, MAX_THROTTLE_S)
+                else:
+                    wait = min(max(wait, 1.0) * 2, MAX_BACKOFF_S)
             if closing:
                 self._close()
                 return
+
+    def _signature(self) -> tuple:
+        """What a tracker shows besides metric values: the runs, their statuses and errors, the IC ops."""
+        store = self.tracking.store
+        return tuple((r.run_id, r.status, r.error) for r in store.runs()), len(store.ic_log())
 
     def attempt(self) -> bool:
         """One pass; a failure is reported once (until the tracker works again) and retried later."""
@@ -127,7 +150,8 @@ class _Worker:
         with self.cond:
             self.started += 1
             self.running_since = time.monotonic()
-        version = self.tracking.store.version  # read before the store is: a change meanwhile makes another pass
+        # Read before the store is: a change meanwhile makes another pass.
+        version, signature = self.tracking.store.version, self._signature()
         try:
             self.sync()
         except Exception as exc:  # a tracker's failure never reaches training
@@ -142,7 +166,7 @@ class _Worker:
                 logger.info("experiment %r: %s tracking works again", self.tracking.experiment, self.sink.kind)
                 self.tracking.store.clear_notice(f"tracking:{self.sink.kind}")
             self.error = None
-            self.synced_version = version
+            self.synced_version, self.synced_signature = version, signature
             ok = True
         with self.cond:
             self.passes += 1
@@ -200,8 +224,10 @@ class _Worker:
         """Bring the tracker up to date with the store: new runs, new metric points, changed tags."""
         tracking = self.tracking
         if not self.opened:
+            started = time.thread_time()
             self.sink.open(tracking.experiment, tracking.directory)
             self.opened = True
+            self.setup_s += time.thread_time() - started
         rows, cursor = tracking.store.metrics_since(self.cursor)
         records = tracking.store.runs()  # read after the rows: every row's run is among them
         ops = tracking.store.ic_log()
@@ -219,21 +245,18 @@ class _Worker:
         by_run: dict[int, list[Any]] = {}
         for m in rows:
             by_run.setdefault(m.run_id, []).append(m)
-        rows_per_step = {r.run_id: r.rows_per_step for r in records}
-        for run_id, run_rows in by_run.items():
-            state = self.runs[run_id]
-            points = _new_points(run_rows, state.last, rows_per_step.get(run_id, 0.0), self.sink.metric_key)
-            if points:
-                self.sink.log(state.run, points)
-                for p in points:
-                    name = self.sink.metric_key(p.name)
-                    state.last[name] = max(state.last.get(name, p.step), p.step)
-        self.cursor = cursor
-        for record in records:
+        for record in records:  # one call per run with news: its new points and changed tags together
             state = self.runs[record.run_id]
-            if tags[record.run_id] != state.tags:
-                self.sink.set_tags(state.run, tags[record.run_id])
-                state.tags = tags[record.run_id]
+            points = _new_points(by_run.get(record.run_id, []), state.last, record.rows_per_step, self.sink.metric_key)
+            changed = tags[record.run_id] if tags[record.run_id] != state.tags else None
+            if points or changed is not None:
+                self.sink.update(state.run, points, changed)
+            for p in points:
+                name = self.sink.metric_key(p.name)
+                state.last[name] = max(state.last.get(name, p.step), p.step)
+            if changed is not None:
+                state.tags = changed
+        self.cursor = cursor
 
     def _start(self, record: RunRecord, tags: dict[str, str], made_by: ICRecord | None) -> None:
         tracking = self.tracking
@@ -247,8 +270,10 @@ class _Worker:
             tags=tags,
             parent_key=parent,
         )
+        started = time.thread_time()
         last = dict(self.sink.start_run(run))
         self.runs[record.run_id] = _RunState(run, last, tags)
+        self.setup_s += time.thread_time() - started
 
 
 def _new_points(
@@ -295,10 +320,13 @@ class Tracking:
 
     def close(self, timeout: float = 30.0) -> None:
         """Last pass, then release every tracker (joins each healthy tracker's thread for at most `timeout`
-        seconds in all; a failing or stuck one makes its last try in the background, on its own sink copy)."""
+        seconds in all, a failing one for FAILING_GRACE_S; what is not done by then, a stuck one's last try say, ends in
+        the background, on its own sink copy)."""
         deadline = time.monotonic() + timeout
         for worker in self.workers:
-            worker.close(deadline if worker.error is None else time.monotonic())
+            # A failing tracker gets a moment for its last try (a full disk answers at once; a server that does not
+            # answer is left to it).
+            worker.close(deadline if worker.error is None else min(deadline, time.monotonic() + FAILING_GRACE_S))
 
     def busy(self) -> dict[str, float]:
         """Each tracker's thread's CPU seconds so far (what tracking took from the machine)."""

@@ -1,6 +1,6 @@
 """A process that runs (or resumes) a 4-config demo experiment and SIGKILLs itself at a chosen point.
 
-    python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt] [--trackers mlflow,tensorboard]
+    python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt] [--trackers mlflow,...] [--fuse]
 
 POINT is where the N-th occurrence (counted in this process) kills it, with a real SIGKILL:
   step        inside an optimizer step (after forward and backward, before the optimizer update)
@@ -118,6 +118,9 @@ def main() -> None:
         i = args.index("--trackers")
         trackers = args[i + 1].split(",")
         del args[i : i + 2]
+    fuse = "--fuse" in args
+    if fuse:
+        args.remove("--fuse")
     directory, mode = args[0], args[1]
     if len(args) > 2:
         point, n = args[2].split(":")
@@ -133,6 +136,7 @@ def main() -> None:
         resume=mode == "resume",
         policy=policy,
         trackers=trackers,
+        fuse=fuse,
     )
     exp.wait()
     exp.end(wait=False)

@@ -97,6 +97,32 @@ def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path)
     exp.store.close()
 
 
+def test_sigkill_inside_fused_steps_then_resume_equals_an_uninterrupted_fused_run(tmp_path):
+    """Fused steps (#21) under the same crashes: killed inside a shared step, in a checkpoint write and between
+    chunks, then resumed, the runs end as a fused run that was never interrupted."""
+    reference = child(tmp_path / "ref", "start", extra=("--fuse",))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "'fusion': {1: 'fused', 2: 'fused', 3: 'fused', 4: 'fused'}" in reference.stdout, reference.stdout
+
+    crashed = tmp_path / "crashed"
+    for i, point in enumerate(["step:6", "ckpt-save:3", "between:4", "step:3"]):
+        proc = child(crashed, "start" if i == 0 else "resume", point, extra=("--fuse",))
+        assert proc.returncode == -signal.SIGKILL, f"{point}: the process was not killed there\n{proc.stderr[-3000:]}"
+    final = child(crashed, "resume", extra=("--fuse",))
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "'fused'" in final.stdout, final.stdout
+
+    for run_id in (1, 2, 3, 4):
+        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    ref_rows, got_rows = metric_rows(tmp_path / "ref"), metric_rows(crashed)
+    assert [row[:3] for row in got_rows] == [row[:3] for row in ref_rows]  # every (run, step, metric) once
+    for (run, step, name, want), (*_, value) in zip(ref_rows, got_rows):
+        assert value == pytest.approx(want, abs=1e-5), (run, step, name)
+
+
 def decisions(directory: Path) -> tuple[list[tuple], list[tuple], int]:
     """The policy's applied ops in order, every run's final status, and how many ops are still pending."""
     from rf_notebook.store import Store

@@ -410,29 +410,43 @@ class Costly(Flaky):
         super().log(run, points)
 
 
-def test_a_costly_tracker_is_throttled_to_its_cpu_share_and_flush_still_gets_everything(tmp_path):
+def test_a_costly_tracker_is_throttled_to_its_cpu_share_but_not_for_news_about_runs(tmp_path):
     from rf_notebook.store import RunRecord, Store
     from rf_notebook.tracking import Tracking
     from rf_notebook.tracking._worker import DUTY
 
     store = Store()
     store.add_run(RunRecord(1, "only", "SFT", {}, status=RunStatus.TRAINING, rows_per_step=8.0))
-    cheap, costly = Flaky(failures=0), Costly(cpu_s=0.02)
-    tracking = Tracking(store, "throttled", tmp_path, [cheap, costly], interval=0.05)
+    tracking = Tracking(store, "throttled", tmp_path, [Flaky(failures=0), Costly(cpu_s=0.02)], interval=0.05)
     cheap, costly = (w.sink for w in tracking.workers)  # each tracking works on its own copies
     tracking.start()
-    step, start = 0, time.monotonic()
-    while time.monotonic() - start < 3.0:  # a value every 10 ms: something new at every pass
-        step += 1
-        store.log_metrics(1, step, 0, {"loss": 1.0 / step})
-        time.sleep(0.01)
+    step = 0
+
+    def train(seconds, status=None):  # a value every 10 ms: something new at every pass
+        nonlocal step
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            step += 1
+            store.log_metrics(1, step, 0, {"loss": 1.0 / step})
+            if status is not None:  # queued and training alternate at every chunk: not news for a tracker
+                store.update_run(1, status=status if step % 2 else RunStatus.TRAINING)
+            time.sleep(0.01)
+
+    train(1.0)
     # The cheap tracker passes every 50 ms; a pass of the costly one costs >= 20 ms of CPU, so it waits >= 20 ms / DUTY
-    # (4 s) after its first: at most two passes began in 3 s.
-    assert 0.02 / DUTY >= 3.0
+    # (4 s) after it: at most two passes with values in the first seconds, chunk switches or not.
+    assert 0.02 / DUTY >= 4.0
+    train(1.5, status=RunStatus.QUEUED)
     assert cheap.calls >= 10
     assert costly.calls <= 2, costly.calls
     assert tracking.busy()["costly"] < 0.1
-    assert tracking.flush(timeout=30)  # a flush does not wait for the throttle
+    store.update_run(1, status=RunStatus.STOPPED)  # news: the throttle does not hold it back
+    wait_for(lambda: costly.tags["only"]["rf_notebook.status"] == "stopped", timeout=1.0)
+    store.update_run(1, status=RunStatus.TRAINING)
+    train(0.2)
+    started = time.monotonic()
+    assert tracking.flush(timeout=30)  # nor does it hold back a flush
+    assert time.monotonic() - started < 2.0
     tracking.close()
     for sink in (cheap, costly):
         assert [s for s, _ in sink.points["only"]["loss"]] == list(range(1, step + 1))

@@ -76,8 +76,9 @@ class Sink(abc.ABC):
         """The run's tags changed (status, policy decisions): record the new ones."""
 
     def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
-        """One pass's news about one run: new `points` (maybe none) and its tags if they changed (else None). A
-        tracker that can write both in one request overrides this (MLflow: one `log_batch`)."""
+        """One pass's news about one run in one call: new `points` (maybe none) and its tags if they changed (else
+        None). Optional: a tracker that can write both in one request overrides it (MLflow: one `log_batch`); it
+        must then apply all of it or raise. Otherwise `log` and `set_tags` are called."""
         if points:
             self.log(run, points)
         if tags is not None:
@@ -122,12 +123,6 @@ class _Builtin(Sink):
     def set_tags(self, run: TrackedRun, tags: Mapping[str, str]) -> None:
         self._impl.set_tags(run, tags)
 
-    def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
-        if hasattr(self._impl, "update"):
-            self._impl.update(run, points, tags)
-        else:
-            super().update(run, points, tags)
-
     def close(self) -> None:
         if self._impl is not None and hasattr(self._impl, "close"):
             self._impl.close()
@@ -152,6 +147,11 @@ class MLflow(_Builtin):
 
         uri = self.tracking_uri or f"sqlite:///{Path(experiment_dir).resolve() / 'mlflow.db'}"
         self._impl = MLflowImpl(uri, self.experiment_name or experiment)
+
+    def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
+        if type(self).log is not MLflow.log or type(self).set_tags is not MLflow.set_tags:  # a subclass's own
+            return super().update(run, points, tags)
+        self._impl.update(run, points, tags)
 
     def metric_key(self, name: str) -> str:
         from rf_notebook.tracking._mlflow import key

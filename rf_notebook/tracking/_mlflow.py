@@ -156,7 +156,9 @@ class MLflowImpl:
         self.update(run, [], tags)
 
     def update(self, run: TrackedRun, points: Sequence[Point], tags: Mapping[str, str] | None) -> None:
-        """New points and changed tags in as few `log_batch` requests as MLflow's limits allow (one, usually)."""
+        """New points and changed tags in as few `log_batch` requests as MLflow's limits allow (one, usually). If a
+        later request of several fails, the retry sends the earlier ones again: MLflow's stores drop a metric point
+        identical to one they hold, and tags are set, not added."""
         from mlflow.entities import Metric, RunTag
 
         run_id = self.ids[run.key]
@@ -174,8 +176,8 @@ class MLflowImpl:
         status = STATUS.get(tags.get("rf_notebook.status", ""), "RUNNING")
         if self.status.get(run_id) == status:
             return
-        self.status[run_id] = status
         if status == "RUNNING":
             self.client.update_run(run_id, status=status)
         else:
             self.client.set_terminated(run_id, status=status)
+        self.status[run_id] = status  # only now: a failed call is made again by the retry

@@ -125,8 +125,8 @@ class _Worker:
                 closing, asked = self.closing, self.wanted > self.started
             # Nothing new in the store: no pass (it would rebuild every tag).
             changed = self.error is not None or self.tracking.store.version != self.synced_version
-            due = time.monotonic() >= throttled_until or self._signature() != self.synced_signature
-            if closing or asked or (changed and due):
+            due = changed and (time.monotonic() >= throttled_until or self._signature() != self.synced_signature)
+            if closing or asked or due:
                 cpu = self.busy_s - self.setup_s
                 ok = self.attempt()
                 if ok:
@@ -140,9 +140,11 @@ class _Worker:
                 return
 
     def _signature(self) -> tuple:
-        """What a tracker shows besides metric values: the runs, their statuses and errors, the IC ops."""
+        """What a tracker shows besides metric values (the runs, their statuses as `run_tags` shows them, errors,
+        the IC ops and their outcomes): when it changes, a pass is due however recent the last one."""
         store = self.tracking.store
-        return tuple((r.run_id, r.status, r.error) for r in store.runs()), len(store.ic_log())
+        runs = tuple((r.run_id, "running" if r.status.is_live else r.status.value, r.error) for r in store.runs())
+        return runs, tuple((op.op_id, op.outcome) for op in store.ic_log())
 
     def attempt(self) -> bool:
         """One pass; a failure is reported once (until the tracker works again) and retried later."""
@@ -249,14 +251,23 @@ class _Worker:
             state = self.runs[record.run_id]
             points = _new_points(by_run.get(record.run_id, []), state.last, record.rows_per_step, self.sink.metric_key)
             changed = tags[record.run_id] if tags[record.run_id] != state.tags else None
-            if points or changed is not None:
+            if type(self.sink).update is Sink.update:  # two calls: what the first did is recorded before the second
+                if points:
+                    self.sink.log(state.run, points)
+                    self._logged(state, points)
+                if changed is not None:
+                    self.sink.set_tags(state.run, changed)
+                    state.tags = changed
+            elif points or changed is not None:  # one call, all or nothing
                 self.sink.update(state.run, points, changed)
-            for p in points:
-                name = self.sink.metric_key(p.name)
-                state.last[name] = max(state.last.get(name, p.step), p.step)
-            if changed is not None:
-                state.tags = changed
+                self._logged(state, points)
+                state.tags = changed if changed is not None else state.tags
         self.cursor = cursor
+
+    def _logged(self, state: _RunState, points: Sequence[Point]) -> None:
+        for p in points:
+            name = self.sink.metric_key(p.name)
+            state.last[name] = max(state.last.get(name, p.step), p.step)
 
     def _start(self, record: RunRecord, tags: dict[str, str], made_by: ICRecord | None) -> None:
         tracking = self.tracking

@@ -128,10 +128,11 @@ def write_table(results: list[dict]) -> None:
     write_section(
         "tracking",
         "Tracking overhead (#22)",
-        "run_fit to the end of wait() with MLflow, TensorBoard and Trackio all on (a) vs off (b), fresh experiments "
-        "in one process, alternating order; median [min, max] of a / b. Target: <= 1.02. Tracker CPU: each "
-        "tracker thread's CPU seconds per experiment (median), and their sum as a share of the process's CPU time. "
-        "Tail: from the last value logged to wait()'s return (the trackers' final catch-up), median.",
+        "The demo sweep (`python -m rf_notebook.demo`'s), run_fit to the end of wait(), with MLflow, TensorBoard and "
+        "Trackio all on (a) vs off (b), fresh experiments in one process, alternating order; median [min, max] of "
+        "a / b. Target: <= 1.02. Tracker CPU: each tracker thread's CPU seconds per experiment (median; TensorBoard's "
+        "own writer thread not included), and their sum as a share of the process's CPU time. Tail: from the last "
+        "value logged to wait()'s return (the trackers' final catch-up), median.",
         [
             "date",
             "machine",

@@ -8,9 +8,25 @@ Importing this package is cheap: torch, transformers and TRL load when a config 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """bitsandbytes (which PEFT and transformers import when it is installed) warns, on CPUs with AVX512-BF16, that
+    an optional faster kernel it would fetch from the Hugging Face Hub is missing, and then uses its own: a line on
+    stderr in every notebook, about nothing the user asked for or can act on offline. It is logged at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 _EXPORTS = {
     "Experiment": "rf_notebook.api",

@@ -58,6 +58,14 @@ def final_adapter(directory: Path, run_id: int) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
+def assert_same_adapters(reference: Path, crashed: Path, run_ids) -> None:
+    for run_id in run_ids:
+        ref, got = final_adapter(reference, run_id), final_adapter(crashed, run_id)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+
+
 def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = child(tmp_path / "ref", "start")
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -70,11 +78,7 @@ def test_sigkill_at_ten_points_then_resume_equals_an_uninterrupted_run(tmp_path)
     final = child(crashed, "resume")
     assert final.returncode == 0, final.stderr[-3000:]
 
-    for run_id in (1, 2, 3, 4):
-        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
-        assert ref.keys() == got.keys()
-        for key in ref:
-            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    assert_same_adapters(tmp_path / "ref", crashed, (1, 2, 3, 4))
     ref_rows, got_rows = metric_rows(tmp_path / "ref"), metric_rows(crashed)
     keys = [(run, step, name) for run, step, name, _ in got_rows]
     assert len(keys) == len(set(keys)), "duplicated (run, step, metric) rows"
@@ -112,11 +116,7 @@ def test_sigkill_inside_fused_steps_then_resume_equals_an_uninterrupted_fused_ru
     assert final.returncode == 0, final.stderr[-3000:]
     assert "'fused'" in final.stdout, final.stdout
 
-    for run_id in (1, 2, 3, 4):
-        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
-        assert ref.keys() == got.keys()
-        for key in ref:
-            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    assert_same_adapters(tmp_path / "ref", crashed, (1, 2, 3, 4))
     ref_rows, got_rows = metric_rows(tmp_path / "ref"), metric_rows(crashed)
     assert [row[:3] for row in got_rows] == [row[:3] for row in ref_rows]  # every (run, step, metric) once
     for (run, step, name, want), (*_, value) in zip(ref_rows, got_rows):
@@ -161,10 +161,7 @@ def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, po
     got_ops, got_runs, pending = decisions(crashed)
     assert got_ops == want_ops
     assert got_runs == want_runs
-    for run_id, _ in want_runs:
-        ref, got = final_adapter(tmp_path / "ref", run_id), final_adapter(crashed, run_id)
-        for key in ref:
-            torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"run {run_id} {key}")
+    assert_same_adapters(tmp_path / "ref", crashed, [run_id for run_id, _ in want_runs])
     assert pending == 0
 
 

@@ -85,3 +85,21 @@ def test_no_text_is_evaluated_and_nothing_is_unpickled():
                 if any(n in ("pickle", "marshal", "shelve", "dill") for n in names):
                     offenders.append(f"{path.name}:{node.lineno} imports {names}")
     assert offenders == []
+
+
+def test_bitsandbytes_notice_about_a_hub_kernel_stays_off_stderr():
+    """On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does) warns that a kernel it would fetch from the Hub
+    is missing: rf_notebook logs that at DEBUG, so a notebook's stderr stays clean. Other warnings still show."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, rf_notebook, bitsandbytes\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
+        "log.warning('another warning')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr
+    assert "another warning" in proc.stderr

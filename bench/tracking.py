@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rf_notebook.demo.__main__ import sweep
 
     model_fn = MODELS[args.model]
-    train, evl = (
-        arithmetic_dataset("train"),
-        arithmetic_dataset("eval", n=int(os.environ.get("RF_BENCH_EVAL_ROWS", 128))),
-    )
+    train, evl = arithmetic_dataset("train"), arithmetic_dataset("eval")
     workdir = tempfile.mkdtemp()
     search = sweep(args.max_steps)
 
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     tails: dict[bool, list[float]] = {True: [], False: []}
     once(TRACKERS)
     once([])  # warm-ups
-    tails = {True: [], False: []}
+    tails = {True: [], False: []}  # the warm-ups' do not count
     times: dict[str, list[float]] = {"a": [], "b": []}
     shares: list[float] = []  # the trackers' CPU seconds / the whole process's, in the tracked runs
     busy_by_tracker: dict[str, list[float]] = {name: [] for name in TRACKERS}

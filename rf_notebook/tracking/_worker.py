@@ -97,7 +97,7 @@ class _Worker:
         self.passes = 0  # passes completed
         self.running_since: float | None = None  # when the pass in progress began (monotonic)
         self.synced_version = -1  # the store's version the last successful pass read
-        self.synced_signature: tuple = ()  # and its runs' signature (`_signature`)
+        self.synced_signature: tuple = ()  # the `_signature` of what the last successful pass wrote
         self.busy_s = 0.0  # CPU time of this tracker's thread in its passes
         self.setup_s = 0.0  # the part of it spent opening the tracker and starting runs
         self.cond = threading.Condition()
@@ -140,11 +140,7 @@ class _Worker:
                 return
 
     def _signature(self) -> tuple:
-        """What a tracker shows besides metric values (the runs, their statuses as `run_tags` shows them, errors,
-        the IC ops and their outcomes): when it changes, a pass is due however recent the last one."""
-        store = self.tracking.store
-        runs = tuple((r.run_id, "running" if r.status.is_live else r.status.value, r.error) for r in store.runs())
-        return runs, tuple((op.op_id, op.outcome) for op in store.ic_log())
+        return _signature(self.tracking.store.runs(), self.tracking.store.ic_log())
 
     def attempt(self) -> bool:
         """One pass; a failure is reported once (until the tracker works again) and retried later."""
@@ -152,8 +148,7 @@ class _Worker:
         with self.cond:
             self.started += 1
             self.running_since = time.monotonic()
-        # Read before the store is: a change meanwhile makes another pass.
-        version, signature = self.tracking.store.version, self._signature()
+        version = self.tracking.store.version  # read before the store is: a change meanwhile makes another pass
         try:
             self.sync()
         except Exception as exc:  # a tracker's failure never reaches training
@@ -168,7 +163,7 @@ class _Worker:
                 logger.info("experiment %r: %s tracking works again", self.tracking.experiment, self.sink.kind)
                 self.tracking.store.clear_notice(f"tracking:{self.sink.kind}")
             self.error = None
-            self.synced_version, self.synced_signature = version, signature
+            self.synced_version = version
             ok = True
         with self.cond:
             self.passes += 1
@@ -233,6 +228,7 @@ class _Worker:
         rows, cursor = tracking.store.metrics_since(self.cursor)
         records = tracking.store.runs()  # read after the rows: every row's run is among them
         ops = tracking.store.ic_log()
+        signature = _signature(records, ops)
         made_by = {op.new_run_id: op for op in ops if op.op == "clone_modify" and op.new_run_id}
         about: dict[int, list[ICRecord]] = {}
         for op in ops:
@@ -262,7 +258,7 @@ class _Worker:
                 self.sink.update(state.run, points, changed)
                 self._logged(state, points)
                 state.tags = changed if changed is not None else state.tags
-        self.cursor = cursor
+        self.cursor, self.synced_signature = cursor, signature
 
     def _logged(self, state: _RunState, points: Sequence[Point]) -> None:
         for p in points:
@@ -285,6 +281,13 @@ class _Worker:
         last = dict(self.sink.start_run(run))
         self.runs[record.run_id] = _RunState(run, last, tags)
         self.setup_s += time.thread_time() - started
+
+
+def _signature(records: Sequence[RunRecord], ops: Sequence[ICRecord]) -> tuple:
+    """What a tracker shows besides metric values (the runs, their statuses as `run_tags` shows them, errors, the IC
+    ops and their outcomes): when it changes, a pass is due however recent the last one."""
+    runs = tuple((r.run_id, "running" if r.status.is_live else r.status.value, r.error) for r in records)
+    return runs, tuple((op.op_id, op.outcome) for op in ops)
 
 
 def _new_points(

@@ -122,3 +122,22 @@ def check_num_gpus(num_gpus: Any) -> None:
             f"`num_gpus` is {num_gpus!r}, but rf_notebook trains every run on the process's one device: use "
             "num_gpus=1 or leave it unset"
         )
+
+
+def check_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> None:
+    """A policy that ranks by anneal probes needs runs with a loss on data rows and an eval data set."""
+    from rf_notebook.policies._base import PROBE_TRAINERS
+
+    if policy is None or not policy.probe_steps:
+        return
+    if trainer_type not in PROBE_TRAINERS:
+        raise ValueError(
+            f"`policy` is {policy!r}, which ranks runs by anneal probes, but the runs are {trainer_type} runs: a "
+            f"probe trains on data rows with the run's loss, which only {' and '.join(PROBE_TRAINERS)} runs have; "
+            "use probe_steps=0 for reward-trained runs"
+        )
+    if eval_dataset is None:
+        raise ValueError(
+            f"`policy` is {policy!r}, which ranks runs by the eval loss after an anneal probe, but `eval_dataset` is "
+            "None: pass an eval data set, or use probe_steps=0"
+        )

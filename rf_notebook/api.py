@@ -148,6 +148,7 @@ class Experiment:
             precision=precision,
             fuse=fuse,
         )
+        _args.check_probe(fit.policy, param_config.trainer_type, eval_dataset)
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit, sinks)
 
@@ -191,6 +192,7 @@ class Experiment:
             formatted=plan.formatted,
             resume_points=plan.points,
             fuse=fit.fuse,
+            seed=fit.seed,
         )
         engine = Engine(
             self._store,
@@ -201,6 +203,7 @@ class Experiment:
             decided_rung=plan.decided,
             replay=plan.replay,
             owner=self,
+            probe=self._control.probe_plan(fit.policy),
         )
         self._control.engine = engine
         if sinks:  # each tracker's own thread reads the store: training never waits on a tracker

@@ -125,10 +125,17 @@ class Control:
             return None
         return lambda rung: self.policy_step(policy, rung)
 
+    @staticmethod
+    def probe_plan(policy: Policy | None) -> Any:
+        """The engine's anneal-probe plan for `policy`: chunk number -> probe steps at that rung (None: no probes)."""
+        if policy is None or not policy.probe_steps:
+            return None
+        return lambda rung: policy.probe_steps if policy.decides_at(rung) else 0
+
     def policy_step(self, policy: Policy, rung: int) -> None:
         """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
         metrics = self.store.metrics()
-        metric = logged_name(policy.metric, {m.name for m in metrics})
+        metric = logged_name(policy.ranked_by, {m.name for m in metrics})
         values: dict[int, dict[int, float]] = {}
         for m in metrics:
             if m.name == metric:
@@ -142,11 +149,11 @@ class Control:
             for r in self.store.runs()
             if r.run_id in fit
         ]
-        if not any(rung in run.values for run in runs):
+        if policy.decides_at(rung) and not any(rung in run.values for run in runs):
             logger.warning(
                 "policy %r: no run logged %r at chunk %d (logged: %s); nothing to decide",
                 policy,
-                policy.metric,
+                policy.ranked_by,
                 rung,
                 sorted({m.name for m in metrics}),
             )

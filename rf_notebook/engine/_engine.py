@@ -48,6 +48,7 @@ class Engine:
         decided_rung: int | None = None,
         replay: Sequence[Command] = (),
         owner: Any = None,
+        probe: Callable[[int], int] | None = None,
     ):
         self.store, self.backend = store, backend
         # Kept alive as long as this engine (its thread): the Experiment, whose process-wide checks (one experiment
@@ -58,6 +59,8 @@ class Engine:
         # every k after `decided_rung` (None: every rung the runs have already passed counts as decided).
         self.on_rung = on_rung
         self._decided_rung = decided_rung
+        # Anneal probes at rungs (a policy that ranks by them): chunk number -> probe steps there (0: none).
+        self.probe = probe
         self._rung = 0
         backend.connect(should_yield=self.pending, record=self.record, warn=self.warn)
         self.runs = {r.run_id: r for r in runs}
@@ -81,6 +84,8 @@ class Engine:
             "switch_s": 0.0,
             "cleanup_s": 0.0,
             "checkpoint_s": 0.0,
+            "probe_s": 0.0,
+            "probes": 0,
             "switches": 0,
             "fused_groups": 0,  # times runs trained together in fused steps
         }
@@ -262,6 +267,7 @@ class Engine:
             at_rung = slot.finished or slot.step >= pause_at
             if at_rung:
                 self.backend.evaluate(slot)
+                self._probe(slot)
             t3 = time.perf_counter()
             if at_rung and self.checkpoints:
                 self._checkpoint(slot)
@@ -281,6 +287,26 @@ class Engine:
         self.stats["checkpoint_s"] += t3_ckpt - t3
         self.stats["switch_s"] += t4 - t3_ckpt
         self.stats["cleanup_s"] += time.perf_counter() - t4
+
+    def _probe(self, slot: Slot) -> None:
+        """At a rung where the policy ranks by anneal probes: log the run's probe result as "probe_eval_loss". A
+        finished run has annealed already: its probe is its eval loss. A probe that fails leaves the run unranked
+        (said on its record), never failed: the backend restores the run before raising."""
+        rung = slot.plan.rungs_done(slot.step)
+        steps = self.probe(rung) if self.probe is not None else 0
+        if not steps:
+            return
+        t0 = time.perf_counter()
+        try:
+            value = self.backend.probe(slot, 0 if slot.finished else steps, rung)
+        except Exception as exc:
+            logger.exception("the anneal probe of run %d at chunk %d failed", slot.run_id, rung)
+            self.warn(slot, f"its anneal probe at chunk {rung} failed ({type(exc).__name__}: {exc}); not ranked there")
+            value = None
+        if value is not None:
+            self.record(slot, slot.step, {"probe_eval_loss": value})
+        self.stats["probes"] += 1
+        self.stats["probe_s"] += time.perf_counter() - t0
 
     def _failed(self, slot: Slot, exc: BaseException) -> None:
         """A run raised: it is marked failed and freed (its adapter stays for export); the others go on."""

@@ -92,6 +92,10 @@ class Backend(Protocol):
     def evaluate(self, slot: Slot) -> None:
         """Evaluate the run at a chunk end."""
 
+    def probe(self, slot: Slot, steps: int, rung: int) -> float | None:
+        """The run's eval loss after `steps` throwaway optimizer steps with its learning rate annealed (an anneal
+        probe at chunk end `rung`), the run left exactly as it was; None if it has nothing to evaluate on."""
+
     def checkpoint(self, slot: Slot) -> Any:
         """Write the run's state at this chunk end (may finish later; raise OSError for a failed write)."""
 

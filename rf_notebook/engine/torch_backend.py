@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rf_notebook import _versions
 from rf_notebook.chunking import chunk_plan
-from rf_notebook.engine import _fused, _openmp, _process_state, checkpoints
+from rf_notebook.engine import _fused, _openmp, _probe, _process_state, checkpoints
 from rf_notebook.engine._bases import Bases, SharedBase
 from rf_notebook.engine._callbacks import ApplyOverrides, FailOnNonFinite, GenerationMetrics, TolerantMetrics
 from rf_notebook.engine._slot import Patches, RunSlot
@@ -110,8 +110,10 @@ class TorchBackend:
         formatted: Mapping[int, tuple[Any, Any]] | None = None,
         resume_points: Mapping[int, tuple[int, str]] | None = None,
         fuse: bool = False,
+        seed: int = 0,
     ):
         self.on_nonfinite = on_nonfinite
+        self.seed = seed  # the experiment's: which rows the anneal probes train on at each rung
         self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`)
         self.fused_forwards = 0  # forwards over more than one run's rows
         self.fusion: dict[int, str] = {}  # run id -> "fused", or why it takes turns
@@ -379,6 +381,17 @@ class TorchBackend:
         """Evaluate at a rung, unless the trainer's own `eval_strategy` just did at this very step."""
         if self.eval_dataset is not None and slot.trainer is not None and slot.evaluated_at != slot.step:
             slot.trainer.evaluate()
+
+    def probe(self, slot: RunSlot, steps: int, rung: int) -> float | None:
+        """The run's eval loss after an anneal probe of `steps` optimizer steps (`_probe`), the run left exactly as
+        it was; None without an eval data set. The caller has activated the run."""
+        if self.eval_dataset is None or slot.trainer is None:
+            return None
+        trainer, args = slot.trainer, slot.trainer.args
+        params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+        count = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        rows = _probe.probe_rows(len(trainer.train_dataset), count, self.seed, rung)
+        return _probe.anneal_probe(trainer, params, steps, rows)
 
     def unload(self, slot: RunSlot) -> None:
         """Write a stopped run to its checkpoint and free everything it holds (adapter, trainer, optimizer); the run

@@ -17,7 +17,10 @@ from typing import Any
 
 from rf_notebook.store import LIVE_STATUSES
 
-__all__ = ["Decision", "Policy", "RunAtRung"]
+__all__ = ["PROBE_PREFIX", "PROBE_TRAINERS", "Decision", "Policy", "RunAtRung"]
+
+PROBE_PREFIX = "probe_"  # an anneal probe's result is logged as "probe_eval_loss"
+PROBE_TRAINERS = ("SFT", "DPO")  # trainers with a loss on data rows, which a probe can anneal and evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +61,36 @@ class Decision:
 
 class Policy(abc.ABC):
     """Decides at rungs. `metric` is compared at the same data position (rung) for every run; `mode` is
-    "min" (losses) or "max" (rewards, accuracies)."""
+    "min" (losses) or "max" (rewards, accuracies).
 
-    def __init__(self, metric: str = "eval_loss", mode: str = "min"):
+    `probe_steps` > 0 compares runs by an anneal probe instead (`metric` must then be "eval_loss"): at each rung
+    where the policy decides, a copy of every run's adapter and optimizer trains `probe_steps` more steps with the
+    learning rate taken down the rest of the run's own schedule, is evaluated, and is thrown away. The result is
+    logged as "probe_eval_loss"; the run itself is left exactly as it was (an early rung then says more about where
+    a run ends once its learning rate has annealed). For SFT and DPO runs, with an eval data set."""
+
+    def __init__(self, metric: str = "eval_loss", mode: str = "min", probe_steps: int = 0):
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` is {metric!r}, but must be the name of a logged metric, e.g. 'eval_loss'")
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
-        self.metric, self.mode = metric, mode
+        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
+            raise ValueError(f"`probe_steps` is {probe_steps!r}, but must be an int >= 0 (0: no anneal probe)")
+        if probe_steps and (metric, mode) != ("eval_loss", "min"):
+            raise ValueError(
+                f"`probe_steps` is {probe_steps} with metric={metric!r}, mode={mode!r}: an anneal probe measures "
+                "the eval loss, so it needs metric='eval_loss' and mode='min'"
+            )
+        self.metric, self.mode, self.probe_steps = metric, mode, probe_steps
+
+    @property
+    def ranked_by(self) -> str:
+        """The logged metric the policy compares: `metric`, or the probe's result when it probes."""
+        return f"{PROBE_PREFIX}{self.metric}" if self.probe_steps else self.metric
+
+    def decides_at(self, rung: int) -> bool:
+        """Whether `decide` may act at `rung` (where an anneal probe is worth its cost)."""
+        return True
 
     @abc.abstractmethod
     def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:

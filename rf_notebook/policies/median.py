@@ -14,11 +14,14 @@ __all__ = ["MedianOfPeers"]
 
 
 class MedianOfPeers(Policy):
-    def __init__(self, metric: str = "eval_loss", mode: str = "min", warmup_chunks: int = 1):
-        super().__init__(metric, mode)
+    def __init__(self, metric: str = "eval_loss", mode: str = "min", warmup_chunks: int = 1, probe_steps: int = 0):
+        super().__init__(metric, mode, probe_steps)
         if isinstance(warmup_chunks, bool) or not isinstance(warmup_chunks, int) or warmup_chunks < 0:
             raise ValueError(f"`warmup_chunks` is {warmup_chunks!r}, but must be an int >= 0")
         self.warmup_chunks = warmup_chunks
+
+    def decides_at(self, rung: int) -> bool:
+        return rung > self.warmup_chunks
 
     def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
         if rung <= self.warmup_chunks:
@@ -32,7 +35,7 @@ class MedianOfPeers(Policy):
             Decision(
                 "stop",
                 r.run_id,
-                f"{self.metric} {fmt(r.value(rung))} at chunk {rung} {relation} median {fmt(median)} "
+                f"{self.ranked_by} {fmt(r.value(rung))} at chunk {rung} {relation} median {fmt(median)} "
                 f"of {len(peers)} runs",
             )
             for r in live(runs)

@@ -12,8 +12,10 @@ __all__ = ["SuccessiveHalving"]
 
 
 class SuccessiveHalving(Policy):
-    def __init__(self, metric: str = "eval_loss", mode: str = "min", eta: int = 3, min_chunks: int = 1):
-        super().__init__(metric, mode)
+    def __init__(
+        self, metric: str = "eval_loss", mode: str = "min", eta: int = 3, min_chunks: int = 1, probe_steps: int = 0
+    ):
+        super().__init__(metric, mode, probe_steps)
         if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 4:
             raise ValueError(f"`eta` is {eta!r}, but must be 2, 3 or 4 (keep the best 1/eta at each rung)")
         if isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1:
@@ -25,6 +27,9 @@ class SuccessiveHalving(Policy):
             return False
         ratio = rung // self.min_chunks
         return ratio == self.eta ** round(math.log(ratio, self.eta))
+
+    def decides_at(self, rung: int) -> bool:
+        return self.is_rung(rung)
 
     def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
         if not self.is_rung(rung):
@@ -38,7 +43,7 @@ class SuccessiveHalving(Policy):
             Decision(
                 "stop",
                 r.run_id,
-                f"rank {i}/{len(ranked)} at chunk {rung} on {self.metric} {fmt(r.value(rung))} "
+                f"rank {i}/{len(ranked)} at chunk {rung} on {self.ranked_by} {fmt(r.value(rung))} "
                 f"{'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
             )
             for i, r in enumerate(ranked, start=1)

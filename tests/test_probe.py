@@ -1,0 +1,205 @@
+"""Anneal probes: a policy that ranks runs by where they would end once their learning rate annealed. The probe
+trains a throwaway copy at a rung; the runs themselves must go on bit for bit as if never probed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rf_notebook import (
+    Experiment,
+    List,
+    RFDPOConfig,
+    RFGridSearch,
+    RFGRPOConfig,
+    RFLoraConfig,
+    RFModelConfig,
+    RFSFTConfig,
+)
+from rf_notebook.demo import (
+    DEMO_MODEL,
+    arithmetic_dataset,
+    demo_model_fn,
+    exact_match_reward,
+    preference_dataset,
+    prompt_dataset,
+)
+from rf_notebook.engine._probe import probe_lrs, probe_rows
+from rf_notebook.policies import MedianOfPeers, SuccessiveHalving
+
+
+def _search(trainer_type: str, args: dict, **model: object) -> RFGridSearch:
+    config = {"SFT": RFSFTConfig, "DPO": RFDPOConfig, "GRPO": RFGRPOConfig}[trainer_type]
+    return RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=List([4, 8]), lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
+            training_args=config(**args),
+            **model,
+        ),
+        trainer_type=trainer_type,
+    )
+
+
+SFT = dict(
+    learning_rate=List([3e-3, 1e-4]),
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=List([1, 2]),
+    max_steps=12,
+    lr_scheduler_type="cosine",
+    max_grad_norm=0.5,
+)
+
+
+def _metrics(exp: Experiment) -> dict[tuple[int, int, str], float]:
+    return {(m.run_id, m.step, m.name): m.value for m in exp.store.metrics()}
+
+
+def _adapter(exp: Experiment, run_id: int, path) -> dict[str, torch.Tensor]:
+    return load_file(exp.export(run_id, path) / "adapter_model.safetensors")
+
+
+# -- pure parts --------------------------------------------------------------------------------------------------
+
+
+def test_probe_rows_are_the_same_for_every_run_at_a_rung_and_change_between_rungs():
+    assert probe_rows(100, 16, seed=3, rung=1) == probe_rows(100, 16, seed=3, rung=1)
+    assert probe_rows(100, 32, seed=3, rung=1)[:16] == probe_rows(100, 16, seed=3, rung=1)  # bigger batches: more
+    assert probe_rows(100, 16, seed=3, rung=2) != probe_rows(100, 16, seed=3, rung=1)
+    assert probe_rows(100, 16, seed=4, rung=1) != probe_rows(100, 16, seed=3, rung=1)
+    small = probe_rows(5, 12, seed=0, rung=1)  # a data set smaller than the probe: every row, then again
+    assert len(small) == 12 and sorted(small[:5]) == list(range(5))
+
+
+def test_the_probe_compresses_the_rest_of_the_runs_own_schedule_and_ends_where_the_run_ends():
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    for make in (get_linear_schedule_with_warmup, get_cosine_schedule_with_warmup):
+        optimizer = torch.optim.AdamW([param], lr=1e-3)
+        scheduler = make(optimizer, num_warmup_steps=2, num_training_steps=20)
+        lrs = [group[0] for group in probe_lrs(scheduler, optimizer, step=8, total=20, steps=4)]
+        expected = [1e-3 * scheduler.lr_lambdas[0](t) for t in (10, 13, 16, 19)]  # 19: the run's own last step
+        assert lrs == pytest.approx(expected)
+        assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-4
+    # a schedule whose rate cannot be read at any step: linear from the current rate towards 0
+    optimizer = torch.optim.SGD([param], lr=0.4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5)
+    assert [g[0] for g in probe_lrs(scheduler, optimizer, step=3, total=10, steps=3)] == pytest.approx([0.3, 0.2, 0.1])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SuccessiveHalving(probe_steps=-1), r"`probe_steps` is -1, but must be an int >= 0"),
+        (lambda: SuccessiveHalving(probe_steps=2.0), r"`probe_steps` is 2.0"),
+        (lambda: MedianOfPeers(metric="accuracy", mode="max", probe_steps=4), r"needs metric='eval_loss'"),
+    ],
+)
+def test_bad_probe_arguments_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_probing_policy_ranks_by_the_probe_and_only_probes_where_it_decides():
+    policy = SuccessiveHalving(eta=2, probe_steps=4)
+    assert policy.ranked_by == "probe_eval_loss" and SuccessiveHalving().ranked_by == "eval_loss"
+    assert [k for k in range(1, 9) if policy.decides_at(k)] == [1, 2, 4, 8]
+    assert [k for k in range(1, 5) if MedianOfPeers(warmup_chunks=2, probe_steps=2).decides_at(k)] == [3, 4]
+
+
+# -- on real runs ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainer_type", ["SFT", "DPO"])
+def test_probed_runs_train_bit_for_bit_as_unprobed_ones_and_the_policy_ranks_by_the_probe(tmp_path, trainer_type):
+    if trainer_type == "SFT":
+        search = lambda: _search("SFT", SFT)  # noqa: E731
+        data = arithmetic_dataset("train", n=96), arithmetic_dataset("eval", n=16)
+    else:
+        args = dict(learning_rate=List([3e-3, 1e-4]), beta=0.1, per_device_train_batch_size=4, max_steps=8)
+        search = lambda: _search("DPO", args)  # noqa: E731
+        data = preference_dataset("train", n=32), preference_dataset("eval", n=8)
+    runs = {}
+    for probe in (0, 3):
+        exp = Experiment(f"probe{probe}", experiments_dir=tmp_path)
+        policy = SuccessiveHalving(eta=2, min_chunks=2, probe_steps=probe) if probe else None
+        exp.run_fit(search(), demo_model_fn, *data, num_chunks=4, seed=5, policy=policy)
+        assert exp.wait(timeout=600)
+        runs[probe] = exp
+    plain, probed = runs[0], runs[3]
+    before, after = _metrics(plain), _metrics(probed)
+    probes = {k: v for k, v in after.items() if k[2] == "probe_eval_loss"}
+    # probes at chunk 2 (each run's own second rung) for every run; a finished run's probe is its eval loss
+    assert {k[:2] for k in probes} >= {(r.run_id, r.rungs[1]) for r in plain.runs()}
+    for r in probed.runs():
+        if r.status.value == "finished":
+            assert probes[(r.run_id, r.step, "probe_eval_loss")] == pytest.approx(
+                after[(r.run_id, r.step, "eval_loss")], rel=1e-5
+            )
+    # every value the probed experiment logged is the unprobed one's, bit for bit (losses, grad norms, eval)
+    common = [k for k in after if k[2] != "probe_eval_loss"]
+    assert common and all(k in before for k in common)
+    assert [k for k in common if after[k] != before[k]] == []
+    log = probed.ic_log()
+    stops = log[(log.origin == "policy") & (log.op == "stop")]
+    assert len(stops) >= 1 and all("on probe_eval_loss" in reason for reason in stops.reason)
+    survivors = [r.run_id for r in probed.runs() if r.status.value == "finished"]
+    assert survivors
+    for run_id in survivors:  # and their adapters are the same tensors
+        a, b = _adapter(plain, run_id, tmp_path / f"a{run_id}"), _adapter(probed, run_id, tmp_path / f"b{run_id}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert probed.stats()["probes"] == len(probes)
+    for exp in runs.values():
+        exp.end(wait=False)
+
+
+def test_a_probe_that_fails_leaves_its_run_unranked_and_training(tmp_path, monkeypatch):
+    from rf_notebook.engine import _probe
+
+    def broken(trainer, params, steps, rows):
+        raise RuntimeError("probe out of memory")
+
+    monkeypatch.setattr(_probe, "anneal_probe", broken)
+    exp = Experiment("broken", experiments_dir=tmp_path)
+    train, evl = arithmetic_dataset("train", n=32), arithmetic_dataset("eval", n=8)
+    exp.run_fit(
+        _search("SFT", dict(learning_rate=1e-3, per_device_train_batch_size=8, max_steps=4)),
+        demo_model_fn,
+        train,
+        evl,
+        num_chunks=2,
+        policy=SuccessiveHalving(eta=2, probe_steps=2),
+    )
+    assert exp.wait(timeout=300)
+    runs = exp.runs()
+    assert [r.status.value for r in runs] == ["finished", "finished"]  # nobody ranked: nobody stopped
+    assert all("its anneal probe at chunk 2 failed (RuntimeError: probe out of memory)" in r.warning for r in runs)
+    exp.end(wait=False)
+
+
+def test_probes_are_refused_before_training_for_reward_runs_and_without_eval_data(tmp_path):
+    exp = Experiment("refused", experiments_dir=tmp_path)
+    grpo = _search(
+        "GRPO",
+        dict(num_generations=2, per_device_train_batch_size=4, max_steps=2, max_completion_length=4),
+        reward_funcs=[exact_match_reward],
+    )
+    with pytest.raises(ValueError, match=r"which ranks runs by anneal probes, but the runs are GRPO runs"):
+        exp.run_fit(
+            grpo,
+            demo_model_fn,
+            prompt_dataset("train", n=8),
+            prompt_dataset("eval", n=4),
+            policy=SuccessiveHalving(probe_steps=2),
+        )
+    with pytest.raises(ValueError, match=r"but `eval_dataset` is None: pass an eval data set, or use probe_steps=0"):
+        exp.run_fit(
+            _search("SFT", dict(max_steps=2)),
+            demo_model_fn,
+            arithmetic_dataset("train", n=8),
+            policy=SuccessiveHalving(probe_steps=2),
+        )
+    assert exp.runs() == []
+    exp.end(wait=False)

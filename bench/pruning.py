@@ -1,12 +1,14 @@
 """Compute to the best config: a 16-config SFT sweep on the demo model, exhaustive vs each pruning policy.
 
-    python -m bench.pruning [--seeds 5] [--num-chunks 8] [--rows 512]
+    python -m bench.pruning [--seeds 5] [--num-chunks 8] [--rows 512] [--probe-steps 4] [--policies TEXT]
 
 The sweep is learning rate {3e-3, 1e-3, 3e-4, 1e-4} x LoRA rank {4, 16} x batch size {8, 16}, one epoch of
 `--rows` rows (bs 8 takes twice the optimizer steps of bs 16), eval loss on 64 held-out rows at every chunk end.
 For each seed it runs (a) every config to the end, then (b) the same sweep with each policy. Reported, per policy:
 optimizer steps and wall time of (b) / (a), in how many seeds (b)'s best final eval loss is within 1% of (a)'s,
-and (from the exhaustive runs) Kendall's tau between the ranking at each rung and the final ranking.
+and (from the exhaustive runs) Kendall's tau between the ranking at each rung and the final ranking, by eval loss
+and by the anneal probe's result (`probe_steps`; the exhaustive sweep is probed at rungs 1-3, which leaves its runs
+unchanged, and its wall time is reported without the probes' time).
 Writes bench/results/pruning.json and the table in BENCHMARKS.md.
 """
 
@@ -22,16 +24,38 @@ from typing import Any
 from bench._common import header, new_experiment, save, write_section
 from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
-from rf_notebook.policies import PBT, MedianOfPeers, SuccessiveHalving
+from rf_notebook.policies import PBT, MedianOfPeers, Policy, SuccessiveHalving
 
-POLICIES = {
-    "successive halving (eta=3)": lambda: SuccessiveHalving(eta=3),
-    "successive halving (eta=4)": lambda: SuccessiveHalving(eta=4),
-    "median of peers (warmup 1)": lambda: MedianOfPeers(warmup_chunks=1),
-    "PBT (quantile 0.25, every 2 chunks)": lambda: PBT(
-        quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}, interval=2
-    ),
-}
+PROBE_STEPS = 4  # the anneal probe's length (`--probe-steps`)
+PROBED_RUNGS = 3  # rungs at which the exhaustive sweep is also probed, for the probe's tau
+
+
+def policies(probe_steps: int) -> dict[str, Any]:
+    return {
+        "successive halving (eta=3)": lambda: SuccessiveHalving(eta=3),
+        "successive halving (eta=4)": lambda: SuccessiveHalving(eta=4),
+        f"successive halving (eta=3, probe {probe_steps})": lambda: SuccessiveHalving(eta=3, probe_steps=probe_steps),
+        f"successive halving (eta=4, probe {probe_steps})": lambda: SuccessiveHalving(eta=4, probe_steps=probe_steps),
+        "median of peers (warmup 1)": lambda: MedianOfPeers(warmup_chunks=1),
+        "PBT (quantile 0.25, every 2 chunks)": lambda: PBT(
+            quantile=0.25, perturb={"learning_rate": (0.8, 1.25)}, interval=2
+        ),
+    }
+
+
+class Observe(Policy):
+    """Decides nothing; probes every run at the first `rungs` rungs (the exhaustive sweep's probe ranking). The
+    probes leave the runs bit for bit as without them (tests/test_probe.py), so one sweep gives both rankings."""
+
+    def __init__(self, probe_steps: int, rungs: int):
+        super().__init__(probe_steps=probe_steps)
+        self.rungs = rungs
+
+    def decides_at(self, rung: int) -> bool:
+        return rung <= self.rungs
+
+    def decide(self, rung: int, runs: Any) -> list:
+        return []
 
 
 def search(n_configs: int) -> RFGridSearch:
@@ -55,17 +79,23 @@ def run(n_configs: int, seed: int, rows: int, num_chunks: int, policy: Any, work
     wall = time.perf_counter() - start
     runs = exp.runs()
     evals: dict[int, dict[int, float]] = {}
+    probes: dict[int, dict[int, float]] = {}
     for m in exp.store.metrics():
-        if m.name == "eval_loss":
-            evals.setdefault(m.run_id, {})[m.chunk] = m.value
+        if m.name in ("eval_loss", "probe_eval_loss"):
+            (evals if m.name == "eval_loss" else probes).setdefault(m.run_id, {})[m.chunk] = m.value
     finished = {r.run_id: evals[r.run_id][r.chunks_total] for r in runs if r.status.value == "finished"}
+    stats = exp.stats()
     exp.end()
     return {
         "wall_s": wall,
-        "steps": sum(r.step for r in runs),
+        "probe_s": stats["probe_s"],
+        # every optimizer step trained, the probes' included: they are compute the policy spent
+        "steps": sum(r.step for r in runs) + stats["probe_steps"],
+        "probe_steps": stats["probe_steps"],
         "best_final_eval_loss": min(finished.values()),
         "best_run": min(finished, key=finished.get),
         "eval_loss_by_rung": {str(k): v for k, v in evals.items()},
+        "probe_eval_loss_by_rung": {str(k): v for k, v in probes.items()},
         "policy_ops": sum(op.origin == "policy" for op in exp.store.ic_log()),
     }
 
@@ -79,12 +109,13 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return score / len(pairs)
 
 
-def rung_taus(evals: dict[str, dict[int, float]]) -> list[float]:
-    """Tau between each rung's eval losses and the final ones, over all runs of an exhaustive sweep."""
-    final = {run: values[max(values)] for run, values in evals.items()}
+def rung_taus(evals: dict[str, dict[int, float]], final: dict[str, dict[int, float]] | None = None) -> list[float]:
+    """Tau between each rung's values (eval losses, or probe results) and the final eval losses, over all runs of
+    an exhaustive sweep."""
+    last = {run: values[max(values)] for run, values in (final or evals).items()}
     rungs = sorted({k for values in evals.values() for k in values})
     runs = sorted(evals)
-    return [kendall_tau([evals[r][k] for r in runs], [final[r] for r in runs]) for k in rungs]
+    return [kendall_tau([evals[r][k] for r in runs], [last[r] for r in runs]) for k in rungs]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,7 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-chunks", type=int, default=8)
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--configs", type=int, default=16, help="the first N configs of the 16 (smoke tests)")
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="the anneal probe's optimizer steps")
+    parser.add_argument("--policies", default="", help="only the policies whose name contains this text")
     args = parser.parse_args(argv)
+    chosen = {name: make for name, make in policies(args.probe_steps).items() if args.policies in name}
 
     import transformers
 
@@ -102,9 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         run(1, 0, 32, 1, None, workdir)  # warm-up: one-time costs (imports, first tokenizer load) stay out
         for seed in range(args.seeds):
-            full = run(args.configs, seed, args.rows, args.num_chunks, None, workdir)
-            entry = {"seed": seed, "exhaustive": full, "taus": rung_taus(full["eval_loss_by_rung"])}
-            for name, make in POLICIES.items():
+            observe = Observe(args.probe_steps, PROBED_RUNGS)
+            full = run(args.configs, seed, args.rows, args.num_chunks, observe, workdir)
+            full["wall_s"] -= full["probe_s"]  # the exhaustive sweep as a user runs it: without the probes
+            full["steps"] -= full["probe_steps"]
+            entry = {
+                "seed": seed,
+                "exhaustive": full,
+                "taus": rung_taus(full["eval_loss_by_rung"]),
+                "probe_taus": rung_taus(full["probe_eval_loss_by_rung"], full["eval_loss_by_rung"]),
+            }
+            for name, make in chosen.items():
                 pruned = run(args.configs, seed, args.rows, args.num_chunks, make(), workdir)
                 pruned["steps_ratio"] = pruned["steps"] / full["steps"]
                 pruned["wall_ratio"] = pruned["wall_s"] / full["wall_s"]
@@ -113,9 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
                 pruned["within_1pct"] = gap <= 0.01
                 entry[name] = pruned
             seeds.append(entry)
-            print(f"seed {seed}: " + ", ".join(f"{n}: {entry[n]['steps_ratio']:.2f}" for n in POLICIES), flush=True)
+            print(f"seed {seed}: " + ", ".join(f"{n}: {entry[n]['steps_ratio']:.2f}" for n in chosen), flush=True)
 
     taus = [statistics.mean(s["taus"][k] for s in seeds) for k in range(len(seeds[0]["taus"]))]
+    probe_taus = [statistics.mean(s["probe_taus"][k] for s in seeds) for k in range(len(seeds[0]["probe_taus"]))]
     summary = {
         name: {
             "steps_ratio_median": statistics.median(s[name]["steps_ratio"] for s in seeds),
@@ -123,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             "within_1pct": sum(s[name]["within_1pct"] for s in seeds),
             "best_gap_max": max(s[name]["best_gap"] for s in seeds),
         }
-        for name in POLICIES
+        for name in chosen
     }
     result = {
         **header("pruning", argv),
@@ -131,11 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": args.rows,
         "num_chunks": args.num_chunks,
         "seeds": seeds,
+        "probe_steps": args.probe_steps,
         "summary": summary,
         "tau_by_rung": taus,
+        "probe_tau_by_rung": probe_taus,
     }
     latest = save("pruning", result)[-1]
     tau_text = " ".join(f"{t:.2f}" for t in latest["tau_by_rung"])
+    probe_text = " ".join(f"{t:.2f}" for t in latest["probe_tau_by_rung"])
     rows = [
         [
             latest["date"],
@@ -146,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{s['within_1pct']}/{len(latest['seeds'])}",
             f"{s['best_gap_max'] * 100:+.2f}%",
             tau_text,
+            probe_text,
             f"`{latest['command']}`",
         ]
         for name, s in latest["summary"].items()
@@ -157,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
         "chunks of one epoch, eval loss at every chunk end. Steps / wall: (b) / (a), median over seeds. Within 1%: "
         "seeds where (b)'s best final eval loss is within 1% of (a)'s; worst gap: the largest (b)/(a) - 1. "
         "Tau: Kendall's tau between the exhaustive runs' ranking at rung 1, 2, ... and their final ranking (mean "
-        "over seeds). Target: successive halving within 1% in >= 4 of 5 seeds using <= 30% of the steps.",
+        "over seeds); probe tau: the same for the anneal probe's result at rungs 1-3 (probe N: the policy ranks by "
+        "an anneal probe of N optimizer steps; steps (b) count the probes' steps). Target: successive halving within "
+        "1% in >= 4 of 5 seeds using <= 30% of the steps.",
         [
             "date",
             "policy",
@@ -167,11 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
             "within 1%",
             "worst gap",
             "tau by rung",
+            "probe tau",
             "command",
         ],
         rows,
     )
-    print(result["summary"], taus)
+    print(result["summary"], taus, probe_taus)
     return result
 
 

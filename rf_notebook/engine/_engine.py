@@ -86,6 +86,7 @@ class Engine:
             "checkpoint_s": 0.0,
             "probe_s": 0.0,
             "probes": 0,
+            "probe_steps": 0,  # optimizer steps the probes trained (their compute, next to the runs')
             "switches": 0,
             "fused_groups": 0,  # times runs trained together in fused steps
         }
@@ -297,8 +298,9 @@ class Engine:
         if not steps:
             return
         t0 = time.perf_counter()
+        steps = 0 if slot.finished else steps
         try:
-            value = self.backend.probe(slot, 0 if slot.finished else steps, rung)
+            value = self.backend.probe(slot, steps, rung)
         except Exception as exc:
             logger.exception("the anneal probe of run %d at chunk %d failed", slot.run_id, rung)
             self.warn(slot, f"its anneal probe at chunk {rung} failed ({type(exc).__name__}: {exc}); not ranked there")
@@ -306,6 +308,7 @@ class Engine:
         if value is not None:
             self.record(slot, slot.step, {"probe_eval_loss": value})
         self.stats["probes"] += 1
+        self.stats["probe_steps"] += steps
         self.stats["probe_s"] += time.perf_counter() - t0
 
     def _failed(self, slot: Slot, exc: BaseException) -> None:

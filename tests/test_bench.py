@@ -33,6 +33,11 @@ ROOT = Path(__file__).parents[1]
         ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),
         ("pruning", ["--seeds", "1", "--configs", "4", "--rows", "64", "--num-chunks", "2"], "pruning"),
         ("tracking", ["--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "tracking-demo"),
+        (
+            "time_to_best",
+            ["--seeds", "1", "--configs", "3", "--rows", "32", "--num-chunks", "2", "--probe-steps", "1"],
+            "time_to_best",
+        ),
     ],
 )
 def test_benchmark_command_writes_json_and_table(module, args, result, tmp_path):

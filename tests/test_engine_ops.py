@@ -123,6 +123,9 @@ class FakeBackend(Backend):
         self.checkpoint(slot)
         slot.close()
 
+    def collect(self):
+        pass
+
     def reload(self, run):
         return FakeSlot(run, self, start_step=self.checkpoints[run.run_id])
 

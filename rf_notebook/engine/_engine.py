@@ -371,6 +371,14 @@ class Engine:
         or nothing else is left to train. A run whose checkpoint cannot be written stays in memory."""
         if not self.checkpoints or self.store.storage_error is not None:
             return
+        unloaded: list[int] = []
+        try:
+            self._unload_due(idle, unloaded)
+        finally:
+            if unloaded:
+                self.backend.collect()  # once for every run unloaded now, not once each
+
+    def _unload_due(self, idle: bool, unloaded: list[int]) -> None:
         for run_id, since in list(self._stopped_at.items()):
             if run_id not in self._slots or self.store.run(run_id).status is not RunStatus.STOPPED:
                 del self._stopped_at[run_id]
@@ -385,6 +393,7 @@ class Engine:
                     logger.exception("unloading stopped run %d", run_id)
                     del self._stopped_at[run_id]
                     continue
+                unloaded.append(run_id)
                 self._unloaded.add(run_id)  # before it leaves _slots: another thread's refusal() sees one of them
                 del self._slots[run_id], self._stopped_at[run_id]
                 if self._current == run_id:

@@ -110,7 +110,11 @@ class Backend(Protocol):
         that would slow the scheduler thread down (any thread)."""
 
     def unload(self, slot: Slot) -> None:
-        """Write a stopped run to its checkpoint and free it; `reload` rebuilds it exactly."""
+        """Write a stopped run to its checkpoint and free it; `reload` rebuilds it exactly. Its memory may wait for
+        `collect()`, which the loop calls after unloading the runs due together."""
+
+    def collect(self) -> None:
+        """Free the memory of the runs unloaded since the last call."""
 
     def reload(self, run: Any) -> Slot:
         """Rebuild an unloaded run from its checkpoint."""

@@ -399,7 +399,7 @@ class TorchBackend:
         still exactly what it was built from (its checkpoint, its warm start, or nothing): nothing is written."""
         if slot.started:
             self.checkpoint(slot, wait=True)  # on disk before the run leaves memory
-        self.discard(slot, keep_adapter=False)
+        self._discard(slot, keep_adapter=False)  # collected by `collect()`, once for every run unloaded together
 
     def reload(self, run: PreparedRun) -> RunSlot:
         """Rebuild an unloaded run from its newest checkpoint, else the warm start it was cloned with, else from
@@ -415,16 +415,25 @@ class TorchBackend:
         """Unwind the run's trainer (freeing its optimizer); with `keep_adapter=False` remove its adapter too.
 
         The trainer's reference cycles need a full garbage collection (~0.3 s with a loaded model in the process).
-        A run unloaded to make room, or any run on a GPU, is collected at once; a finished or failed run's trainer
-        on a CPU waits until memory is wanted next (a run built) or the experiment ends, so that the runs
-        finishing in the same last chunk cost one collection, not one each."""
+        A deleted run, or any run on a GPU, is collected at once; a finished or failed run's trainer on a CPU waits
+        until memory is wanted next (a run built) or the experiment ends, so that the runs finishing in the same
+        last chunk cost one collection, not one each. Runs unloaded together (`unload`) are collected together,
+        by the engine's `collect()` after the last of them (the policy stopping 10 of 16 runs cost 10 collections,
+        3 s of a 17 s sweep)."""
+        self._discard(slot, keep_adapter)
+        if not keep_adapter or _cuda():
+            self._collect()
+
+    def _discard(self, slot: RunSlot, keep_adapter: bool) -> None:
         slot.close()
         if not keep_adapter:
             self.base_of(slot.run_id).remove_adapter(slot.adapter)
             self._unloaded[slot.run_id] = self._runs.pop(slot.run_id)
         self._garbage = True
-        if not keep_adapter or _cuda():
-            self._collect()
+
+    def collect(self) -> None:
+        """Free the memory of the runs unloaded since the last collection now (one garbage collection)."""
+        self._collect()
 
     def _collect(self) -> None:
         if self._garbage:

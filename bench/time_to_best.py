@@ -1,13 +1,14 @@
 """Time to the best config: rf_notebook with a pruning policy vs the grid run one config after another.
 
-    python -m bench.time_to_best [--seeds 3] [--rows 384] [--num-chunks 8] [--probe-steps 0] [--fuse]
+    python -m bench.time_to_best [--seeds 3] [--rows 384] [--num-chunks 8] [--probe-steps N] [--fuse]
 
 The 16-config SFT grid of `bench.pruning` (learning rate x LoRA rank x batch size, one epoch of `--rows` rows,
 eval loss on 64 held-out rows). Per seed, in one process:
-(a) rf_notebook: `run_fit` of the grid with successive halving (eta=3, ranked by eval loss, or by an anneal probe
-    with `--probe-steps N`); the figure is the wall time from `run_fit` until a run has finished whose final eval
-    loss is within 1% of the grid's best (the eval row's wall time in the store). Also reported: when the policy's
-    leader at the latest rung became such a config for good (what the panel shows before the runs finish).
+(a) rf_notebook: `run_fit` of the grid with successive halving (eta=3, its default ranking: eval loss at rung 1,
+    an anneal probe from rung 2; `--probe-steps 0` ranks by eval loss only); the figure is the wall time from
+    `run_fit` until a run has finished whose final eval loss is within 1% of the grid's best (the eval row's wall
+    time in the store). Also reported: when the policy's leader at the latest rung became such a config for good
+    (what the panel shows before the runs finish).
 (b) plain TRL, the baseline a user has today: each config trained by its own `SFTTrainer` on a fresh base and
     evaluated at the end, one after another, in grid order; the figure is the wall time until a finished config
     is within 1% of the best of all 16 (the grid's best is (b)'s: rf_notebook's runs train exactly as these).
@@ -30,6 +31,7 @@ from bench._common import header, new_experiment, plain_trainer, save, write_sec
 from bench.pruning import search
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 from rf_notebook.policies import SuccessiveHalving
+from rf_notebook.policies._base import AUTO_PROBE_STEPS
 
 WITHIN = 0.01  # "the best config": final eval loss within 1% of the grid's best
 
@@ -38,7 +40,7 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
     """(a): the grid with successive halving; when each run finished and with which final eval loss."""
     exp = new_experiment("ttb", workdir)
     start = time.time()  # wall clock, as in the store's metric rows
-    policy = SuccessiveHalving(eta=3, probe_steps=args.probe_steps)
+    policy = SuccessiveHalving(eta=3, probe_steps="auto" if args.probe_steps is None else args.probe_steps)
     exp.run_fit(
         search(args.configs),
         demo_model_fn,
@@ -71,6 +73,12 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
         "steps": steps,
         "probe_steps": stats["probe_steps"],
     }
+
+
+def _ranking(probe_steps: int | None) -> str:
+    if probe_steps is None:
+        return f"default (probe {AUTO_PROBE_STEPS} from rung 2)"
+    return f"probe {probe_steps} from rung 2" if probe_steps else "eval loss"
 
 
 def leader_time(leaders: list[tuple[int, float]], good: set[int]) -> float:
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=384)
     parser.add_argument("--num-chunks", type=int, default=8)
-    parser.add_argument("--probe-steps", type=int, default=0, help="rank by an anneal probe of N steps (0: no)")
+    parser.add_argument("--probe-steps", type=int, help="anneal probe steps (0: rank by eval loss; default: auto)")
     parser.add_argument("--fuse", action="store_true", help="run_fit(fuse=True)")
     parser.add_argument("--configs", type=int, default=16, help="the first N configs of the 16 (smoke tests)")
     args = parser.parse_args(argv)
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         [
             result["date"],
             result["machine"],
-            f"SH eta=3{f', probe {args.probe_steps}' if args.probe_steps else ''}{', fused' if args.fuse else ''}",
+            f"SH eta=3, {_ranking(args.probe_steps)}{', fused' if args.fuse else ''}",
             " / ".join(f"{s['a_time_s']:.0f}" for s in seeds),
             " / ".join(f"{s['a_leader_s']:.0f}" for s in seeds),
             " / ".join(f"{s['b_grid_s']:.0f}" for s in seeds),

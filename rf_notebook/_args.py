@@ -124,12 +124,16 @@ def check_num_gpus(num_gpus: Any) -> None:
         )
 
 
-def check_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> None:
-    """A policy that ranks by anneal probes needs runs with a loss on data rows and an eval data set."""
+def resolve_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> Any:
+    """The policy for these runs (`probe_steps="auto"` resolved); a policy that ranks by anneal probes needs runs
+    with a loss on data rows and an eval data set."""
     from rf_notebook.policies._base import PROBE_TRAINERS
 
-    if policy is None or not policy.probe_steps:
-        return
+    if policy is None:
+        return None
+    policy = policy.resolved(trainer_type, eval_dataset is not None)
+    if not policy.probe_steps:
+        return policy
     if trainer_type not in PROBE_TRAINERS:
         raise ValueError(
             f"`policy` is {policy!r}, which ranks runs by anneal probes, but the runs are {trainer_type} runs: a "
@@ -141,3 +145,4 @@ def check_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> None:
             f"`policy` is {policy!r}, which ranks runs by the eval loss after an anneal probe, but `eval_dataset` is "
             "None: pass an eval data set, or use probe_steps=0"
         )
+    return policy

@@ -12,6 +12,7 @@ engine's background thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -148,7 +149,7 @@ class Experiment:
             precision=precision,
             fuse=fuse,
         )
-        _args.check_probe(fit.policy, param_config.trainer_type, eval_dataset)
+        fit = dataclasses.replace(fit, policy=_args.resolve_probe(fit.policy, param_config.trainer_type, eval_dataset))
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit, sinks)
 

@@ -134,7 +134,11 @@ def test_successive_halving_on_real_runs_logs_its_decisions_and_can_be_overridde
     log = exp.ic_log()
     policy_ops = log[log.origin == "policy"]
     assert len(policy_ops) == 3 and set(policy_ops.op) == {"stop"} and set(policy_ops.outcome) == {"applied"}
-    assert all(reason.startswith("rank ") and "on eval_loss" in reason for reason in policy_ops.reason)
+    assert all(reason.startswith("rank ") for reason in policy_ops.reason)
+    # by default: the eval loss at rung 1, an anneal probe from rung 2 on (SFT runs with an eval set)
+    assert [reason.split(" on ")[1].split()[0] for reason in policy_ops.reason] == ["eval_loss"] * 2 + [
+        "probe_eval_loss"
+    ]
     runs = {r.run_id: r for r in exp.runs()}
     finished = [r for r in runs.values() if r.status.value == "finished"]
     assert len(finished) == 1 and finished[0].run_id in (1, 2)  # a learning rate that learns wins

@@ -27,6 +27,7 @@ from rf_notebook.demo import (
 )
 from rf_notebook.engine._probe import probe_lrs, probe_rows
 from rf_notebook.policies import MedianOfPeers, SuccessiveHalving
+from rf_notebook.policies._base import AUTO_PROBE_STEPS
 
 
 def _search(trainer_type: str, args: dict, **model: object) -> RFGridSearch:
@@ -93,6 +94,8 @@ def test_the_probe_compresses_the_rest_of_the_runs_own_schedule_and_ends_where_t
     "make, match",
     [
         (lambda: SuccessiveHalving(probe_steps=-1), r"`probe_steps` is -1, but must be an int >= 0"),
+        (lambda: SuccessiveHalving(probe_steps="yes"), r"`probe_steps` is 'yes', but must be an int >= 0 .* or 'auto'"),
+        (lambda: SuccessiveHalving(probe_from=0), r"`probe_from` is 0, but must be an int >= 1"),
         (lambda: SuccessiveHalving(probe_steps=2.0), r"`probe_steps` is 2.0"),
         (lambda: MedianOfPeers(metric="accuracy", mode="max", probe_steps=4), r"needs metric='eval_loss'"),
     ],
@@ -102,11 +105,26 @@ def test_bad_probe_arguments_are_refused(make, match):
         make()
 
 
-def test_a_probing_policy_ranks_by_the_probe_and_only_probes_where_it_decides():
+def test_a_probing_policy_ranks_by_the_probe_from_probe_from_on_and_only_probes_where_it_decides():
     policy = SuccessiveHalving(eta=2, probe_steps=4)
-    assert policy.ranked_by == "probe_eval_loss" and SuccessiveHalving().ranked_by == "eval_loss"
-    assert [k for k in range(1, 9) if policy.decides_at(k)] == [1, 2, 4, 8]
-    assert [k for k in range(1, 5) if MedianOfPeers(warmup_chunks=2, probe_steps=2).decides_at(k)] == [3, 4]
+    assert [policy.ranked_by(k) for k in (1, 2)] == ["eval_loss", "probe_eval_loss"]
+    assert [policy.probes_at(k) for k in range(1, 9)] == [0, 4, 0, 4, 0, 0, 0, 4]  # rungs 2, 4, 8 (not 1: too early)
+    assert [SuccessiveHalving(eta=2, probe_steps=4, probe_from=1).probes_at(k) for k in (1, 2, 3)] == [4, 4, 0]
+    assert [MedianOfPeers(warmup_chunks=2, probe_steps=2).probes_at(k) for k in range(1, 5)] == [0, 0, 2, 2]
+    assert SuccessiveHalving(probe_steps=0).ranked_by(4) == "eval_loss"
+
+
+def test_auto_probes_sft_and_dpo_runs_with_an_eval_set_and_ranks_others_by_their_metric():
+    policy = SuccessiveHalving()  # probe_steps="auto"
+    assert policy.probes_at(3) == 0  # not resolved yet: no probe
+    assert policy.resolved("SFT", has_eval=True).probes_at(3) == AUTO_PROBE_STEPS
+    assert policy.resolved("DPO", has_eval=True).probe_steps == AUTO_PROBE_STEPS
+    assert policy.resolved("SFT", has_eval=False).probe_steps == 0
+    assert policy.resolved("GRPO", has_eval=True).probe_steps == 0
+    assert SuccessiveHalving(metric="eval_reward", mode="max").resolved("SFT", has_eval=True).probe_steps == 0
+    assert policy.probe_steps == "auto"  # the user's object is left as it was
+    explicit = SuccessiveHalving(probe_steps=2)
+    assert explicit.resolved("GRPO", has_eval=True) is explicit  # refused by run_fit (below), not silently dropped
 
 
 # -- on real runs ------------------------------------------------------------------------------------------------
@@ -170,7 +188,7 @@ def test_a_probe_that_fails_leaves_its_run_unranked_and_training(tmp_path, monke
         train,
         evl,
         num_chunks=2,
-        policy=SuccessiveHalving(eta=2, probe_steps=2),
+        policy=SuccessiveHalving(eta=2, probe_steps=2, probe_from=1),
     )
     assert exp.wait(timeout=300)
     runs = exp.runs()

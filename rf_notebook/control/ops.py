@@ -130,15 +130,17 @@ class Control:
         """The engine's anneal-probe plan for `policy`: chunk number -> probe steps at that rung (None: no probes)."""
         if policy is None or not policy.probe_steps:
             return None
-        return lambda rung: policy.probe_steps if policy.decides_at(rung) else 0
+        return policy.probes_at
 
     def policy_step(self, policy: Policy, rung: int) -> None:
         """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
         metrics = self.store.metrics()
-        metric = logged_name(policy.ranked_by, {m.name for m in metrics})
+        logged = {m.name for m in metrics}
+        # each rung's values in the metric the policy ranks by there (the eval loss, or an anneal probe's result)
+        names = {chunk: logged_name(policy.ranked_by(chunk), logged) for chunk in {m.chunk for m in metrics}}
         values: dict[int, dict[int, float]] = {}
         for m in metrics:
-            if m.name == metric:
+            if m.name == names[m.chunk]:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
         fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
         for op in self.store.ic_log():
@@ -153,7 +155,7 @@ class Control:
             logger.warning(
                 "policy %r: no run logged %r at chunk %d (logged: %s); nothing to decide",
                 policy,
-                policy.ranked_by,
+                policy.ranked_by(rung),
                 rung,
                 sorted({m.name for m in metrics}),
             )

@@ -10,6 +10,7 @@ same decisions.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,11 @@ from typing import Any
 
 from rf_notebook.store import LIVE_STATUSES
 
-__all__ = ["PROBE_PREFIX", "PROBE_TRAINERS", "Decision", "Policy", "RunAtRung"]
+__all__ = ["AUTO_PROBE_STEPS", "PROBE_PREFIX", "PROBE_TRAINERS", "Decision", "Policy", "RunAtRung"]
 
 PROBE_PREFIX = "probe_"  # an anneal probe's result is logged as "probe_eval_loss"
 PROBE_TRAINERS = ("SFT", "DPO")  # trainers with a loss on data rows, which a probe can anneal and evaluate
+AUTO_PROBE_STEPS = 4  # probe_steps="auto" (bench/pruning.py: 4 of 5 seeds within 1% vs 3 of 5 ranking by eval loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,30 +65,53 @@ class Policy(abc.ABC):
     """Decides at rungs. `metric` is compared at the same data position (rung) for every run; `mode` is
     "min" (losses) or "max" (rewards, accuracies).
 
-    `probe_steps` > 0 compares runs by an anneal probe instead (`metric` must then be "eval_loss"): at each rung
-    where the policy decides, a copy of every run's adapter and optimizer trains `probe_steps` more steps with the
-    learning rate taken down the rest of the run's own schedule, is evaluated, and is thrown away. The result is
-    logged as "probe_eval_loss"; the run itself is left exactly as it was (an early rung then says more about where
-    a run ends once its learning rate has annealed). For SFT and DPO runs, with an eval data set."""
+    `probe_steps` > 0 compares runs by an anneal probe from rung `probe_from` on (`metric` must then be
+    "eval_loss"): at each rung where the policy decides, a copy of every run's adapter and optimizer trains
+    `probe_steps` more steps with the learning rate taken down the rest of the run's own schedule, is evaluated,
+    and is thrown away. The result is logged as "probe_eval_loss"; the run itself is left exactly as it was. A run's
+    eval loss early on says little about where it ends once its learning rate has annealed; the probe says more,
+    except at the first rung, where the rest of the schedule is too long to squeeze into a few steps (measured:
+    `bench/pruning.py`). "auto": `AUTO_PROBE_STEPS` for SFT and DPO runs with an eval data set and
+    metric="eval_loss", else none (resolved by `run_fit`)."""
 
-    def __init__(self, metric: str = "eval_loss", mode: str = "min", probe_steps: int = 0):
+    def __init__(self, metric: str = "eval_loss", mode: str = "min", probe_steps: int | str = 0, probe_from: int = 2):
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` is {metric!r}, but must be the name of a logged metric, e.g. 'eval_loss'")
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
-        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
-            raise ValueError(f"`probe_steps` is {probe_steps!r}, but must be an int >= 0 (0: no anneal probe)")
-        if probe_steps and (metric, mode) != ("eval_loss", "min"):
+        if probe_steps != "auto" and (
+            isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0
+        ):
+            raise ValueError(
+                f"`probe_steps` is {probe_steps!r}, but must be an int >= 0 (0: no anneal probe) or 'auto'"
+            )
+        if isinstance(probe_steps, int) and probe_steps and (metric, mode) != ("eval_loss", "min"):
             raise ValueError(
                 f"`probe_steps` is {probe_steps} with metric={metric!r}, mode={mode!r}: an anneal probe measures "
                 "the eval loss, so it needs metric='eval_loss' and mode='min'"
             )
-        self.metric, self.mode, self.probe_steps = metric, mode, probe_steps
+        if isinstance(probe_from, bool) or not isinstance(probe_from, int) or probe_from < 1:
+            raise ValueError(f"`probe_from` is {probe_from!r}, but must be an int >= 1 (the first rung probed)")
+        self.metric, self.mode, self.probe_steps, self.probe_from = metric, mode, probe_steps, probe_from
 
-    @property
-    def ranked_by(self) -> str:
-        """The logged metric the policy compares: `metric`, or the probe's result when it probes."""
-        return f"{PROBE_PREFIX}{self.metric}" if self.probe_steps else self.metric
+    def probes_at(self, rung: int) -> int:
+        """The anneal probe's optimizer steps at `rung` (0: the policy ranks by `metric` there)."""
+        if self.probe_steps == "auto" or rung < self.probe_from or not self.decides_at(rung):
+            return 0
+        return self.probe_steps
+
+    def ranked_by(self, rung: int) -> str:
+        """The logged metric the policy compares at `rung`: `metric`, or the probe's result where it probes."""
+        return f"{PROBE_PREFIX}{self.metric}" if self.probes_at(rung) else self.metric
+
+    def resolved(self, trainer_type: str, has_eval: bool) -> Policy:
+        """This policy with `probe_steps="auto"` made a number for these runs (itself when nothing to resolve)."""
+        if self.probe_steps != "auto":
+            return self
+        probe = trainer_type in PROBE_TRAINERS and has_eval and (self.metric, self.mode) == ("eval_loss", "min")
+        policy = copy.copy(self)
+        policy.probe_steps = AUTO_PROBE_STEPS if probe else 0
+        return policy
 
     def decides_at(self, rung: int) -> bool:
         """Whether `decide` may act at `rung` (where an anneal probe is worth its cost)."""

@@ -14,8 +14,15 @@ __all__ = ["MedianOfPeers"]
 
 
 class MedianOfPeers(Policy):
-    def __init__(self, metric: str = "eval_loss", mode: str = "min", warmup_chunks: int = 1, probe_steps: int = 0):
-        super().__init__(metric, mode, probe_steps)
+    def __init__(
+        self,
+        metric: str = "eval_loss",
+        mode: str = "min",
+        warmup_chunks: int = 1,
+        probe_steps: int | str = 0,
+        probe_from: int = 2,
+    ):
+        super().__init__(metric, mode, probe_steps, probe_from)
         if isinstance(warmup_chunks, bool) or not isinstance(warmup_chunks, int) or warmup_chunks < 0:
             raise ValueError(f"`warmup_chunks` is {warmup_chunks!r}, but must be an int >= 0")
         self.warmup_chunks = warmup_chunks
@@ -35,7 +42,7 @@ class MedianOfPeers(Policy):
             Decision(
                 "stop",
                 r.run_id,
-                f"{self.ranked_by} {fmt(r.value(rung))} at chunk {rung} {relation} median {fmt(median)} "
+                f"{self.ranked_by(rung)} {fmt(r.value(rung))} at chunk {rung} {relation} median {fmt(median)} "
                 f"of {len(peers)} runs",
             )
             for r in live(runs)

@@ -1,5 +1,6 @@
 """Synchronous successive halving at chunk rungs: at rungs min_chunks, min_chunks*eta, min_chunks*eta^2, ...
-keep the best 1/eta of the runs still training and stop the others."""
+keep the best 1/eta of the runs still training and stop the others. By default (`probe_steps="auto"`) runs are
+ranked by an anneal probe from rung 2 on where that is possible (SFT / DPO runs with an eval set; see `Policy`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ __all__ = ["SuccessiveHalving"]
 
 class SuccessiveHalving(Policy):
     def __init__(
-        self, metric: str = "eval_loss", mode: str = "min", eta: int = 3, min_chunks: int = 1, probe_steps: int = 0
+        self,
+        metric: str = "eval_loss",
+        mode: str = "min",
+        eta: int = 3,
+        min_chunks: int = 1,
+        probe_steps: int | str = "auto",
+        probe_from: int = 2,
     ):
-        super().__init__(metric, mode, probe_steps)
+        super().__init__(metric, mode, probe_steps, probe_from)
         if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 4:
             raise ValueError(f"`eta` is {eta!r}, but must be 2, 3 or 4 (keep the best 1/eta at each rung)")
         if isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1:
@@ -43,7 +50,7 @@ class SuccessiveHalving(Policy):
             Decision(
                 "stop",
                 r.run_id,
-                f"rank {i}/{len(ranked)} at chunk {rung} on {self.ranked_by} {fmt(r.value(rung))} "
+                f"rank {i}/{len(ranked)} at chunk {rung} on {self.ranked_by(rung)} {fmt(r.value(rung))} "
                 f"{'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
             )
             for i, r in enumerate(ranked, start=1)

@@ -18,6 +18,7 @@ from bench import (
     pruning,
     scale,
     thread,
+    time_to_best,
     tracking,
 )
 
@@ -39,7 +40,9 @@ RUNS = [
     (ic_ops.main, ["--trials", "5"]),
     (checkpoint.main, ["--model", "demo"]),
     (checkpoint.main, ["--model", "llama512"]),
-    (pruning.main, ["--seeds", "5"]),
+    (pruning.main, ["--seeds", "5", "--rows", "384"]),
+    (time_to_best.main, ["--seeds", "3"]),
+    (time_to_best.main, ["--seeds", "3", "--probe-steps", "0"]),
 ]
 
 if __name__ == "__main__":

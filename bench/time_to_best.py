@@ -75,6 +75,25 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
     }
 
 
+def _row(result: dict) -> list[str]:
+    seeds, summary = result["seeds"], result["summary"]
+    return [
+        result["date"],
+        result["machine"],
+        f"SH eta=3, {_ranking(result['probe_steps'])}{', fused' if result['fuse'] else ''}",
+        " / ".join(f"{s['a_time_s']:.0f}" for s in seeds),
+        " / ".join(f"{s['a_leader_s']:.0f}" for s in seeds),
+        " / ".join(f"{s['b_grid_s']:.0f}" for s in seeds),
+        " / ".join(f"{s['b_median_order_s']:.0f}" for s in seeds),
+        f"{summary['found']}/{len(seeds)}",
+        f"{summary['steps_ratio_median']:.2f}",
+        f"{summary['ratio_grid_median']:.2f}",
+        f"{summary['ratio_median_order_median']:.2f}",
+        f"{summary['leader_ratio_median_order_median']:.2f}",
+        f"`{result['command']}`",
+    ]
+
+
 def _ranking(probe_steps: int | None) -> str:
     if probe_steps is None:
         return f"default (probe {AUTO_PROBE_STEPS} from rung 2)"
@@ -195,24 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": seeds,
         "summary": summary,
     }
-    save("time_to_best", result)
-    rows = [
-        [
-            result["date"],
-            result["machine"],
-            f"SH eta=3, {_ranking(args.probe_steps)}{', fused' if args.fuse else ''}",
-            " / ".join(f"{s['a_time_s']:.0f}" for s in seeds),
-            " / ".join(f"{s['a_leader_s']:.0f}" for s in seeds),
-            " / ".join(f"{s['b_grid_s']:.0f}" for s in seeds),
-            " / ".join(f"{s['b_median_order_s']:.0f}" for s in seeds),
-            f"{summary['found']}/{len(seeds)}",
-            f"{summary['steps_ratio_median']:.2f}",
-            f"{summary['ratio_grid_median']:.2f}",
-            f"{summary['ratio_median_order_median']:.2f}",
-            f"{summary['leader_ratio_median_order_median']:.2f}",
-            f"`{result['command']}`",
-        ]
-    ]
+    variant = {None: "default", 0: "eval"}.get(args.probe_steps, f"probe{args.probe_steps}")
+    rows = [_row(r) for r in save(f"time_to_best-{variant}{'-fused' if args.fuse else ''}", result)]
     write_section(
         "time_to_best",
         "Time to the best config (16-config SFT grid, demo model)",

@@ -36,7 +36,7 @@ ROOT = Path(__file__).parents[1]
         (
             "time_to_best",
             ["--seeds", "1", "--configs", "3", "--rows", "32", "--num-chunks", "2", "--probe-steps", "1"],
-            "time_to_best",
+            "time_to_best-probe1",
         ),
     ],
 )

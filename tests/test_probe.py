@@ -3,6 +3,8 @@ trains a throwaway copy at a rung; the runs themselves must go on bit for bit as
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -83,6 +85,8 @@ def test_the_probe_compresses_the_rest_of_the_runs_own_schedule_and_ends_where_t
         lrs = [group[0] for group in probe_lrs(scheduler, optimizer, step=8, total=20, steps=4)]
         expected = [1e-3 * scheduler.lr_lambdas[0](t) for t in (10, 13, 16, 19)]  # 19: the run's own last step
         assert lrs == pytest.approx(expected)
+        wrapped = types.SimpleNamespace(scheduler=scheduler)  # as Accelerate's AcceleratedScheduler holds it
+        assert [group[0] for group in probe_lrs(wrapped, optimizer, step=8, total=20, steps=4)] == lrs
         assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-4
     # a schedule whose rate cannot be read at any step: linear from the current rate towards 0
     optimizer = torch.optim.SGD([param], lr=0.4)

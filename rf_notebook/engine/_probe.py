@@ -48,7 +48,7 @@ def probe_lrs(scheduler: Any, optimizer: Any, step: int, total: int, steps: int)
     that is not a `LambdaLR` (whose rate at any step can be read) decays linearly from the current rate to 0."""
     remaining = max(total - step, 1)
     at = [step + math.ceil((i + 1) * remaining / steps) - 1 for i in range(steps)]
-    lambdas = getattr(scheduler, "lr_lambdas", None)
+    lambdas = getattr(getattr(scheduler, "scheduler", scheduler), "lr_lambdas", None)  # Accelerate may wrap it
     groups = optimizer.param_groups
     if lambdas is not None and len(lambdas) == len(groups) and all("initial_lr" in g for g in groups):
         return [[g["initial_lr"] * fn(t) for g, fn in zip(groups, lambdas)] for t in at]

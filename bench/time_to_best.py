@@ -53,13 +53,14 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
     )
     assert exp.wait(timeout=3600)
     wall = time.time() - start
+    ranking = policy.resolved("SFT", has_eval=True)  # as run_fit resolved it
     runs = {r.run_id: r for r in exp.runs()}
     finals, ranked = {}, {}
     for m in exp.store.metrics():
         record = runs[m.run_id]
         if m.name == "eval_loss" and record.status.value == "finished" and m.step == record.step:
             finals[m.run_id] = (m.value, m.wall_time - start)
-        if m.name == policy.ranked_by:
+        if m.name == ranking.ranked_by(m.chunk):
             ranked.setdefault(m.chunk, []).append((m.value, m.run_id, m.wall_time - start))
     configs = [r.config for r in runs.values()]
     stats = exp.stats()

@@ -62,7 +62,7 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
             finals[m.run_id] = (m.value, m.wall_time - start)
         if m.name == ranking.ranked_by(m.chunk):
             ranked.setdefault(m.chunk, []).append((m.value, m.run_id, m.wall_time - start))
-    configs = [r.config for r in runs.values()]
+    configs = [r.config for r in runs.values()]  # (b) trains these, in this order
     stats = exp.stats()
     exp.end()
     steps = sum(r.step for r in runs.values())
@@ -71,6 +71,7 @@ def with_policy(args: argparse.Namespace, seed: int, train: Any, evl: Any, workd
         "finished": finals,
         "leaders": [(min(rows)[1], max(t for *_, t in rows)) for _, rows in sorted(ranked.items())],
         "configs": configs,
+        "run_ids": list(runs),
         "steps": steps,
         "probe_steps": stats["probe_steps"],
     }
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                 orders.append(time_to_good([b["times"][i] for i in order], [good[i] for i in order]))
             b_median = statistics.median(orders)
             a_best = min(loss for loss, _ in a["finished"].values())
-            a_leader = leader_time(a["leaders"], {i + 1 for i, ok in enumerate(good) if ok})  # run ids are 1..N
+            a_leader = leader_time(a["leaders"], {run_id for run_id, ok in zip(a["run_ids"], good) if ok})
             entry = {
                 "seed": seed,
                 "a_time_s": a_time,

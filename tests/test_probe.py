@@ -172,32 +172,76 @@ def test_probed_runs_train_bit_for_bit_as_unprobed_ones_and_the_policy_ranks_by_
     for run_id in survivors:  # and their adapters are the same tensors
         a, b = _adapter(plain, run_id, tmp_path / f"a{run_id}"), _adapter(probed, run_id, tmp_path / f"b{run_id}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert probed.stats()["probes"] == len(probes)
+    # the probes trained: an unfinished run's probe differs from its eval loss, by the steps the stats count
+    unfinished = [k for k in probes if not (k[0] in survivors and k[1] == probed.runs()[k[0] - 1].step)]
+    assert unfinished and all(probes[k] != after[(k[0], k[1], "eval_loss")] for k in unfinished)
+    assert probed.stats()["probes"] == len(probes) and probed.stats()["probe_steps"] == 3 * len(unfinished)
     for exp in runs.values():
         exp.end(wait=False)
 
 
-def test_a_probe_that_fails_leaves_its_run_unranked_and_training(tmp_path, monkeypatch):
+def _two_runs(tmp_path, name: str, policy) -> Experiment:
+    exp = Experiment(name, experiments_dir=tmp_path)
+    train, evl = arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8)
+    args = dict(learning_rate=List([3e-3, 1e-3]), per_device_train_batch_size=8, max_steps=8)
+    exp.run_fit(_search("SFT", args), demo_model_fn, train, evl, num_chunks=2, seed=1, policy=policy)
+    assert exp.wait(timeout=300)
+    return exp
+
+
+def test_a_probe_that_fails_is_said_and_its_rung_is_ranked_by_the_eval_loss(tmp_path, monkeypatch):
     from rf_notebook.engine import _probe
 
     def broken(trainer, params, steps, rows):
         raise RuntimeError("probe out of memory")
 
     monkeypatch.setattr(_probe, "anneal_probe", broken)
-    exp = Experiment("broken", experiments_dir=tmp_path)
-    train, evl = arithmetic_dataset("train", n=32), arithmetic_dataset("eval", n=8)
-    exp.run_fit(
-        _search("SFT", dict(learning_rate=1e-3, per_device_train_batch_size=8, max_steps=4)),
-        demo_model_fn,
-        train,
-        evl,
-        num_chunks=2,
-        policy=SuccessiveHalving(eta=2, probe_steps=2, probe_from=1),
-    )
-    assert exp.wait(timeout=300)
+    exp = _two_runs(tmp_path, "broken", SuccessiveHalving(eta=4, probe_steps=2, probe_from=1))
     runs = exp.runs()
-    assert [r.status.value for r in runs] == ["finished", "finished"]  # nobody ranked: nobody stopped
-    assert all("its anneal probe at chunk 2 failed (RuntimeError: probe out of memory)" in r.warning for r in runs)
+    assert sorted(r.status.value for r in runs) == ["finished", "stopped", "stopped", "stopped"]
+    assert all("its anneal probe at chunk 1 failed (RuntimeError: probe out of memory)" in r.warning for r in runs)
+    reasons = set(exp.ic_log().reason)
+    assert reasons and all(" on eval_loss " in reason for reason in reasons)  # not exempt: ranked by eval loss
+    exp.end(wait=False)
+
+
+def test_a_probe_that_fails_half_way_leaves_the_run_exactly_as_it_was(tmp_path, monkeypatch):
+    from rf_notebook.engine import _probe
+
+    plain = _two_runs(tmp_path, "plain", None)
+    batches = _probe._batches
+
+    def second_batch_broken(trainer, rows, size):  # the probe's first step trains, its second one raises
+        out = batches(trainer, rows, size)
+        return [out[0], {"input_ids": "not a tensor"}, *out[2:]]
+
+    monkeypatch.setattr(_probe, "_batches", second_batch_broken)
+    probed = _two_runs(tmp_path, "half", MedianOfPeers(warmup_chunks=0, probe_steps=3, probe_from=1))
+    assert all("its anneal probe at chunk 1 failed" in r.warning for r in probed.runs())
+    before, after = _metrics(plain), _metrics(probed)
+    common = [k for k in after if k in before]
+    assert len(common) > 20 and [k for k in common if after[k] != before[k]] == []
+    for exp in (plain, probed):
+        exp.end(wait=False)
+
+
+def test_a_run_the_probe_cannot_put_back_fails_and_the_others_go_on(tmp_path, monkeypatch):
+    from rf_notebook.engine import _probe
+
+    calls = []
+
+    def put_back(params, weights, grads):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return _put_back(params, weights, grads)
+
+    _put_back = _probe._put_back
+    monkeypatch.setattr(_probe, "_put_back", put_back)
+    exp = _two_runs(tmp_path, "lost", SuccessiveHalving(eta=4, probe_steps=2, probe_from=1))
+    assert sorted(r.status.value for r in exp.runs()) == ["failed", "finished", "stopped", "stopped"]
+    (failed,) = [r for r in exp.runs() if r.status.value == "failed"]
+    assert "RunStateLost: putting the run back after its anneal probe failed" in failed.error
     exp.end(wait=False)
 
 

@@ -10,6 +10,7 @@ way with origin "policy". Ops are submitted from any thread; nothing here touche
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ from rf_notebook.control.prepare import Preparer
 from rf_notebook.control.results import logged_name
 from rf_notebook.engine import Engine
 from rf_notebook.policies import Policy, RunAtRung
+from rf_notebook.policies._base import live
 from rf_notebook.store import Store
 
 logger = logging.getLogger(__name__)
@@ -132,25 +134,42 @@ class Control:
             return None
         return policy.probes_at
 
-    def policy_step(self, policy: Policy, rung: int) -> None:
-        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
-        metrics = self.store.metrics()
+    def _runs_at_rung(self, policy: Policy, metrics: list[Any], fit: set[int]) -> list[RunAtRung]:
+        """What `policy` sees of the runs of `fit`: each rung's values in the metric it ranks by there (the eval loss,
+        or an anneal probe's result)."""
         logged = {m.name for m in metrics}
-        # each rung's values in the metric the policy ranks by there (the eval loss, or an anneal probe's result)
         names = {chunk: logged_name(policy.ranked_by(chunk), logged) for chunk in {m.chunk for m in metrics}}
         values: dict[int, dict[int, float]] = {}
         for m in metrics:
             if m.name == names[m.chunk]:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
-        fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
-        for op in self.store.ic_log():
-            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
-                fit.add(op.new_run_id)
-        runs = [
+        return [
             RunAtRung(r.run_id, r.name, r.status.value, values.get(r.run_id, {}), {**_resolved(r.config), **r.params})
             for r in self.store.runs()
             if r.run_id in fit
         ]
+
+    def policy_step(self, policy: Policy, rung: int) -> None:
+        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
+        metrics = self.store.metrics()
+        fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
+        for op in self.store.ic_log():
+            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
+                fit.add(op.new_run_id)
+        runs = self._runs_at_rung(policy, metrics, fit)
+        probed = policy.probes_at(rung)
+        missing = [r.run_id for r in live(runs) if r.value(rung) is None] if probed else []
+        if missing:  # a failed probe (or a rung reached before probes existed) must not exempt runs from the cut
+            logger.warning(
+                "policy %r: runs %s have no anneal probe at chunk %d; that rung is ranked by %r",
+                policy,
+                missing,
+                rung,
+                policy.metric,
+            )
+            policy = copy.copy(policy)
+            policy.probe_steps = 0
+            runs = self._runs_at_rung(policy, metrics, fit)
         if policy.decides_at(rung) and not any(rung in run.values for run in runs):
             logger.warning(
                 "policy %r: no run logged %r at chunk %d (logged: %s); nothing to decide",

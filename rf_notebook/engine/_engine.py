@@ -27,7 +27,7 @@ from typing import Any
 
 from rf_notebook import scheduler
 from rf_notebook.commands import CloneModify, Command, CommandQueue, Delete, Export, ICOp, Resume, Shutdown, Stop
-from rf_notebook.engine.backend import Backend, Slot
+from rf_notebook.engine.backend import Backend, RunStateLost, Slot
 from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,9 @@ class Engine:
             at_rung = slot.finished or slot.step >= pause_at
             if at_rung:
                 self.backend.evaluate(slot)
-                self._probe(slot)
+            t_eval = time.perf_counter()
+            if at_rung:
+                self._probe(slot)  # its time goes to probe_s
             t3 = time.perf_counter()
             if at_rung and self.checkpoints:
                 self._checkpoint(slot)
@@ -284,27 +286,37 @@ class Engine:
         if slot.finished:
             self.backend.discard(slot, keep_adapter=True)  # frees trainer and optimizer; the adapter stays
         self.stats["switches"] += 1
-        self.stats["eval_s"] += t3 - t2
+        self.stats["eval_s"] += t_eval - t2
         self.stats["checkpoint_s"] += t3_ckpt - t3
         self.stats["switch_s"] += t4 - t3_ckpt
         self.stats["cleanup_s"] += time.perf_counter() - t4
 
     def _probe(self, slot: Slot) -> None:
         """At a rung where the policy ranks by anneal probes: log the run's probe result as "probe_eval_loss". A
-        finished run has annealed already: its probe is its eval loss. A probe that fails leaves the run unranked
-        (said on its record), never failed: the backend restores the run before raising."""
+        finished run has annealed already: its probe is the eval loss it just logged. A probe that fails leaves the
+        run unranked (said on its record; the policy then ranks that rung by its metric), never failed, unless the
+        backend could not put the run back as it was (`RunStateLost`): then the run fails."""
         rung = slot.plan.rungs_done(slot.step)
-        steps = self.probe(rung) if self.probe is not None else 0
+        try:  # the policy's own code: a broken one must not take the runs down
+            steps = self.probe(rung) if self.probe is not None else 0
+        except Exception:
+            logger.exception("the policy failed to say whether to probe at chunk %d", rung)
+            steps = 0
         if not steps:
             return
         t0 = time.perf_counter()
-        steps = 0 if slot.finished else steps
-        try:
-            value = self.backend.probe(slot, steps, rung)
-        except Exception as exc:
-            logger.exception("the anneal probe of run %d at chunk %d failed", slot.run_id, rung)
-            self.warn(slot, f"its anneal probe at chunk {rung} failed ({type(exc).__name__}: {exc}); not ranked there")
-            value = None
+        value = None
+        if slot.finished:
+            logged = [m.value for m in self.store.metrics(slot.run_id) if m.step == slot.step and m.name == "eval_loss"]
+            value, steps = (logged[-1] if logged else None), 0
+        if value is None:
+            try:
+                value = self.backend.probe(slot, steps, rung)
+            except RunStateLost:
+                raise
+            except Exception as exc:
+                logger.exception("the anneal probe of run %d at chunk %d failed", slot.run_id, rung)
+                self.warn(slot, f"its anneal probe at chunk {rung} failed ({type(exc).__name__}: {exc})")
         if value is not None:
             self.record(slot, slot.step, {"probe_eval_loss": value})
         self.stats["probes"] += 1

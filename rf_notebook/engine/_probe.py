@@ -7,11 +7,11 @@ everything back: adapter weights, gradients, optimizer state (the copy has its o
 Accelerate's gradient state, the module's train / eval mode and the trainer's metric buffers. The run goes on
 bit for bit as if never probed (tested).
 
-    loss = anneal_probe(trainer, params_of(trainer), steps=4, rows=probe_rows(len(data), 4 * 8, seed, rung))
+    loss = anneal_probe(trainer, params, steps=4, rows=probe_rows(len(data), 4 * 8, seed, rung))
 
 The probe's batches are the same rows for every run at a rung (drawn with the experiment's seed and the rung), so
 runs are compared on equal data. Runs trained by reward (GRPO, RLOO) have no data loss to anneal on: refused
-before training (`rf_notebook._args.check_probe`).
+before training (`rf_notebook._args.resolve_probe`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rf_notebook.engine import _process_state
+from rf_notebook.engine.backend import RunStateLost
 
 __all__ = ["anneal_probe", "eval_loss", "probe_lrs", "probe_rows"]
 
@@ -97,6 +98,15 @@ def _rows_in(inputs: Any) -> int:
     return 1
 
 
+def _put_back(params: list[Any], weights: list[Any], grads: list[Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p, saved, grad in zip(params, weights, grads):
+            p.copy_(saved)
+            p.grad = grad
+
+
 def anneal_probe(trainer: Any, params: list[Any], steps: int, rows: Sequence[int]) -> float:
     """Train a copy of the run `steps` optimizer steps on `rows` with its learning rate annealed, evaluate it, and
     restore the run exactly. `params` are the run's trainable parameters (its adapter). Returns the eval loss."""
@@ -136,12 +146,12 @@ def anneal_probe(trainer: Any, params: list[Any], steps: int, rows: Sequence[int
         with torch.no_grad():
             return eval_loss(trainer)
     finally:
-        with torch.no_grad():
-            for p, weights, grad in zip(params, saved, grads):
-                p.copy_(weights)
-                p.grad = grad
-        trainer.__dict__.update(buffers)
-        if prepared is not None:
-            del loaders[prepared:]
-        model.train(training)
-        _process_state.restore(state)
+        try:
+            _put_back(params, saved, grads)
+            trainer.__dict__.update(buffers)
+            if prepared is not None:
+                del loaders[prepared:]
+            model.train(training)
+            _process_state.restore(state)
+        except Exception as exc:  # the run is not what it was: it must fail, not train on
+            raise RunStateLost(f"putting the run back after its anneal probe failed: {exc!r}") from exc

@@ -65,6 +65,10 @@ class Slot(Protocol):
         """Unwind the run's training (nothing of it trains again)."""
 
 
+class RunStateLost(RuntimeError):
+    """A backend could not put a run back as it was (after an anneal probe): the run fails rather than train on."""
+
+
 class Backend(Protocol):
     """What the loop asks of the side that trains. See the module docstring."""
 

@@ -26,6 +26,12 @@ class MedianOfPeers(Policy):
         if isinstance(warmup_chunks, bool) or not isinstance(warmup_chunks, int) or warmup_chunks < 0:
             raise ValueError(f"`warmup_chunks` is {warmup_chunks!r}, but must be an int >= 0")
         self.warmup_chunks = warmup_chunks
+        if probe_steps and probe_from > warmup_chunks + 1:
+            raise ValueError(
+                f"`probe_from` is {probe_from} with warmup_chunks={warmup_chunks}: the median compares every run's "
+                "latest value, so every rung it decides at must use the same metric; use probe_from <= "
+                f"{warmup_chunks + 1}"
+            )
 
     def decides_at(self, rung: int) -> bool:
         return rung > self.warmup_chunks

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[1] / "rf_notebook"
 
 
 def listening_sockets() -> list[str]:
-    """This process's listening TCP sockets and bound UDP / raw sockets, from /proc."""
+    """This process's listening TCP sockets and bound, unconnected UDP / raw sockets, from /proc."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -31,7 +31,9 @@ def listening_sockets() -> list[str]:
         for line in path.read_text().splitlines()[1:]:
             fields = line.split()
             local, state, inode = fields[1], fields[3], fields[9]
-            listening = state == "0A" if table.startswith("tcp") else True
+            # TCP: in LISTEN state; UDP / raw: bound and not connected to one peer (a DNS client's socket is)
+            remote = fields[2]
+            listening = state == "0A" if table.startswith("tcp") else set(remote.replace(":", "")) == {"0"}
             if inode in inodes and listening:
                 found.append(f"{table} {local}")
     return found
@@ -60,6 +62,36 @@ def test_a_running_experiment_listens_on_no_socket(tmp_path):
     panel.stop_writer()
     exp.end(wait=False)
     assert seen == []
+
+
+def test_checkpoints_at_chunk_ends_ask_the_hub_nothing(tmp_path, monkeypatch):
+    """PEFT's state dict asks the Hub whether the base's config exists (a DNS lookup, then HTTPS) unless told what to
+    save: every chunk end's checkpoint did so, which `listening_sockets` caught once as a bound UDP socket."""
+    from peft.utils import save_and_load
+
+    asked = []
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", lambda *args, **kw: asked.append(args))
+    exp = Experiment("no-hub", experiments_dir=tmp_path)
+    group = RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+            training_args=RFSFTConfig(max_steps=4, per_device_train_batch_size=8),
+        ),
+        trainer_type="SFT",
+    )
+
+    def hub_named(model_config):  # a base known by a Hub id, as users' are (the demo's is a local folder)
+        model, tokenizer = demo_model_fn(model_config)
+        model.name_or_path = model.config._name_or_path = "example-org/not-a-local-folder"
+        return model, tokenizer
+
+    exp.run_fit(group, hub_named, arithmetic_dataset("train", n=32), None, num_chunks=2)
+    assert exp.wait(timeout=300)
+    assert [r.status.value for r in exp.runs()] == ["finished"]
+    assert (tmp_path / "no-hub" / "runs").exists() and list((tmp_path / "no-hub").rglob("step-*"))  # checkpointed
+    exp.end(wait=False)
+    assert asked == []
 
 
 def test_no_text_is_evaluated_and_nothing_is_unpickled():

@@ -63,12 +63,17 @@ class SharedBase:
         """Make a run's adapter the active one (the only one in the module tree)."""
         self.adapters.use(name)
 
-    def adapter_weights(self, name: str) -> dict[str, Any]:
-        """A run's adapter weights as PEFT saves them (keys without the adapter name); it becomes the active one."""
+    def adapter_weights(self, name: str, hub_check: bool = True) -> dict[str, Any]:
+        """A run's adapter weights as PEFT saves them (keys without the adapter name); it becomes the active one.
+
+        PEFT decides whether to add the base's embedding layers by asking the Hub for the base model's config (a
+        network lookup on every call). A checkpoint needs no base weights (the base is rebuilt from
+        `create_model_fn`), so `hub_check=False` adds none and asks nothing: no network while training."""
         from peft.utils import get_peft_model_state_dict
 
         self.use(name)
-        return get_peft_model_state_dict(self.peft, adapter_name=name)
+        embeddings: Any = "auto" if hub_check else False
+        return get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=embeddings)
 
     def remove_adapter(self, name: str) -> None:
         """Delete a run's adapter (another one becomes active; each run sets its own before training)."""

@@ -276,7 +276,7 @@ class TorchBackend:
         scaler = getattr(trainer.accelerator, "scaler", None)
         tensors = to_host(
             {
-                "adapter": base.adapter_weights(run.adapter),
+                "adapter": base.adapter_weights(run.adapter, hub_check=False),
                 "optimizer": trainer.optimizer.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "buffer": trainer._buffered_inputs if _mid_generation(trainer) else None,

@@ -29,6 +29,7 @@ from typing import Any
 
 from bench._common import header, new_experiment, plain_trainer, save, write_section
 from bench.pruning import search
+from rf_notebook.chunking import steps_per_epoch
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 from rf_notebook.policies import SuccessiveHalving
 from rf_notebook.policies._base import AUTO_PROBE_STEPS
@@ -123,11 +124,8 @@ def sequential(configs: list[dict], train: Any, evl: Any, workdir: str) -> dict:
         trainer.train()
         losses.append(trainer.evaluate()["eval_loss"])
         times.append(time.perf_counter() - t0)
-    return {"losses": losses, "times": times, "steps": sum(_steps(c, len(train)) for c in configs)}
-
-
-def _steps(config: dict, rows: int) -> int:
-    return -(-rows // config["training_args"]["per_device_train_batch_size"])
+    steps = sum(steps_per_epoch(len(train), c["training_args"]["per_device_train_batch_size"]) for c in configs)
+    return {"losses": losses, "times": times, "steps": steps}
 
 
 def time_to_good(times: list[float], good: list[bool]) -> float:

@@ -42,6 +42,7 @@ _EXPORTS = {
     "RFRLOOConfig": "rf_notebook.configs",
     "RFGridSearch": "rf_notebook.search",
     "RFRandomSearch": "rf_notebook.search",
+    "RFOptunaSearch": "rf_notebook.optuna_search",
 }
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "RFRLOOConfig",
     "RFGridSearch",
     "RFRandomSearch",
+    "RFOptunaSearch",
 ]
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
         RFSFTConfig,
     )
     from rf_notebook.fields import LegacyFieldWarning
+    from rf_notebook.optuna_search import RFOptunaSearch
     from rf_notebook.search import RFGridSearch, RFRandomSearch
     from rf_notebook.space import List, Range
 

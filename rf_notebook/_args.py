@@ -146,3 +146,14 @@ def resolve_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> Any:
             "None: pass an eval data set, or use probe_steps=0"
         )
     return policy
+
+
+def check_study(search: Any, eval_dataset: Any) -> None:
+    """An `RFOptunaSearch` scores its trials by a metric the runs will log: an eval metric needs an eval data set."""
+    from rf_notebook.optuna_search import RFOptunaSearch
+
+    if isinstance(search, RFOptunaSearch) and eval_dataset is None and search.metric.startswith("eval_"):
+        raise ValueError(
+            f"`param_config` is {search!r}, which scores each config by {search.metric!r}, but `eval_dataset` is None: "
+            "pass an eval data set, or score by a training metric (metric='loss')"
+        )

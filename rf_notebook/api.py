@@ -27,8 +27,10 @@ from rf_notebook.control import results as tables
 from rf_notebook.control.ops import Control
 from rf_notebook.control.prepare import Preparer, default_model_fn
 from rf_notebook.control.resume import begin, close_interrupted, plan_fit
+from rf_notebook.control.study import Study
 from rf_notebook.engine import Engine
 from rf_notebook.engine.checkpoints import export_checkpoint
+from rf_notebook.optuna_search import RFOptunaSearch
 from rf_notebook.search import Search
 from rf_notebook.store import RunRecord, RunStatus, Store
 
@@ -150,6 +152,7 @@ class Experiment:
             fuse=fuse,
         )
         fit = dataclasses.replace(fit, policy=_args.resolve_probe(fit.policy, param_config.trainer_type, eval_dataset))
+        _args.check_study(param_config, eval_dataset)
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit, sinks)
 
@@ -183,7 +186,12 @@ class Experiment:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-        begin(self._store, plan, with_policy=fit.policy is not None)
+        searching = isinstance(search, RFOptunaSearch)
+        begin(self._store, plan, with_policy=fit.policy is not None or searching)
+        study = None
+        if searching:  # the sampler proposes a config for each slot a run frees
+            fits = self._store.meta("fits")
+            study = Study(search, self._store, self._control, len(fits), fits[-1]["run_ids"], fit.resume)
         backend = TorchBackend(
             model_fn,
             train,
@@ -199,12 +207,13 @@ class Experiment:
             self._store,
             plan.runs,
             backend,
-            on_rung=self._control.policy_hook(fit.policy),
+            on_rung=self._control.policy_hook(fit.policy, study),
             checkpoints=True,
             decided_rung=plan.decided,
             replay=plan.replay,
             owner=self,
             probe=self._control.probe_plan(fit.policy),
+            on_idle=self._control.idle_hook(study),
         )
         self._control.engine = engine
         if sinks:  # each tracker's own thread reads the store: training never waits on a tracker
@@ -249,7 +258,8 @@ class Experiment:
 
         def done(runs: list[RunRecord], ops: list[Any]) -> bool:
             mine = [r for r in runs if r.run_id in engine.runs]
-            return not engine.alive or not (_trainable(mine) or any(op.outcome == "pending" for op in ops))
+            busy = _trainable(mine) or any(op.outcome == "pending" for op in ops) or not engine.settled
+            return not engine.alive or not busy
 
         def step(seconds: float | None) -> bool:
             return self._store.wait_until(done, seconds)
@@ -270,7 +280,7 @@ class Experiment:
         engine = self._engine
         if engine is None or not engine.alive:
             return False
-        return _trainable([r for r in self._store.runs() if r.run_id in engine.runs])
+        return _trainable([r for r in self._store.runs() if r.run_id in engine.runs]) or not engine.settled
 
     def runs(self) -> list[RunRecord]:
         """Every run: id, name, resolved config, status and progress (snapshots)."""

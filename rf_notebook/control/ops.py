@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rf_notebook.commands import RUN_OPS, CloneModify
 from rf_notebook.control.prepare import Preparer
@@ -21,6 +21,9 @@ from rf_notebook.engine import Engine
 from rf_notebook.policies import Policy, RunAtRung
 from rf_notebook.policies._base import live
 from rf_notebook.store import Store
+
+if TYPE_CHECKING:
+    from rf_notebook.control.study import Study
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +76,18 @@ class Control:
         origin: str,
         reason: str | None = None,
         rung: int | None = None,
+        name: str | None = None,
     ) -> tuple[int, int]:
-        """Log, check, prepare and queue a clone of `run_id` with `overrides`; return (op id, the new run's id)."""
+        """Log, check, prepare and queue a clone of `run_id` with `overrides`; return (op id, the new run's id).
+        `name`: the new run's (default: the parent's name and what changed)."""
         new_id = self.store.reserve_run_ids(1)[0]
-        args = {"overrides": overrides, "warm_start": warm_start, **({"rung": rung} if rung is not None else {})}
+        args = {"overrides": overrides, "warm_start": warm_start}
+        args.update({k: v for k, v in (("rung", rung), ("name", name)) if v is not None})
         op = self.store.log_op(origin, "clone_modify", run_id, args, new_run_id=new_id, reason=reason)
         try:
             self._check("clone_modify", run_id, warm_start)
             parent = self.engine.runs[run_id]
-            prepared = self.preparer.prepare_clone(parent, new_id, overrides, warm_start, parent.args.seed)
+            prepared = self.preparer.prepare_clone(parent, new_id, overrides, warm_start, parent.args.seed, name)
         except (KeyError, TypeError, ValueError) as exc:
             self.store.settle_op(op.op_id, "refused", str(exc))
             raise
@@ -121,11 +127,25 @@ class Control:
 
     # -- policies -------------------------------------------------------------------------------------------------
 
-    def policy_hook(self, policy: Policy | None) -> Any:
-        """The engine's rung hook for `policy` (None: no hook)."""
-        if policy is None:
+    def policy_hook(self, policy: Policy | None, study: Study | None = None) -> Any:
+        """The engine's rung hook for `policy` and an `RFOptunaSearch`'s `study` (None: no hook)."""
+        if policy is None and study is None:
             return None
-        return lambda rung: self.policy_step(policy, rung)
+        return lambda rung: self.policy_step(policy, rung, study)
+
+    def idle_hook(self, study: Study | None) -> Any:
+        """The engine's idle hook: a study fills the slots of the runs that ended (None: no hook)."""
+        if study is None:
+            return None
+        return lambda: self.idle_step(study)
+
+    def idle_step(self, study: Study) -> int:
+        """Nothing is left to train: the study proposes runs for the freed slots (scheduler thread). They pass
+        rungs 1, 2, ... anew, so the policy's rung mark starts again."""
+        started = study.step(None)
+        if started:
+            self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": 0})
+        return started
 
     @staticmethod
     def probe_plan(policy: Policy | None) -> Any:
@@ -149,8 +169,19 @@ class Control:
             if r.run_id in fit
         ]
 
-    def policy_step(self, policy: Policy, rung: int) -> None:
-        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"."""
+    def policy_step(self, policy: Policy | None, rung: int, study: Study | None = None) -> None:
+        """Ask `policy` about rung `rung` (scheduler thread) and submit its decisions as ops, origin "policy"; then
+        a `study` fills the slots they freed."""
+        if policy is not None:
+            self._decide(policy, rung)
+        if study is not None:
+            try:
+                study.step(rung)
+            except Exception:  # a broken sampler must not stop the rung from being marked decided
+                logger.exception("RFOptunaSearch failed at chunk %d", rung)
+        self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": rung})
+
+    def _decide(self, policy: Policy, rung: int) -> None:
         metrics = self.store.metrics()
         fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
         for op in self.store.ic_log():
@@ -194,7 +225,6 @@ class Control:
                     )
             except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the others go on
                 logger.warning("policy decision %s on run %d refused: %s", decision.op, decision.run_id, exc)
-        self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": rung})
 
 
 def _resolved(config: Any) -> dict[str, Any]:

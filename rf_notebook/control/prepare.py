@@ -86,10 +86,16 @@ class Preparer:
         return PreparedRun(run_id, spec, args, lora, config)
 
     def prepare_clone(
-        self, parent: PreparedRun, new_id: int, overrides: dict[str, Any], warm_start: bool, seed: int
+        self,
+        parent: PreparedRun,
+        new_id: int,
+        overrides: dict[str, Any],
+        warm_start: bool,
+        seed: int,
+        name: str | None = None,
     ) -> PreparedRun:
         """Clone `new_id` of the prepared run `parent` with validated `overrides`, prepared like any run, in the
-        parent's precision (not that of a later run_fit)."""
+        parent's precision (not that of a later run_fit); `name` (default: the parent's and what changed)."""
         split = split_overrides(
             overrides,
             current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
@@ -99,7 +105,7 @@ class Preparer:
             },
             warm_start=bool(warm_start),
         )
-        spec = clone_spec(parent.spec, split, warm_start)
+        spec = clone_spec(parent.spec, split, warm_start, name)
         precision = "bf16" if parent.args.bf16 else "fp16" if parent.args.fp16 else "fp32"
         return self.prepare(new_id, spec, seed, precision)
 
@@ -171,14 +177,17 @@ class Preparer:
         return user_args, mc
 
 
-def clone_spec(parent: RunSpec, overrides: dict[str, dict[str, Any]], warm_start: bool) -> RunSpec:
-    """The parent's spec with (validated, split) overrides applied, named after the parent and what changed."""
+def clone_spec(
+    parent: RunSpec, overrides: dict[str, dict[str, Any]], warm_start: bool, name: str | None = None
+) -> RunSpec:
+    """The parent's spec with (validated, split) overrides applied, named `name` or after the parent and what
+    changed."""
     mc = parent.model_config
     training_args = (mc.training_args or TRAINING_ARGS[parent.trainer_type]()).replace(**overrides["training_args"])
     peft_config = mc.peft_config.replace(**overrides["peft_config"])
     changes = {**overrides["peft_config"], **overrides["training_args"]}
     label = ", ".join(f"{ALIASES.get(k, k)}={format_value(v)}" for k, v in changes.items()) or "same config"
-    name = f"{parent.name} > {label}{' (warm)' if warm_start else ''}"
+    name = name or f"{parent.name} > {label}{' (warm)' if warm_start else ''}"
     params = {
         **parent.params,
         **{f"training_args.{k}": v for k, v in overrides["training_args"].items()},

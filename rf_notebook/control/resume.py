@@ -142,7 +142,12 @@ def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[
     for op in store.ic_log():  # clones, in the order they were made (a clone of a clone follows)
         if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in prepared:
             prepared[op.new_run_id] = preparer.prepare_clone(
-                prepared[op.run_id], op.new_run_id, op.args["overrides"], op.args["warm_start"], fit["seed"]
+                prepared[op.run_id],
+                op.new_run_id,
+                op.args["overrides"],
+                op.args["warm_start"],
+                fit["seed"],
+                op.args.get("name"),
             )
     resumed = FitPlan()
     for run_id, run in prepared.items():
@@ -185,7 +190,7 @@ def _replay(
         else:
             overrides, warm_start = op.args["overrides"], op.args["warm_start"]
             prepared[op.new_run_id] = preparer.prepare_clone(
-                prepared[op.run_id], op.new_run_id, overrides, warm_start, seed
+                prepared[op.run_id], op.new_run_id, overrides, warm_start, seed, op.args.get("name")
             )
             into.replay.append(
                 CloneModify(

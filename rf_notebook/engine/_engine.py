@@ -49,6 +49,7 @@ class Engine:
         replay: Sequence[Command] = (),
         owner: Any = None,
         probe: Callable[[int], int] | None = None,
+        on_idle: Callable[[], int] | None = None,
     ):
         self.store, self.backend = store, backend
         # Kept alive as long as this engine (its thread): the Experiment, whose process-wide checks (one experiment
@@ -61,6 +62,10 @@ class Engine:
         self._decided_rung = decided_rung
         # Anneal probes at rungs (a policy that ranks by them): chunk number -> probe steps there (0: none).
         self.probe = probe
+        # Called on this thread when nothing is left to train (a search that fills freed slots): the number of runs
+        # it submitted. Runs submitted there start a new round of rungs (rung 1 is theirs to pass).
+        self.on_idle = on_idle
+        self._settled = threading.Event()  # idle, and on_idle had nothing to add
         self._rung = 0
         backend.connect(should_yield=self.pending, record=self.record, warn=self.warn)
         self.runs = {r.run_id: r for r in runs}
@@ -148,6 +153,12 @@ class Engine:
         return reason
 
     @property
+    def settled(self) -> bool:
+        """Whether nothing more happens without a new command: always, without `on_idle`; with it, once the thread
+        is idle and `on_idle` had nothing to add (a search between two rounds of runs is not settled)."""
+        return self.on_idle is None or self._settled.is_set()
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -192,7 +203,12 @@ class Engine:
             idle = self._pick() is None
             if idle and self.commands.empty():
                 self._unload_stopped(idle=True)
+                if self._idle():
+                    continue
+                self._settled.set()
+                self.store.notify()
             self._drain(block=idle)
+            self._settled.clear()
             run_id = None if self._stopping else self._pick()
             if run_id is not None:
                 group = self._fusion_group(run_id)
@@ -200,6 +216,19 @@ class Engine:
                     self._train_together(group)
                 else:
                     self._train(self._slots[run_id])
+
+    def _idle(self) -> bool:
+        """Ask `on_idle` for more runs; whether it submitted any (their ops wait in the queue)."""
+        if self.on_idle is None:
+            return False
+        try:
+            submitted = self.on_idle()
+        except Exception:  # a broken search must not take the experiment down
+            logger.exception("the search failed to fill the freed slots")
+            return False
+        if submitted:
+            self._rung = 0  # nothing is live: the new runs pass rung 1, 2, ... as a new round
+        return bool(submitted)
 
     def _fusion_group(self, run_id: int) -> list[Slot]:
         """The runs that train together with `run_id` in fused steps: live runs in the same chunk that the backend

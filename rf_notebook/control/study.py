@@ -1,0 +1,214 @@
+"""The Optuna study behind an `RFOptunaSearch`, run from the scheduler thread at each rung and whenever nothing is left
+to train.
+
+Each trial is one run. At every call the study learns what happened since the last one: each run's metric at the
+chunk ends it passed (intermediate values), and how runs ended: finished -> complete with its last value, stopped by
+the policy -> pruned, failed or deleted -> failed, a proposal whose Clone-Modify was refused -> failed. Then every
+freed slot (`num_runs` minus the trials still running; a run the user stopped keeps its slot) gets a new proposal,
+until `budget` proposals were made: a cold Clone-Modify of the search's first run, origin "policy".
+
+The study is kept in the store's "study" meta after every call: the trials (params, run, intermediate values, state)
+and the pickled sampler. A resumed run_fit rebuilds the study from it, so the sampler continues where it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import pickle
+from typing import Any
+
+from rf_notebook.control.results import logged_name
+from rf_notebook.optuna_search import OutsideSpace, RFOptunaSearch, _optuna
+from rf_notebook.store import RunStatus, Store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Study"]
+
+META = "study"
+RUNNING, COMPLETE, PRUNED, FAIL = "running", "complete", "pruned", "fail"
+
+
+class Study:
+    """The study of one run_fit: `step(rung)` at rungs (before the rung is marked decided) and `step(None)` when
+    the engine is idle; `control` submits the proposals' Clone-Modify ops."""
+
+    def __init__(self, search: RFOptunaSearch, store: Store, control: Any, fit: int, run_ids: list[int], resume: bool):
+        self.search, self.store, self.control, self.fit = search, store, control, fit
+        self._trials: dict[int, Any] = {}  # trial number -> optuna Trial, while it runs
+        saved = store.meta(META)
+        study, proposals = search.take_first()
+        if resume and saved is not None and saved.get("fit") == fit:
+            self.records = [dict(r) for r in saved["trials"]]
+            self.study = self._rebuild(saved)
+        else:
+            self.study = study
+            self.records = [
+                _record(p.number, p.params, run_id, None) for p, run_id in zip(proposals, run_ids, strict=True)
+            ]
+            self._trials = {p.number: p.trial for p in proposals}
+            self._save()
+
+    # -- each call ------------------------------------------------------------------------------------------------
+
+    def step(self, rung: int | None) -> int:
+        """Tell the study what happened, fill the freed slots; the number of proposals submitted."""
+        self._learn()
+        running = sum(r["state"] == RUNNING for r in self.records)
+        free = min(self.search.num_runs - running, self.search.budget - len(self.records))
+        started = 0
+        for _ in range(max(free, 0)):
+            started += self._propose(rung)
+        self._save()
+        return started
+
+    def _learn(self) -> None:
+        runs = {r.run_id: r for r in self.store.runs()}
+        ops = self.store.ic_log()
+        stops = [op for op in ops if op.op == "stop" and op.origin == "policy"]
+        stopping = {op.run_id for op in stops if op.outcome == "pending"}  # applied before anything trains further
+        pruned = {op.run_id for op in stops if op.outcome == "applied"}
+        values = self._values()
+        for record in self.records:
+            if record["state"] != RUNNING:
+                continue
+            if record["op_id"] is not None:
+                op = self.store.op(record["op_id"])
+                if op.outcome == "pending":
+                    continue
+                if op.outcome == "refused":
+                    self._tell(record, FAIL, why=f"its Clone-Modify was refused: {op.reason}")
+                    continue
+            run = runs.get(record["run_id"])
+            if run is None:
+                continue
+            for chunk, value in sorted(values.get(record["run_id"], {}).items()):
+                if str(chunk) not in record["values"] and math.isfinite(value):
+                    record["values"][str(chunk)] = value
+                    self._trial(record).report(value, chunk)
+            if run.status is RunStatus.FINISHED:
+                final = values.get(record["run_id"], {})
+                last = final[max(final)] if final else None
+                if last is None or not math.isfinite(last):
+                    self._tell(record, FAIL, why=f"it finished without a finite {self.search.metric} ({last})")
+                else:
+                    self._tell(record, COMPLETE, value=last)
+            elif run.status in (RunStatus.FAILED, RunStatus.DELETED):
+                self._tell(record, FAIL, why=f"its run {run.status.value}")
+            elif record["run_id"] in stopping or (run.status is RunStatus.STOPPED and record["run_id"] in pruned):
+                self._tell(record, PRUNED)
+
+    def _values(self) -> dict[int, dict[int, float]]:
+        """The search's metric by run and chunk (the last value logged in each chunk)."""
+        metrics = self.store.metrics()
+        name = logged_name(self.search.metric, {m.name for m in metrics})
+        values: dict[int, dict[int, float]] = {}
+        for m in metrics:
+            if m.name == name:
+                values.setdefault(m.run_id, {})[m.chunk] = m.value
+        return values
+
+    def _tell(self, record: dict[str, Any], state: str, value: float | None = None, why: str = "") -> None:
+        states = _optuna().trial.TrialState
+        trial = self._trial(record)
+        if state == COMPLETE:
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=states.PRUNED if state == PRUNED else states.FAIL)
+        record["state"], record["value"] = state, value
+        self._trials.pop(record["number"], None)
+        if why:
+            logger.info("trial %d (run %s) failed: %s", record["number"], record["run_id"], why)
+
+    def _propose(self, rung: int | None) -> int:
+        """Ask for one config and submit it; 0 if the proposal was refused (it still counts toward the budget)."""
+        try:
+            proposal = self.search.ask(self.study)
+        except OutsideSpace as exc:  # told failed by `ask`
+            self.records.append(_record(exc.number, {}, None, None, state=FAIL))
+            logger.warning("RFOptunaSearch: %s; the proposal is skipped", exc)
+            return 0
+        record = _record(proposal.number, proposal.params, None, None)
+        self.records.append(record)
+        self._trials[proposal.number] = proposal.trial
+        parent = self._parent()
+        reason = f"{proposal.label()}: proposed by the {type(self.study.sampler).__name__} for a freed slot"
+        try:
+            op_id, run_id = self.control.clone_modify(
+                parent, proposal.overrides(), False, origin="policy", reason=reason, rung=rung, name=proposal.label()
+            )
+        except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the slot stays free
+            self._tell(record, FAIL, why=str(exc))
+            logger.warning("RFOptunaSearch: trial %d refused: %s", proposal.number, exc)
+            return 0
+        record["op_id"], record["run_id"] = op_id, run_id
+        return 1
+
+    def _parent(self) -> int:
+        """The run a proposal is cloned from (cold: only its lineage): the search's first run not deleted."""
+        runs = {r.run_id: r for r in self.store.runs()}
+        for record in self.records:
+            run = runs.get(record["run_id"])
+            if run is not None and run.status is not RunStatus.DELETED and record["run_id"] in self.control.engine.runs:
+                return run.run_id
+        raise ValueError("every run of the search was deleted: nothing to clone a proposal from")
+
+    # -- kept in the store ----------------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        try:
+            sampler = base64.b64encode(pickle.dumps(self.study.sampler)).decode("ascii")
+        except Exception:  # noqa: BLE001 - a sampler that cannot be pickled restarts fresh on resume (said then)
+            sampler = None
+        self.store.set_meta(META, {"fit": self.fit, "trials": self.records, "sampler": sampler})
+
+    def _rebuild(self, saved: dict[str, Any]) -> Any:
+        """The study as it was saved: the sampler as pickled, every ended trial told, the running ones asked again
+        with their params and intermediate values."""
+        optuna = _optuna()
+        sampler = None
+        if saved.get("sampler"):
+            sampler = pickle.loads(base64.b64decode(saved["sampler"]))
+        else:
+            logger.warning("RFOptunaSearch: the sampler could not be saved; the resumed study goes on with a fresh one")
+        study = self.search.new_study(sampler)
+        states = {COMPLETE: "COMPLETE", PRUNED: "PRUNED", FAIL: "FAIL"}
+        dists = {path: dist for path, (dist, _) in self.search.space.items()}
+        for record in self.records:
+            values = {int(k): v for k, v in record["values"].items()}
+            if record["state"] == RUNNING:
+                proposal = self.search.ask(study, fixed=record["params"])
+                for chunk, value in sorted(values.items()):
+                    proposal.trial.report(value, chunk)
+                self._trials[record["number"]] = proposal.trial
+                continue
+            params = record["params"] if record["params"] else {}
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions={k: dists[k] for k in params},
+                    value=record["value"]
+                    if record["state"] == COMPLETE
+                    else (values[max(values)] if record["state"] == PRUNED and values else None),
+                    intermediate_values=values,
+                    state=getattr(optuna.trial.TrialState, states[record["state"]]),
+                )
+            )
+        return study
+
+    def _trial(self, record: dict[str, Any]) -> Any:
+        return self._trials[record["number"]]
+
+
+def _record(number: int, params: dict[str, Any], run_id: int | None, op_id: int | None, state: str = RUNNING) -> dict:
+    return {
+        "number": number,
+        "params": dict(params),
+        "run_id": run_id,
+        "op_id": op_id,
+        "state": state,
+        "values": {},
+        "value": None,
+    }

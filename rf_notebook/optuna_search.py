@@ -1,0 +1,256 @@
+"""`RFOptunaSearch`: an Optuna sampler proposes the configs, and proposes again whenever a run's slot is freed.
+
+    search = RFOptunaSearch(
+        RFModelConfig("m", peft_config=RFLoraConfig(r=List([4, 16])),
+                      training_args=RFSFTConfig(learning_rate=Range(1e-4, 3e-3, log=True))),
+        trainer_type="SFT", num_runs=8, budget=24)
+    exp.run_fit(search, ..., policy=SuccessiveHalving())
+
+`num_runs` configs train side by side. Each run is an Optuna trial: its metric at every chunk end is reported to the
+study as an intermediate value; a run the policy stops is told as pruned, a finished run as complete with its final
+metric. When a run ends (stopped by the policy, finished or failed) the sampler proposes a new config, which starts
+in its place as a cold Clone-Modify of the search's first run with origin "policy" (logged, shown in the panel), until
+`budget` configs have been proposed. The sampler (TPE, seeded by `seed`, unless one is given) sees every pruned
+run's curve, so pruning does not turn it into random search. The study lives in the experiment: a resumed run_fit
+continues it. What runs the study is `rf_notebook.control.study`; this module only describes the space and asks.
+
+Optuna is an optional dependency: `pip install 'rf_notebook[optuna]'`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from rf_notebook.configs import RFModelConfig
+from rf_notebook.search import ALIASES, RunSpec, Search, _flatten, _walk, format_value
+from rf_notebook.space import List, Range
+from rf_notebook.spec import ConfigSpec
+
+__all__ = ["RFOptunaSearch", "Proposal", "OutsideSpace"]
+
+SECTIONS = ("training_args", "peft_config")
+_PRIMITIVE = (type(None), bool, int, float, str)
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError(
+            "RFOptunaSearch needs Optuna, which is not installed: pip install 'rf_notebook[optuna]'"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
+    return optuna
+
+
+class OutsideSpace(ValueError):
+    """The sampler proposed a value outside the search space (trial `number`, told failed)."""
+
+    def __init__(self, message: str, number: int):
+        super().__init__(message)
+        self.number = number
+
+
+class Proposal:
+    """One config the sampler proposed: its trial, the sampler's values (`params`, by dotted field path) and the
+    concrete values they stand for (`values`: a List of lists is sampled by index)."""
+
+    def __init__(self, trial: Any, params: dict[str, Any], values: dict[str, Any]):
+        self.trial, self.params, self.values = trial, params, values
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def overrides(self) -> dict[str, Any]:
+        """The Clone-Modify overrides that make the search's base config into this one."""
+        return dict(self.values)
+
+    def label(self) -> str:
+        short = ", ".join(
+            f"{ALIASES.get(k.rsplit('.', 1)[-1], k.rsplit('.', 1)[-1])}={format_value(v)}"
+            for k, v in self.values.items()
+        )
+        return f"trial {self.number}: {short}" if short else f"trial {self.number}"
+
+
+class RFOptunaSearch(Search):
+    """Configs proposed by an Optuna sampler over the `List` / `Range` fields of one `RFModelConfig`'s
+    `training_args` and `peft_config`; `num_runs` train at once, `budget` (default 2 x num_runs) configs in all.
+
+    `metric` / `mode`: what each trial is scored by (its value at the run's last chunk; `mode` "min" or "max").
+    `sampler`: any Optuna sampler (default `TPESampler(seed=seed)`); it is copied, so the one passed stays fresh,
+    and it must be reproducible (seeded) for `run_fit(..., resume=True)` to find the same first configs.
+    """
+
+    def __init__(
+        self,
+        configs: Any,
+        trainer_type: str = "SFT",
+        num_runs: int = 4,
+        budget: int | None = None,
+        sampler: Any = None,
+        metric: str = "eval_loss",
+        mode: str = "min",
+        seed: int = 42,
+    ):
+        optuna = _optuna()
+        super().__init__(configs, trainer_type)
+        if not isinstance(configs, RFModelConfig):
+            raise TypeError(
+                f"RFOptunaSearch takes one RFModelConfig (with List / Range values in its training_args and "
+                f"peft_config), but got {configs!r}; search over several models with RFGridSearch / RFRandomSearch"
+            )
+        for name, value in (("num_runs", num_runs), ("budget", budget)):
+            if value is None and name == "budget":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` is {value!r}, but must be an int >= 1")
+        budget = 2 * num_runs if budget is None else budget
+        if budget < num_runs:
+            raise ValueError(f"`budget` is {budget}, but must be >= num_runs ({num_runs}): the first configs count")
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"`metric` is {metric!r}, but must be the name of a logged metric, e.g. 'eval_loss'")
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
+        if sampler is None:
+            sampler = optuna.samplers.TPESampler(seed=seed)
+        elif not isinstance(sampler, optuna.samplers.BaseSampler):
+            raise TypeError(f"`sampler` is {sampler!r}, but must be an Optuna sampler (optuna.samplers.*)")
+        self.num_runs, self.budget, self.metric, self.mode, self.seed = num_runs, budget, metric, mode, seed
+        self.space = _space(configs, optuna)
+        if not self.space:
+            raise ValueError(
+                "RFOptunaSearch found no List or Range in the config's training_args or peft_config: nothing to search"
+            )
+        self._sampler = copy.deepcopy(sampler)  # the fresh sampler every expand() starts from
+        self._first: tuple[Any, list[Proposal]] | None = None
+
+    # -- the study --------------------------------------------------------------------------------------------
+
+    def new_study(self, sampler: Any = None) -> Any:
+        """An in-memory study with a copy of the fresh sampler (or `sampler`), in the search's direction."""
+        optuna = _optuna()
+        return optuna.create_study(
+            sampler=copy.deepcopy(self._sampler) if sampler is None else sampler,
+            direction="minimize" if self.mode == "min" else "maximize",
+        )
+
+    def ask(self, study: Any, fixed: Mapping[str, Any] | None = None) -> Proposal:
+        """A new trial of `study` (with `fixed` params: a trial recreated after a restart). A proposal outside the
+        space raises ValueError naming the value, after the trial is told failed."""
+        if fixed is not None:
+            study.enqueue_trial(dict(fixed))
+        trial = study.ask({path: dist for path, (dist, _) in self.space.items()})
+        params = dict(trial.params)
+        try:
+            values = {path: _value(path, params.get(path), *space) for path, space in self.space.items()}
+        except ValueError as exc:
+            study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+            raise OutsideSpace(str(exc), trial.number) from None
+        return Proposal(trial, params, values)
+
+    def first(self) -> tuple[Any, list[Proposal]]:
+        """A study and its first `num_runs` proposals (the same every time, and after a restart with the same
+        seeded sampler), kept until a run_fit takes them (`take_first`)."""
+        if self._first is None:
+            study = self.new_study()
+            self._first = (study, [self.ask(study) for _ in range(self.num_runs)])
+        return self._first
+
+    def take_first(self) -> tuple[Any, list[Proposal]]:
+        """`first()`, for the run_fit that trains them: the next expand() starts a new study."""
+        first, self._first = self.first(), None
+        return first
+
+    def _concrete(self) -> list[RFModelConfig]:
+        return [self.config(p.values) for p in self.first()[1]]
+
+    def expand(self) -> list[RunSpec]:
+        proposals = self.first()[1]
+        return [
+            RunSpec(p.label(), self.trainer_type, self.config(p.values), _flatten(self.config(p.values)))
+            for p in proposals
+        ]
+
+    def config(self, values: Mapping[str, Any]) -> RFModelConfig:
+        """The base config with `values` (dotted field path -> value) in place of its List / Range fields."""
+        sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for path, value in values.items():
+            section, field = path.split(".", 1)
+            sections[section][field] = value
+        return self.configs.replace(**{s: getattr(self.configs, s).replace(**kw) for s, kw in sections.items() if kw})
+
+    def __repr__(self) -> str:
+        space = ", ".join(self.space)
+        return (
+            f"RFOptunaSearch({self.trainer_type}, num_runs={self.num_runs}, budget={self.budget}, "
+            f"metric={self.metric!r}, mode={self.mode!r}, space=[{space}])"
+        )
+
+
+def _space(config: RFModelConfig, optuna: Any) -> dict[str, tuple[Any, list[Any] | None]]:
+    """Each searched field's Optuna distribution (and, for a List of non-scalar values, the values its index picks)."""
+    allowed: dict[int, str] = {}
+    for section in SECTIONS:
+        spec = getattr(config, section)
+        if isinstance(spec, ConfigSpec):
+            for field, value in spec.kwargs.items():
+                if isinstance(value, (List, Range)):
+                    allowed[id(value)] = f"{section}.{field}"
+    for path, value in _walk(config, ""):
+        if isinstance(value, (List, Range)) and allowed.get(id(value)) != path:
+            raise ValueError(
+                f"RFOptunaSearch searches fields of training_args and peft_config, but {path or 'the config'} is "
+                f"{value!r}; make it one value (or search it with RFGridSearch / RFRandomSearch)"
+            )
+    space: dict[str, tuple[Any, list[Any] | None]] = {}
+    for path in allowed.values():
+        section, field = path.split(".", 1)
+        value = getattr(config, section).kwargs[field]
+        space[path] = _distribution(path, value, optuna)
+    return space
+
+
+def _distribution(path: str, value: List | Range, optuna: Any) -> tuple[Any, list[Any] | None]:
+    dists = optuna.distributions
+    if isinstance(value, Range):
+        if value.log and value.step is not None:
+            raise ValueError(f"{path}={value!r}: Optuna samples a log range without a step; drop `step` or `log`")
+        if value.dtype == "int":
+            if value.log and value.step not in (None, 1):
+                raise ValueError(f"{path}={value!r}: an int log range is sampled with step 1")
+            step = int(value.step or 1)
+            return dists.IntDistribution(int(value.start), int(value.end), log=value.log, step=step), None
+        return dists.FloatDistribution(float(value.start), float(value.end), log=value.log, step=value.step), None
+    for v in value.values:
+        if isinstance(v, (List, Range)):
+            raise ValueError(f"{path}={value!r}: RFOptunaSearch takes a List of values, not of List / Range")
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{path}={value!r}: {v!r} is not JSON data (numbers, strings, booleans, lists, dicts, null), which a "
+                "proposed config is made of"
+            ) from None
+    if all(isinstance(v, _PRIMITIVE) for v in value.values):
+        return dists.CategoricalDistribution(list(value.values)), None
+    return dists.CategoricalDistribution(list(range(len(value.values)))), list(value.values)
+
+
+def _value(path: str, param: Any, dist: Any, choices: list[Any] | None) -> Any:
+    """The concrete value of a sampled param, checked to lie in the field's space (a custom or grid sampler may
+    propose anything)."""
+    try:
+        inside = param is not None and dist._contains(dist.to_internal_repr(param))
+    except (TypeError, ValueError):
+        inside = False
+    if isinstance(param, float) and not math.isfinite(param):
+        inside = False
+    if not inside:
+        raise ValueError(f"the sampler proposed {path}={param!r}, which is outside the search space ({dist!r})")
+    return choices[param] if choices is not None else param

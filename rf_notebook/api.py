@@ -214,6 +214,7 @@ class Experiment:
             owner=self,
             probe=self._control.probe_plan(fit.policy),
             on_idle=self._control.idle_hook(study),
+            on_late=self._control.late_hook(fit.policy, study),
         )
         self._control.engine = engine
         if sinks:  # each tracker's own thread reads the store: training never waits on a tracker

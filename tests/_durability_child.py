@@ -1,6 +1,9 @@
 """A process that runs (or resumes) a 4-config demo experiment and SIGKILLs itself at a chosen point.
 
     python tests/_durability_child.py DIR start|resume [POINT:N] [--policy sh|pbt] [--trackers mlflow,...] [--fuse]
+        [--optuna]
+
+--optuna: the configs come from an RFOptunaSearch (4 at a time, 7 in all) that fills the slots the policy frees.
 
 POINT is where the N-th occurrence (counted in this process) kills it, with a real SIGKILL:
   step        inside an optimizer step (after forward and backward, before the optimizer update)
@@ -54,6 +57,27 @@ def search() -> RFGridSearch:
             ),
         ),
         trainer_type="SFT",
+    )
+
+
+def optuna_search():
+    from rf_notebook import Range, RFOptunaSearch
+
+    return RFOptunaSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=List([4, 8]), lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+            training_args=RFSFTConfig(
+                learning_rate=Range(1e-4, 3e-3, log=True),
+                per_device_train_batch_size=8,
+                max_steps=MAX_STEPS,
+                lr_scheduler_type="cosine",
+            ),
+        ),
+        trainer_type="SFT",
+        num_runs=4,
+        budget=7,
+        seed=SEED,
     )
 
 
@@ -121,13 +145,16 @@ def main() -> None:
     fuse = "--fuse" in args
     if fuse:
         args.remove("--fuse")
+    optuna = "--optuna" in args
+    if optuna:
+        args.remove("--optuna")
     directory, mode = args[0], args[1]
     if len(args) > 2:
         point, n = args[2].split(":")
         kill_at(point, int(n))
     exp = Experiment("crash", experiments_dir=directory)
     exp.run_fit(
-        search(),
+        optuna_search() if optuna else search(),
         demo_model_fn,
         *data(),
         num_chunks=NUM_CHUNKS,

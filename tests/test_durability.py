@@ -144,19 +144,24 @@ def decisions(directory: Path) -> tuple[list[tuple], list[tuple], int]:
         ("sh", ["rung:1", "deciding:1", "apply:1", "apply:2"]),
         # PBT: killed before its clone applied, and between the clone and the stop of the run it replaces.
         ("pbt", ["rung:1", "apply:1", "apply:2"]),
+        # SH over an RFOptunaSearch: killed before the first rung's decisions, before a proposal's clone applied,
+        # and before a late run's stop: the resumed study proposes the same configs (its sampler's state is kept).
+        ("sh+optuna", ["rung:1", "apply:3", "apply:2", "rung:2"]),
     ],
 )
 def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, points, tmp_path):
-    reference = child(tmp_path / "ref", "start", policy=policy)
+    policy, *search = policy.split("+")
+    extra = ("--optuna",) if search else ()
+    reference = child(tmp_path / "ref", "start", policy=policy, extra=extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
     want_ops, want_runs, _ = decisions(tmp_path / "ref")
     assert any(op == "stop" for _, op, *_ in want_ops), "the policy decided nothing: nothing was tested"
 
     crashed = tmp_path / "crashed"
     for i, point in enumerate(points):
-        proc = child(crashed, "start" if i == 0 else "resume", point, policy=policy)
+        proc = child(crashed, "start" if i == 0 else "resume", point, policy=policy, extra=extra)
         assert proc.returncode == -signal.SIGKILL, f"{point}: the process was not killed there\n{proc.stderr[-3000:]}"
-    final = child(crashed, "resume", policy=policy)
+    final = child(crashed, "resume", policy=policy, extra=extra)
     assert final.returncode == 0, final.stderr[-3000:]
     got_ops, got_runs, pending = decisions(crashed)
     assert got_ops == want_ops

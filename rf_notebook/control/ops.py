@@ -133,6 +133,46 @@ class Control:
             return None
         return lambda rung: self.policy_step(policy, rung, study)
 
+    def late_hook(self, policy: Policy | None, study: Study | None = None) -> Any:
+        """The engine's hook for a run that reaches a rung the others passed (None: no policy)."""
+        if policy is None:
+            return None
+        return lambda run_id, rung: self.late_step(policy, run_id, rung, study)
+
+    def late_step(self, policy: Policy, run_id: int, rung: int, study: Study | None = None) -> None:
+        """Ask `policy` to judge run `run_id` alone at `rung` (it joined late); a `study` fills a slot it frees."""
+        if not policy.decides_at(rung):
+            return
+        runs = self._runs_at_rung(policy, self.store.metrics(), self._fit_runs())
+        run = next((r for r in runs if r.run_id == run_id), None)
+        if run is None:
+            return
+        if policy.probes_at(rung) and run.value(rung) is None:  # its probe failed: judged by the metric
+            policy = copy.copy(policy)
+            policy.probe_steps = 0
+            runs = self._runs_at_rung(policy, self.store.metrics(), self._fit_runs())
+            run = next(r for r in runs if r.run_id == run_id)
+        for decision in policy.judge(rung, run, runs):
+            if decision.op != "stop" or decision.run_id != run_id:
+                continue
+            try:
+                self.submit("stop", run_id, origin="policy", reason=decision.reason, rung=rung)
+            except ValueError as exc:
+                logger.warning("policy decision stop on run %d refused: %s", run_id, exc)
+        if study is not None:
+            try:
+                study.step(rung)
+            except Exception:
+                logger.exception("RFOptunaSearch failed after judging run %d at chunk %d", run_id, rung)
+
+    def _fit_runs(self) -> set[int]:
+        """This run_fit's runs, any status, and their clones."""
+        fit = set(self.store.meta("fits")[-1]["run_ids"])
+        for op in self.store.ic_log():
+            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
+                fit.add(op.new_run_id)
+        return fit
+
     def idle_hook(self, study: Study | None) -> Any:
         """The engine's idle hook: a study fills the slots of the runs that ended (None: no hook)."""
         if study is None:
@@ -183,10 +223,7 @@ class Control:
 
     def _decide(self, policy: Policy, rung: int) -> None:
         metrics = self.store.metrics()
-        fit = set(self.store.meta("fits")[-1]["run_ids"])  # this run_fit's runs, any status, and their clones
-        for op in self.store.ic_log():
-            if op.op == "clone_modify" and op.outcome == "applied" and op.run_id in fit:
-                fit.add(op.new_run_id)
+        fit = self._fit_runs()
         runs = self._runs_at_rung(policy, metrics, fit)
         probed = policy.probes_at(rung)
         missing = [r.run_id for r in live(runs) if r.value(rung) is None] if probed else []

@@ -42,6 +42,7 @@ class Study:
         study, proposals = search.take_first()
         if resume and saved is not None and saved.get("fit") == fit:
             self.records = [dict(r) for r in saved["trials"]]
+            self._link()
             self.study = self._rebuild(saved)
         else:
             self.study = study
@@ -130,9 +131,10 @@ class Study:
             self.records.append(_record(exc.number, {}, None, None, state=FAIL))
             logger.warning("RFOptunaSearch: %s; the proposal is skipped", exc)
             return 0
-        record = _record(proposal.number, proposal.params, None, None)
+        record = _record(proposal.number, proposal.params, None, None, label=proposal.label())
         self.records.append(record)
         self._trials[proposal.number] = proposal.trial
+        self._save()  # before its op is logged: a resume links the two by the run's name
         parent = self._parent()
         reason = f"{proposal.label()}: proposed by the {type(self.study.sampler).__name__} for a freed slot"
         try:
@@ -163,6 +165,18 @@ class Study:
         except Exception:  # noqa: BLE001 - a sampler that cannot be pickled restarts fresh on resume (said then)
             sampler = None
         self.store.set_meta(META, {"fit": self.fit, "trials": self.records, "sampler": sampler})
+
+    def _link(self) -> None:
+        """A proposal saved before the process ended: its Clone-Modify op (found by the run's name), or failed if
+        the process ended before the op was logged."""
+        clones = {op.args.get("name"): op for op in self.store.ic_log() if op.op == "clone_modify"}
+        for record in self.records:
+            if record["state"] == RUNNING and record["run_id"] is None and record["op_id"] is None:
+                op = clones.get(record.get("label"))
+                if op is None:
+                    record["state"] = FAIL
+                else:
+                    record["op_id"], record["run_id"] = op.op_id, op.new_run_id
 
     def _rebuild(self, saved: dict[str, Any]) -> Any:
         """The study as it was saved: the sampler as pickled, every ended trial told, the running ones asked again
@@ -202,9 +216,12 @@ class Study:
         return self._trials[record["number"]]
 
 
-def _record(number: int, params: dict[str, Any], run_id: int | None, op_id: int | None, state: str = RUNNING) -> dict:
+def _record(
+    number: int, params: dict[str, Any], run_id: int | None, op_id: int | None, state: str = RUNNING, label: str = ""
+) -> dict:
     return {
         "number": number,
+        "label": label,
         "params": dict(params),
         "run_id": run_id,
         "op_id": op_id,

@@ -50,6 +50,7 @@ class Engine:
         owner: Any = None,
         probe: Callable[[int], int] | None = None,
         on_idle: Callable[[], int] | None = None,
+        on_late: Callable[[int, int], None] | None = None,
     ):
         self.store, self.backend = store, backend
         # Kept alive as long as this engine (its thread): the Experiment, whose process-wide checks (one experiment
@@ -65,6 +66,9 @@ class Engine:
         # Called on this thread when nothing is left to train (a search that fills freed slots): the number of runs
         # it submitted. Runs submitted there start a new round of rungs (rung 1 is theirs to pass).
         self.on_idle = on_idle
+        # Called on this thread when a run reaches chunk k after the rung k was decided for the others (a run that
+        # joined late): on_late(run_id, k).
+        self.on_late = on_late
         self._settled = threading.Event()  # idle, and on_idle had nothing to add
         self._rung = 0
         backend.connect(should_yield=self.pending, record=self.record, warn=self.warn)
@@ -310,6 +314,7 @@ class Engine:
         self._current = None if at_rung else slot.run_id
         self._progress(slot.run_id, slot)
         if at_rung:
+            self._late(slot)
             self._rungs()
         t4 = time.perf_counter()
         if slot.finished:
@@ -386,6 +391,21 @@ class Engine:
         """The highest k such that every live run of this engine has finished chunk k (0 if none is live)."""
         done = [r.chunks_done for r in self.store.runs() if r.run_id in self._slots and r.status.is_live]
         return min(done, default=0)
+
+    def _late(self, slot: Slot) -> None:
+        """A run that joined late (a clone) reached a rung the others passed already: `on_late` judges it alone."""
+        rung = slot.plan.rungs_done(slot.step)
+        if self.on_late is None or slot.finished or rung > self._rung:
+            return
+        try:
+            self.backend.flush()
+        except OSError as exc:
+            self.store.fail_storage(f"cannot write a checkpoint: {exc}")
+            return
+        try:
+            self.on_late(slot.run_id, rung)
+        except Exception:  # a broken policy must not take the runs down
+            logger.exception("the policy failed to judge run %d at rung %d", slot.run_id, rung)
 
     def _rungs(self) -> None:
         """Hand each newly completed synchronous rung to `on_rung` (a policy); its ops wait in the queue and are

@@ -121,6 +121,12 @@ class Policy(abc.ABC):
     def decide(self, rung: int, runs: Sequence[RunAtRung]) -> list[Decision]:
         """Decisions at `rung` for `runs` (every run of the experiment, any status)."""
 
+    def judge(self, rung: int, run: RunAtRung, runs: Sequence[RunAtRung]) -> list[Decision]:
+        """Decisions about `run` alone, which reached `rung` after the others had passed it (a run that joined
+        late, e.g. a search's new config); `runs` holds every run's recorded values. By default none: it meets the
+        others at the next rung they all reach."""
+        return []
+
     def better_first(self, runs: Sequence[RunAtRung], rung: int) -> list[RunAtRung]:
         """Runs with a value at `rung`, best first, diverged ones (NaN, inf) last; ties keep run-id order."""
         scored = [r for r in runs if r.value(rung) is not None]

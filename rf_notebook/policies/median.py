@@ -54,3 +54,7 @@ class MedianOfPeers(Policy):
             for r in live(runs)
             if r.value(rung) is not None and self.worse(r.value(rung), median)
         ]
+
+    def judge(self, rung: int, run: RunAtRung, runs: Sequence[RunAtRung]) -> list[Decision]:
+        """A run that reached `rung` late meets the same median of every run's value there."""
+        return [d for d in self.decide(rung, runs) if d.run_id == run.run_id]

@@ -56,3 +56,23 @@ class SuccessiveHalving(Policy):
             for i, r in enumerate(ranked, start=1)
             if i > keep
         ]
+
+    def judge(self, rung: int, run: RunAtRung, runs: Sequence[RunAtRung]) -> list[Decision]:
+        """A run that reached `rung` late is kept if it ranks in the best 1/eta of every run that reached `rung`
+        (stopped ones included), as asynchronous successive halving does."""
+        if not self.is_rung(rung) or run.value(rung) is None:
+            return []
+        ranked = self.better_first(runs, rung)
+        keep = math.ceil(len(ranked) / self.eta)
+        place = next(i for i, r in enumerate(ranked, start=1) if r.run_id == run.run_id)
+        if len(ranked) <= 1 or place <= keep:
+            return []
+        cut = ranked[keep - 1].value(rung)
+        return [
+            Decision(
+                "stop",
+                run.run_id,
+                f"rank {place}/{len(ranked)} of the runs that reached chunk {rung}, on {self.ranked_by(rung)} "
+                f"{fmt(run.value(rung))} {'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
+            )
+        ]

@@ -17,6 +17,7 @@ from bench import (
     profile,
     pruning,
     scale,
+    search,
     thread,
     time_to_best,
     tracking,
@@ -41,6 +42,7 @@ RUNS = [
     (checkpoint.main, ["--model", "demo"]),
     (checkpoint.main, ["--model", "llama512"]),
     (pruning.main, ["--seeds", "5", "--rows", "384"]),
+    (search.main, ["--seeds", "5"]),
     (time_to_best.main, ["--seeds", "3"]),
     (time_to_best.main, ["--seeds", "3", "--probe-steps", "0"]),
 ]

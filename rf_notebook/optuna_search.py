@@ -83,7 +83,8 @@ class RFOptunaSearch(Search):
     `training_args` and `peft_config`; `num_runs` train at once, `budget` (default 2 x num_runs) configs in all.
 
     `metric` / `mode`: what each trial is scored by (its value at the run's last chunk; `mode` "min" or "max").
-    `sampler`: any Optuna sampler (default `TPESampler(seed=seed)`); it is copied, so the one passed stays fresh,
+    `sampler`: any Optuna sampler (default `TPESampler(seed=seed, n_startup_trials=num_runs)`: the first
+    `num_runs` configs are random, every later one is modelled on the results so far); it is copied, so the one passed stays fresh,
     and it must be reproducible (seeded) for `run_fit(..., resume=True)` to find the same first configs.
     """
 
@@ -117,8 +118,8 @@ class RFOptunaSearch(Search):
             raise ValueError(f"`metric` is {metric!r}, but must be the name of a logged metric, e.g. 'eval_loss'")
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` is {mode!r}, but must be 'min' or 'max'")
-        if sampler is None:
-            sampler = optuna.samplers.TPESampler(seed=seed)
+        if sampler is None:  # TPE models the results from the second round of proposals on
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=num_runs)
         elif not isinstance(sampler, optuna.samplers.BaseSampler):
             raise TypeError(f"`sampler` is {sampler!r}, but must be an Optuna sampler (optuna.samplers.*)")
         self.num_runs, self.budget, self.metric, self.mode, self.seed = num_runs, budget, metric, mode, seed

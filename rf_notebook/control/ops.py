@@ -140,8 +140,17 @@ class Control:
         return lambda run_id, rung: self.late_step(policy, run_id, rung, study)
 
     def late_step(self, policy: Policy, run_id: int, rung: int, study: Study | None = None) -> None:
-        """Ask `policy` to judge run `run_id` alone at `rung` (it joined late); a `study` fills a slot it frees."""
+        """Ask `policy` to judge run `run_id` alone at `rung` (it joined late); a `study` fills a slot it frees.
+        Only a run the policy's side made (a search's proposal) is judged so: one the user cloned meets the others at
+        their next rung, as before, and one the user resumed is the user's call."""
         if not policy.decides_at(rung):
+            return
+        ops = self.store.ic_log()
+        proposed = any(
+            op.op == "clone_modify" and op.origin == "policy" and op.new_run_id == run_id and op.outcome == "applied"
+            for op in ops
+        )
+        if not proposed or any(op.op == "resume" and op.run_id == run_id and op.origin != "policy" for op in ops):
             return
         runs = self._runs_at_rung(policy, self.store.metrics(), self._fit_runs())
         run = next((r for r in runs if r.run_id == run_id), None)

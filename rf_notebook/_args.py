@@ -148,11 +148,20 @@ def resolve_probe(policy: Any, trainer_type: str, eval_dataset: Any) -> Any:
     return policy
 
 
-def check_study(search: Any, eval_dataset: Any) -> None:
-    """An `RFOptunaSearch` scores its trials by a metric the runs will log: an eval metric needs an eval data set."""
+def check_study(search: Any, eval_dataset: Any, policy: Any) -> None:
+    """An `RFOptunaSearch` scores its trials by a metric the runs will log (an eval metric needs an eval data set),
+    and fills the slots a stopping policy frees (PBT's warm clones would be runs outside the study)."""
     from rf_notebook.optuna_search import RFOptunaSearch
+    from rf_notebook.policies import PBT
 
-    if isinstance(search, RFOptunaSearch) and eval_dataset is None and search.metric.startswith("eval_"):
+    if not isinstance(search, RFOptunaSearch):
+        return
+    if isinstance(policy, PBT):
+        raise ValueError(
+            f"`policy` is {policy!r} with an RFOptunaSearch: PBT replaces runs with warm clones, which the study "
+            "cannot score as its configs; use SuccessiveHalving or MedianOfPeers (the sampler fills freed slots)"
+        )
+    if eval_dataset is None and search.metric.startswith("eval_"):
         raise ValueError(
             f"`param_config` is {search!r}, which scores each config by {search.metric!r}, but `eval_dataset` is None: "
             "pass an eval data set, or score by a training metric (metric='loss')"

@@ -152,7 +152,7 @@ class Experiment:
             fuse=fuse,
         )
         fit = dataclasses.replace(fit, policy=_args.resolve_probe(fit.policy, param_config.trainer_type, eval_dataset))
-        _args.check_study(param_config, eval_dataset)
+        _args.check_study(param_config, eval_dataset, fit.policy)
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
         self._fit(param_config, create_model_fn or default_model_fn, train_dataset, eval_dataset, fit, sinks)
 

@@ -43,7 +43,6 @@ def _optuna() -> Any:
         raise ImportError(
             "RFOptunaSearch needs Optuna, which is not installed: pip install 'rf_notebook[optuna]'"
         ) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
     return optuna
 
 
@@ -84,8 +83,8 @@ class RFOptunaSearch(Search):
 
     `metric` / `mode`: what each trial is scored by (its value at the run's last chunk; `mode` "min" or "max").
     `sampler`: any Optuna sampler (default `TPESampler(seed=seed, n_startup_trials=num_runs)`: the first
-    `num_runs` configs are random, every later one is modelled on the results so far); it is copied, so the one passed stays fresh,
-    and it must be reproducible (seeded) for `run_fit(..., resume=True)` to find the same first configs.
+    `num_runs` configs are random, every later one is modelled on the results so far). It is copied, so the one
+    passed stays fresh, and must be seeded for `run_fit(..., resume=True)` to find the same first configs.
     """
 
     def __init__(
@@ -149,7 +148,7 @@ class RFOptunaSearch(Search):
         trial = study.ask({path: dist for path, (dist, _) in self.space.items()})
         params = dict(trial.params)
         try:
-            values = {path: _value(path, params.get(path), *space) for path, space in self.space.items()}
+            values = {path: _value(path, params, *space) for path, space in self.space.items()}
         except ValueError as exc:
             study.tell(trial, state=_optuna().trial.TrialState.FAIL)
             raise OutsideSpace(str(exc), trial.number) from None
@@ -243,11 +242,12 @@ def _distribution(path: str, value: List | Range, optuna: Any) -> tuple[Any, lis
     return dists.CategoricalDistribution(list(range(len(value.values)))), list(value.values)
 
 
-def _value(path: str, param: Any, dist: Any, choices: list[Any] | None) -> Any:
-    """The concrete value of a sampled param, checked to lie in the field's space (a custom or grid sampler may
-    propose anything)."""
+def _value(path: str, params: dict[str, Any], dist: Any, choices: list[Any] | None) -> Any:
+    """The concrete value of the sampled param at `path`, checked to lie in the field's space (a custom or grid
+    sampler may propose anything)."""
+    param = params.get(path)
     try:
-        inside = param is not None and dist._contains(dist.to_internal_repr(param))
+        inside = path in params and dist._contains(dist.to_internal_repr(param))
     except (TypeError, ValueError):
         inside = False
     if isinstance(param, float) and not math.isfinite(param):

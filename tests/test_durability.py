@@ -144,18 +144,23 @@ def decisions(directory: Path) -> tuple[list[tuple], list[tuple], int]:
         ("sh", ["rung:1", "deciding:1", "apply:1", "apply:2"]),
         # PBT: killed before its clone applied, and between the clone and the stop of the run it replaces.
         ("pbt", ["rung:1", "apply:1", "apply:2"]),
-        # SH over an RFOptunaSearch: killed before the first rung's decisions, before a proposal's clone applied,
-        # and before a late run's stop: the resumed study proposes the same configs (its sampler's state is kept).
-        ("sh+optuna", ["rung:1", "apply:3", "apply:2", "rung:2"]),
+        # SH over an RFOptunaSearch: killed before the first rung's decisions, while deciding, before a proposal's
+        # clone applied, and before a late run's stop: the resumed study proposes the same configs (its sampler's
+        # state is kept) and ends with the same trials.
+        ("sh+optuna", ["rung:1", "deciding:1", "apply:3", "apply:2", "rung:2"]),
+        # An RFOptunaSearch without a policy, killed between two rounds: every run of the first has finished, the
+        # second's proposals are logged, not applied.
+        ("none+optuna", ["apply:1"]),
     ],
 )
 def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, points, tmp_path):
     policy, *search = policy.split("+")
+    policy = None if policy == "none" else policy
     extra = ("--optuna",) if search else ()
     reference = child(tmp_path / "ref", "start", policy=policy, extra=extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
     want_ops, want_runs, _ = decisions(tmp_path / "ref")
-    assert any(op == "stop" for _, op, *_ in want_ops), "the policy decided nothing: nothing was tested"
+    assert any(origin == "policy" for origin, *_ in want_ops), "the policy decided nothing: nothing was tested"
 
     crashed = tmp_path / "crashed"
     for i, point in enumerate(points):
@@ -168,6 +173,18 @@ def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, po
     assert got_runs == want_runs
     assert_same_adapters(tmp_path / "ref", crashed, [run_id for run_id, _ in want_runs])
     assert pending == 0
+    if search:  # the study's record: every trial's params, run, intermediate values, state and value
+        assert study_trials(crashed) == study_trials(tmp_path / "ref")
+
+
+def study_trials(directory: Path) -> list[dict]:
+    from rf_notebook.store import Store
+
+    store = Store.open(directory / "crash")
+    try:
+        return store.meta("study")["trials"]
+    finally:
+        store.close()
 
 
 # -- in one process: resume after end(), clones, stopped runs, storage failures ----------------------------------

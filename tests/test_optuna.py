@@ -99,10 +99,21 @@ def test_a_proposal_outside_the_space_is_refused_naming_the_value():
         RFOptunaSearch(config(), sampler=fixed).expand()
 
 
-def test_an_eval_metric_without_an_eval_set_is_refused_before_training(tmp_path):
+def test_a_list_with_none_is_searched():
+    fixed = optuna.samplers.PartialFixedSampler({"training_args.max_grad_norm": None}, optuna.samplers.RandomSampler(0))
+    search = RFOptunaSearch(config(r=4, max_grad_norm=List([None, 1.0])), sampler=fixed, num_runs=2)
+    assert [p["training_args.max_grad_norm"] for p in params(search)] == [None, None]
+
+
+def test_an_eval_metric_without_an_eval_set_or_pbt_is_refused_before_training(tmp_path):
+    from rf_notebook.policies import PBT
+
     exp = Experiment("no-eval", experiments_dir=tmp_path)
+    train = arithmetic_dataset("train", n=64)
     with pytest.raises(ValueError, match=r"scores each config by 'eval_loss', but `eval_dataset` is None"):
-        exp.run_fit(RFOptunaSearch(config()), demo_model_fn, arithmetic_dataset("train", n=64), None, display=False)
+        exp.run_fit(RFOptunaSearch(config()), demo_model_fn, train, None, display=False)
+    with pytest.raises(ValueError, match=r"PBT replaces runs with warm clones"):
+        exp.run_fit(RFOptunaSearch(config()), demo_model_fn, train, train, policy=PBT(), display=False)
     assert exp.runs() == []
 
 
@@ -127,9 +138,21 @@ def proposals(exp):
     return [(row.args["name"], row.args["overrides"], row.outcome) for row in clones.itertuples()]
 
 
-def test_the_sampler_fills_each_slot_the_policy_frees_within_the_budget(data, tmp_path):
+def test_the_sampler_fills_each_slot_the_policy_frees_within_the_budget(data, tmp_path, monkeypatch):
+    from rf_notebook.control.study import Study
+
+    running = []  # trials running after each of the study's steps: never more than num_runs
+    step = Study.step
+
+    def counted(self, rung):
+        started = step(self, rung)
+        running.append(sum(r["state"] == "running" for r in self.records))
+        return started
+
+    monkeypatch.setattr(Study, "step", counted)
     search = RFOptunaSearch(config(), num_runs=3, budget=7, seed=0)
     exp = sweep(tmp_path, "fill", data, search, SuccessiveHalving(eta=3, probe_steps=0))
+    assert running and max(running) == 3
     runs = {r.run_id: r for r in exp.runs()}
     assert len(runs) == 7  # the budget: 3 first configs and 4 proposed for freed slots
     log = exp.ic_log()
@@ -144,7 +167,6 @@ def test_the_sampler_fills_each_slot_the_policy_frees_within_the_budget(data, tm
         assert run.params["peft_config.r"] == row.args["overrides"]["peft_config.r"]
         steps = exp.results().query(f"run_id == {row.new_run_id} and metric == 'loss'").step.tolist()
         assert steps[0] == 1
-    # never more runs at once than num_runs: a proposal starts only once a run has left its slot
     stops = log[(log.op == "stop") & (log.origin == "policy")]
     assert len(stops) >= 4
     # the study knows every trial's fate, as the runs ended
@@ -195,6 +217,22 @@ class _Unrunnable(optuna.samplers.RandomSampler):
         return super().sample_independent(study, trial, name, distribution)
 
 
+class _Outside(optuna.samplers.RandomSampler):
+    """Proposes a learning rate outside the Range from the 3rd trial on."""
+
+    def sample_independent(self, study, trial, name, distribution):
+        if name == "training_args.learning_rate" and trial.number >= 2:
+            return 0.5
+        return super().sample_independent(study, trial, name, distribution)
+
+
+def test_a_proposal_outside_the_space_later_on_is_skipped_and_counts_toward_the_budget(data, tmp_path):
+    exp = sweep(tmp_path, "outside", data, RFOptunaSearch(config(), num_runs=2, budget=4, sampler=_Outside(seed=0)))
+    assert [t["state"] for t in exp.store.meta("study")["trials"]] == ["complete", "complete", "fail", "fail"]
+    assert len(exp.ic_log()) == 0 and [r.status for r in exp.runs()] == [RunStatus.FINISHED] * 2
+    exp.end(wait=False)
+
+
 def test_a_proposal_the_base_cannot_run_fails_its_trial_and_the_others_go_on(data, tmp_path):
     search = RFOptunaSearch(
         config(targets=List(["all-linear", ["no_such_module"]])), num_runs=2, budget=4, sampler=_Unrunnable(seed=0)
@@ -208,3 +246,11 @@ def test_a_proposal_the_base_cannot_run_fails_its_trial_and_the_others_go_on(dat
     assert [t["state"] for t in trials] == ["complete", "complete", "fail", "fail"]  # the budget counts them
     assert [r.status for r in exp.runs()] == [RunStatus.FINISHED] * 2
     exp.end(wait=False)
+
+
+def test_without_optuna_the_search_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rf_notebook\[optuna\]'"):
+        RFOptunaSearch(config())

@@ -150,7 +150,14 @@ class Control:
             op.op == "clone_modify" and op.origin == "policy" and op.new_run_id == run_id and op.outcome == "applied"
             for op in ops
         )
-        if not proposed or any(op.op == "resume" and op.run_id == run_id and op.origin != "policy" for op in ops):
+        applied = [op for op in ops if op.run_id == run_id and op.outcome == "applied"]
+        pruned = [op.op_id for op in applied if op.op == "stop" and op.origin == "policy"]
+        overridden = (
+            any(op.op == "resume" and op.origin != "policy" and op.op_id > max(pruned) for op in applied)
+            if pruned
+            else False
+        )
+        if not proposed or overridden:
             return
         runs = self._runs_at_rung(policy, self.store.metrics(), self._fit_runs())
         run = next((r for r in runs if r.run_id == run_id), None)
@@ -191,7 +198,7 @@ class Control:
     def idle_step(self, study: Study) -> int:
         """Nothing is left to train: the study proposes runs for the freed slots (scheduler thread). They pass
         rungs 1, 2, ... anew, so the policy's rung mark starts again."""
-        started = study.step(None)
+        started = study.step(0)  # rung 0: a resume replays them (any mark is >= 0)
         if started:
             self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": 0})
         return started
@@ -223,12 +230,14 @@ class Control:
         a `study` fills the slots they freed."""
         if policy is not None:
             self._decide(policy, rung)
+        self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": rung})
+        # After the mark: a resume replays the proposals logged here (a process that ends before them leaves the
+        # slots free, and the study fills them at its next step), never refuses them as a decision cut short.
         if study is not None:
             try:
                 study.step(rung)
-            except Exception:  # a broken sampler must not stop the rung from being marked decided
+            except Exception:  # a broken sampler must not take the runs down
                 logger.exception("RFOptunaSearch failed at chunk %d", rung)
-        self.store.set_meta("policy_rung", {"fit": len(self.store.meta("fits")), "rung": rung})
 
     def _decide(self, policy: Policy, rung: int) -> None:
         metrics = self.store.metrics()

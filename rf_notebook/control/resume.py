@@ -157,9 +157,9 @@ def resumable(store: Store, preparer: Preparer, specs: list[RunSpec], fit: dict[
         if point is not None:
             resumed.points[run_id] = point
         resumed.runs.append(run)
-    if not resumed.runs:
-        raise ValueError(f"experiment {name!r} has no unfinished run to resume (all finished, failed or deleted)")
     _replay(store, preparer, prepared, fit["seed"], len(fits), resumed)
+    if not resumed.runs and not any(isinstance(c, CloneModify) for c in resumed.replay):
+        raise ValueError(f"experiment {name!r} has no unfinished run to resume (all finished, failed or deleted)")
     return resumed
 
 

@@ -38,6 +38,7 @@ class Study:
     def __init__(self, search: RFOptunaSearch, store: Store, control: Any, fit: int, run_ids: list[int], resume: bool):
         self.search, self.store, self.control, self.fit = search, store, control, fit
         self._trials: dict[int, Any] = {}  # trial number -> optuna Trial, while it runs
+        self._orphaned = False
         saved = store.meta(META)
         study, proposals = search.take_first()
         if resume and saved is not None and saved.get("fit") == fit:
@@ -54,14 +55,15 @@ class Study:
 
     # -- each call ------------------------------------------------------------------------------------------------
 
-    def step(self, rung: int | None) -> int:
+    def step(self, rung: int) -> int:
         """Tell the study what happened, fill the freed slots; the number of proposals submitted."""
         self._learn()
         running = sum(r["state"] == RUNNING for r in self.records)
         free = min(self.search.num_runs - running, self.search.budget - len(self.records))
+        parent = self._parent() if free > 0 else None
         started = 0
-        for _ in range(max(free, 0)):
-            started += self._propose(rung)
+        for _ in range(max(free, 0) if parent is not None else 0):
+            started += self._propose(rung, parent)
         self._save()
         return started
 
@@ -120,10 +122,10 @@ class Study:
             self.study.tell(trial, state=states.PRUNED if state == PRUNED else states.FAIL)
         record["state"], record["value"] = state, value
         self._trials.pop(record["number"], None)
-        if why:
-            logger.info("trial %d (run %s) failed: %s", record["number"], record["run_id"], why)
+        if why:  # the sampler learns nothing from it: said where the user sees it
+            logger.warning("RFOptunaSearch: trial %d (run %s) failed: %s", record["number"], record["run_id"], why)
 
-    def _propose(self, rung: int | None) -> int:
+    def _propose(self, rung: int, parent: int) -> int:
         """Ask for one config and submit it; 0 if the proposal was refused (it still counts toward the budget)."""
         try:
             proposal = self.search.ask(self.study)
@@ -135,27 +137,34 @@ class Study:
         self.records.append(record)
         self._trials[proposal.number] = proposal.trial
         self._save()  # before its op is logged: a resume links the two by the run's name
-        parent = self._parent()
         reason = f"{proposal.label()}: proposed by the {type(self.study.sampler).__name__} for a freed slot"
         try:
             op_id, run_id = self.control.clone_modify(
                 parent, proposal.overrides(), False, origin="policy", reason=reason, rung=rung, name=proposal.label()
             )
         except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the slot stays free
-            self._tell(record, FAIL, why=str(exc))
-            logger.warning("RFOptunaSearch: trial %d refused: %s", proposal.number, exc)
+            self._tell(record, FAIL, why=f"its Clone-Modify was refused: {exc}")
             return 0
         record["op_id"], record["run_id"] = op_id, run_id
         return 1
 
-    def _parent(self) -> int:
-        """The run a proposal is cloned from (cold: only its lineage): the search's first run not deleted."""
+    def _parent(self) -> int | None:
+        """The run a proposal is cloned from (cold: only its lineage): the search's first run not deleted that this
+        run_fit holds (after a restart: its unfinished runs). None, said once: the search proposes no more."""
         runs = {r.run_id: r for r in self.store.runs()}
         for record in self.records:
             run = runs.get(record["run_id"])
             if run is not None and run.status is not RunStatus.DELETED and record["run_id"] in self.control.engine.runs:
                 return run.run_id
-        raise ValueError("every run of the search was deleted: nothing to clone a proposal from")
+        if not self._orphaned:
+            self._orphaned = True
+            left = self.search.budget - len(self.records)
+            logger.warning(
+                "RFOptunaSearch: no run of the search is left to clone a proposal from (deleted, or ended before a "
+                "restart); the %d configs left of its budget are not proposed",
+                left,
+            )
+        return None
 
     # -- kept in the store ----------------------------------------------------------------------------------------
 
@@ -169,7 +178,10 @@ class Study:
     def _link(self) -> None:
         """A proposal saved before the process ended: its Clone-Modify op (found by the run's name), or failed if
         the process ended before the op was logged."""
-        clones = {op.args.get("name"): op for op in self.store.ic_log() if op.op == "clone_modify"}
+        ours = {r["run_id"] for r in self.records if r["run_id"] is not None}  # a proposal's parent is one of them
+        clones = {
+            op.args.get("name"): op for op in self.store.ic_log() if op.op == "clone_modify" and op.run_id in ours
+        }
         for record in self.records:
             if record["state"] == RUNNING and record["run_id"] is None and record["op_id"] is None:
                 op = clones.get(record.get("label"))
@@ -183,10 +195,12 @@ class Study:
         with their params and intermediate values."""
         optuna = _optuna()
         sampler = None
-        if saved.get("sampler"):
-            sampler = pickle.loads(base64.b64decode(saved["sampler"]))
-        else:
-            logger.warning("RFOptunaSearch: the sampler could not be saved; the resumed study goes on with a fresh one")
+        try:  # the experiment's own record, written by this code
+            sampler = pickle.loads(base64.b64decode(saved["sampler"])) if saved.get("sampler") else None
+        except Exception as exc:  # noqa: BLE001 - e.g. saved by another Optuna version
+            logger.warning("RFOptunaSearch: the saved sampler cannot be loaded (%s)", exc)
+        if sampler is None:
+            logger.warning("RFOptunaSearch: the resumed study goes on with a fresh sampler (proposals will differ)")
         study = self.search.new_study(sampler)
         states = {COMPLETE: "COMPLETE", PRUNED: "PRUNED", FAIL: "FAIL"}
         dists = {path: dist for path, (dist, _) in self.search.space.items()}

@@ -493,6 +493,7 @@ class Engine:
             except queue.Empty:
                 return
             block = False
+            self._settled.clear()  # before the command's effect shows: wait() must not see a settled engine then
             try:
                 command.reply.set_result(self._handle(command))
             except Exception as exc:
@@ -554,6 +555,14 @@ class Engine:
         return outcome
 
     def _refusal(self, op: ICOp) -> str | None:
+        if isinstance(op, CloneModify) and not op.warm_start and op.run_id not in self.runs:
+            # A cold clone carries its prepared run: its parent is only its lineage, and may have ended before a
+            # restart (a search's proposal replayed on resume).
+            try:
+                status = self.store.run(op.run_id).status
+            except KeyError:
+                status = None
+            return scheduler.refusal(op.name, op.run_id, status)
         reason = self.refusal(op.name, op.run_id, warm_start=isinstance(op, CloneModify) and op.warm_start)
         if reason is None and isinstance(op, Stop) and op.requires is not None:
             required = self.store.op(op.requires)

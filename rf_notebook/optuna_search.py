@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rf_notebook.configs import RFModelConfig
@@ -47,23 +47,20 @@ def _optuna() -> Any:
 
 
 class OutsideSpace(ValueError):
-    """The sampler proposed a value outside the search space (trial `number`, told failed)."""
+    """The sampler proposed a value outside the search space (its trial counts, as failed)."""
 
-    def __init__(self, message: str, number: int):
+    def __init__(self, message: str, number: int, system_attrs: dict[str, Any]):
         super().__init__(message)
-        self.number = number
+        self.number, self.system_attrs = number, system_attrs
 
 
 class Proposal:
-    """One config the sampler proposed: its trial, the sampler's values (`params`, by dotted field path) and the
-    concrete values they stand for (`values`: a List of lists is sampled by index)."""
+    """One config the sampler proposed: its trial number, the sampler's values (`params`, by dotted field path), the
+    concrete values they stand for (`values`: a List of lists is sampled by index) and what the sampler keeps on
+    the trial (`system_attrs`: a grid sampler's grid point, CMA-ES's state)."""
 
-    def __init__(self, trial: Any, params: dict[str, Any], values: dict[str, Any]):
-        self.trial, self.params, self.values = trial, params, values
-
-    @property
-    def number(self) -> int:
-        return self.trial.number
+    def __init__(self, number: int, params: dict[str, Any], values: dict[str, Any], system_attrs: dict[str, Any]):
+        self.number, self.params, self.values, self.system_attrs = number, params, values, system_attrs
 
     def overrides(self) -> dict[str, Any]:
         """The Clone-Modify overrides that make the search's base config into this one."""
@@ -130,40 +127,70 @@ class RFOptunaSearch(Search):
         self._sampler = copy.deepcopy(sampler)  # the fresh sampler every expand() starts from
         self._first: tuple[Any, list[Proposal]] | None = None
 
-    # -- the study --------------------------------------------------------------------------------------------
+    # -- asking -----------------------------------------------------------------------------------------------
 
-    def new_study(self, sampler: Any = None) -> Any:
-        """An in-memory study with a copy of the fresh sampler (or `sampler`), in the search's direction."""
-        optuna = _optuna()
-        return optuna.create_study(
-            sampler=copy.deepcopy(self._sampler) if sampler is None else sampler,
-            direction="minimize" if self.mode == "min" else "maximize",
-        )
+    def fresh_sampler(self) -> Any:
+        return copy.deepcopy(self._sampler)
 
-    def ask(self, study: Any, fixed: Mapping[str, Any] | None = None) -> Proposal:
-        """A new trial of `study` (with `fixed` params: a trial recreated after a restart). A proposal outside the
-        space raises ValueError naming the value, after the trial is told failed."""
-        if fixed is not None:
-            study.enqueue_trial(dict(fixed))
+    def ask(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Proposal:
+        """The sampler's next proposal, given the trials so far (records: `params`, `state`, `values` by chunk,
+        `value`, `system_attrs`), as trial number len(trials). Optuna sees them in a study rebuilt for the
+        question: ended trials as they ended, and a running trial that has reported results as where it stands (pruned
+        at its latest chunk): runs still training after a rung are the best so far, and a study that counted them
+        as running would make TPE steer away from them (its constant liar). A proposal outside the space raises
+        `OutsideSpace` naming the value."""
+        study = self._study(sampler, trials)
         trial = study.ask({path: dist for path, (dist, _) in self.space.items()})
         params = dict(trial.params)
+        attrs = _json_attrs(study.get_trials(deepcopy=False)[-1].system_attrs)
         try:
             values = {path: _value(path, params, *space) for path, space in self.space.items()}
         except ValueError as exc:
-            study.tell(trial, state=_optuna().trial.TrialState.FAIL)
-            raise OutsideSpace(str(exc), trial.number) from None
-        return Proposal(trial, params, values)
+            raise OutsideSpace(str(exc), trial.number, attrs) from None
+        return Proposal(trial.number, params, values, attrs)
+
+    def _study(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Any:
+        optuna = _optuna()
+        states = optuna.trial.TrialState
+        study = optuna.create_study(sampler=sampler, direction="minimize" if self.mode == "min" else "maximize")
+        dists = {path: dist for path, (dist, _) in self.space.items()}
+        for t in trials:
+            values = {int(k): v for k, v in t["values"].items()}
+            last = values[max(values)] if values else None
+            if t["state"] == "complete":
+                state, value = states.COMPLETE, t["value"]
+            elif t["state"] == "fail":
+                state, value = states.FAIL, None
+            elif values:  # pruned, or running with results: where it stands
+                state, value = states.PRUNED, last
+            else:
+                state, value = states.RUNNING, None
+            params = dict(t["params"])
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions={k: dists[k] for k in params},
+                    value=value,
+                    intermediate_values=values,
+                    state=state,
+                    system_attrs=dict(t.get("system_attrs") or {}),
+                )
+            )
+        return study
 
     def first(self) -> tuple[Any, list[Proposal]]:
-        """A study and its first `num_runs` proposals (the same every time, and after a restart with the same
-        seeded sampler), kept until a run_fit takes them (`take_first`)."""
+        """A fresh sampler and its first `num_runs` proposals (the same every time, and after a restart with the
+        same seeded sampler), kept until a run_fit takes them (`take_first`)."""
         if self._first is None:
-            study = self.new_study()
-            self._first = (study, [self.ask(study) for _ in range(self.num_runs)])
+            sampler, proposals = self.fresh_sampler(), []
+            for _ in range(self.num_runs):
+                trials = [{"params": p.params, "state": "running", "values": {}, "value": None} for p in proposals]
+                proposals.append(self.ask(sampler, trials))
+            self._first = (sampler, proposals)
         return self._first
 
     def take_first(self) -> tuple[Any, list[Proposal]]:
-        """`first()`, for the run_fit that trains them: the next expand() starts a new study."""
+        """`first()`, for the run_fit that trains them: the next expand() starts from a fresh sampler."""
         first, self._first = self.first(), None
         return first
 
@@ -255,3 +282,15 @@ def _value(path: str, params: dict[str, Any], dist: Any, choices: list[Any] | No
     if not inside:
         raise ValueError(f"the sampler proposed {path}={param!r}, which is outside the search space ({dist!r})")
     return choices[param] if choices is not None else param
+
+
+def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler's per-trial state that can be kept in the experiment's record (JSON data)."""
+    kept = {}
+    for key, value in attrs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        kept[key] = value
+    return kept

@@ -1,26 +1,28 @@
-"""The Optuna study behind an `RFOptunaSearch`, run from the scheduler thread at each rung and whenever nothing is left
-to train.
+"""The Optuna search of an `RFOptunaSearch`, run from the scheduler thread at each rung, after a late run is judged,
+and whenever nothing is left to train.
 
-Each trial is one run. At every call the study learns what happened since the last one: each run's metric at the
-chunk ends it passed (intermediate values), and how runs ended: finished -> complete with its last value, stopped by
-the policy -> pruned, failed or deleted -> failed, a proposal whose Clone-Modify was refused -> failed. Then every
-freed slot (`num_runs` minus the trials still running; a run the user stopped keeps its slot) gets a new proposal,
-until `budget` proposals were made: a cold Clone-Modify of the search's first run, origin "policy".
+Each trial is one run. Its record (params, run, the metric at every chunk end it passed, state, final value) is the
+one truth: at every call the records learn what happened since the last one (finished -> complete with its last
+value, stopped by the policy -> pruned, failed or deleted -> failed, a proposal whose Clone-Modify was refused ->
+failed). Then every freed slot (`num_runs` minus the trials still running; a run the user stopped keeps its slot)
+gets a new proposal, until `budget` proposals were made: a cold Clone-Modify of the search's first run, origin
+"policy". The sampler answers each proposal from a study rebuilt from the records (`RFOptunaSearch.ask`).
 
-The study is kept in the store's "study" meta after every call: the trials (params, run, intermediate values, state)
-and the pickled sampler. A resumed run_fit rebuilds the study from it, so the sampler continues where it was.
+The records and the pickled sampler are kept in the store's "study" meta after every call; a resumed run_fit
+continues from them, so the sampler proposes what it would have.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import math
 import pickle
 from typing import Any
 
 from rf_notebook.control.results import logged_name
-from rf_notebook.optuna_search import OutsideSpace, RFOptunaSearch, _optuna
+from rf_notebook.optuna_search import OutsideSpace, RFOptunaSearch
 from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -32,31 +34,30 @@ RUNNING, COMPLETE, PRUNED, FAIL = "running", "complete", "pruned", "fail"
 
 
 class Study:
-    """The study of one run_fit: `step(rung)` at rungs (before the rung is marked decided) and `step(None)` when
-    the engine is idle; `control` submits the proposals' Clone-Modify ops."""
+    """The trials of one run_fit's search: `step(rung)` at rungs (after the rung is marked decided), after a late
+    run's judgement, and `step(0)` when the engine is idle; `control` submits the proposals' Clone-Modify ops."""
 
     def __init__(self, search: RFOptunaSearch, store: Store, control: Any, fit: int, run_ids: list[int], resume: bool):
         self.search, self.store, self.control, self.fit = search, store, control, fit
-        self._trials: dict[int, Any] = {}  # trial number -> optuna Trial, while it runs
         self._orphaned = False
         saved = store.meta(META)
-        study, proposals = search.take_first()
+        sampler, proposals = search.take_first()
         if resume and saved is not None and saved.get("fit") == fit:
             self.records = [dict(r) for r in saved["trials"]]
             self._link()
-            self.study = self._rebuild(saved)
+            self.sampler = self._load(saved.get("sampler")) or search.fresh_sampler()
         else:
-            self.study = study
+            self.sampler = sampler
             self.records = [
-                _record(p.number, p.params, run_id, None) for p, run_id in zip(proposals, run_ids, strict=True)
+                _record(p.number, p.params, run_id, None, system_attrs=p.system_attrs)
+                for p, run_id in zip(proposals, run_ids, strict=True)
             ]
-            self._trials = {p.number: p.trial for p in proposals}
             self._save()
 
     # -- each call ------------------------------------------------------------------------------------------------
 
     def step(self, rung: int) -> int:
-        """Tell the study what happened, fill the freed slots; the number of proposals submitted."""
+        """Learn what happened, fill the freed slots; the number of proposals submitted."""
         self._learn()
         running = sum(r["state"] == RUNNING for r in self.records)
         free = min(self.search.num_runs - running, self.search.budget - len(self.records))
@@ -82,26 +83,25 @@ class Study:
                 if op.outcome == "pending":
                     continue
                 if op.outcome == "refused":
-                    self._tell(record, FAIL, why=f"its Clone-Modify was refused: {op.reason}")
+                    self._end(record, FAIL, why=f"its Clone-Modify was refused: {op.reason}")
                     continue
             run = runs.get(record["run_id"])
             if run is None:
                 continue
             for chunk, value in sorted(values.get(record["run_id"], {}).items()):
-                if str(chunk) not in record["values"] and math.isfinite(value):
+                if math.isfinite(value):
                     record["values"][str(chunk)] = value
-                    self._trial(record).report(value, chunk)
             if run.status is RunStatus.FINISHED:
                 final = values.get(record["run_id"], {})
                 last = final[max(final)] if final else None
                 if last is None or not math.isfinite(last):
-                    self._tell(record, FAIL, why=f"it finished without a finite {self.search.metric} ({last})")
+                    self._end(record, FAIL, why=f"it finished without a finite {self.search.metric} ({last})")
                 else:
-                    self._tell(record, COMPLETE, value=last)
+                    self._end(record, COMPLETE, value=last)
             elif run.status in (RunStatus.FAILED, RunStatus.DELETED):
-                self._tell(record, FAIL, why=f"its run {run.status.value}")
+                self._end(record, FAIL, why=f"its run {run.status.value}")
             elif record["run_id"] in stopping or (run.status is RunStatus.STOPPED and record["run_id"] in pruned):
-                self._tell(record, PRUNED)
+                self._end(record, PRUNED)
 
     def _values(self) -> dict[int, dict[int, float]]:
         """The search's metric by run and chunk (the last value logged in each chunk)."""
@@ -113,37 +113,31 @@ class Study:
                 values.setdefault(m.run_id, {})[m.chunk] = m.value
         return values
 
-    def _tell(self, record: dict[str, Any], state: str, value: float | None = None, why: str = "") -> None:
-        states = _optuna().trial.TrialState
-        trial = self._trial(record)
-        if state == COMPLETE:
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=states.PRUNED if state == PRUNED else states.FAIL)
+    def _end(self, record: dict[str, Any], state: str, value: float | None = None, why: str = "") -> None:
         record["state"], record["value"] = state, value
-        self._trials.pop(record["number"], None)
         if why:  # the sampler learns nothing from it: said where the user sees it
             logger.warning("RFOptunaSearch: trial %d (run %s) failed: %s", record["number"], record["run_id"], why)
 
     def _propose(self, rung: int, parent: int) -> int:
         """Ask for one config and submit it; 0 if the proposal was refused (it still counts toward the budget)."""
         try:
-            proposal = self.search.ask(self.study)
-        except OutsideSpace as exc:  # told failed by `ask`
-            self.records.append(_record(exc.number, {}, None, None, state=FAIL))
+            proposal = self.search.ask(self.sampler, self.records)
+        except OutsideSpace as exc:
+            self.records.append(_record(exc.number, {}, None, None, state=FAIL, system_attrs=exc.system_attrs))
             logger.warning("RFOptunaSearch: %s; the proposal is skipped", exc)
             return 0
-        record = _record(proposal.number, proposal.params, None, None, label=proposal.label())
+        record = _record(
+            proposal.number, proposal.params, None, None, label=proposal.label(), system_attrs=proposal.system_attrs
+        )
         self.records.append(record)
-        self._trials[proposal.number] = proposal.trial
         self._save()  # before its op is logged: a resume links the two by the run's name
-        reason = f"{proposal.label()}: proposed by the {type(self.study.sampler).__name__} for a freed slot"
+        reason = f"{proposal.label()}: proposed by the {type(self.sampler).__name__} for a freed slot"
         try:
             op_id, run_id = self.control.clone_modify(
                 parent, proposal.overrides(), False, origin="policy", reason=reason, rung=rung, name=proposal.label()
             )
         except (KeyError, TypeError, ValueError) as exc:  # refused and logged as such; the slot stays free
-            self._tell(record, FAIL, why=f"its Clone-Modify was refused: {exc}")
+            self._end(record, FAIL, why=f"its Clone-Modify was refused: {exc}")
             return 0
         record["op_id"], record["run_id"] = op_id, run_id
         return 1
@@ -170,10 +164,11 @@ class Study:
 
     def _save(self) -> None:
         try:
-            sampler = base64.b64encode(pickle.dumps(self.study.sampler)).decode("ascii")
+            sampler = base64.b64encode(pickle.dumps(self.sampler)).decode("ascii")
         except Exception:  # noqa: BLE001 - a sampler that cannot be pickled restarts fresh on resume (said then)
             sampler = None
-        self.store.set_meta(META, {"fit": self.fit, "trials": self.records, "sampler": sampler})
+        # a copy: readers of the store (any thread) never see a record change under them
+        self.store.set_meta(META, {"fit": self.fit, "trials": copy.deepcopy(self.records), "sampler": sampler})
 
     def _link(self) -> None:
         """A proposal saved before the process ended: its Clone-Modify op (found by the run's name), or failed if
@@ -190,52 +185,31 @@ class Study:
                 else:
                     record["op_id"], record["run_id"] = op.op_id, op.new_run_id
 
-    def _rebuild(self, saved: dict[str, Any]) -> Any:
-        """The study as it was saved: the sampler as pickled, every ended trial told, the running ones asked again
-        with their params and intermediate values."""
-        optuna = _optuna()
-        sampler = None
+    @staticmethod
+    def _load(saved: str | None) -> Any:
+        """The sampler as pickled in the experiment's record (None: a fresh one, said)."""
         try:  # the experiment's own record, written by this code
-            sampler = pickle.loads(base64.b64decode(saved["sampler"])) if saved.get("sampler") else None
+            if saved:
+                return pickle.loads(base64.b64decode(saved))
         except Exception as exc:  # noqa: BLE001 - e.g. saved by another Optuna version
             logger.warning("RFOptunaSearch: the saved sampler cannot be loaded (%s)", exc)
-        if sampler is None:
-            logger.warning("RFOptunaSearch: the resumed study goes on with a fresh sampler (proposals will differ)")
-        study = self.search.new_study(sampler)
-        states = {COMPLETE: "COMPLETE", PRUNED: "PRUNED", FAIL: "FAIL"}
-        dists = {path: dist for path, (dist, _) in self.search.space.items()}
-        for record in self.records:
-            values = {int(k): v for k, v in record["values"].items()}
-            if record["state"] == RUNNING:
-                proposal = self.search.ask(study, fixed=record["params"])
-                for chunk, value in sorted(values.items()):
-                    proposal.trial.report(value, chunk)
-                self._trials[record["number"]] = proposal.trial
-                continue
-            params = record["params"] if record["params"] else {}
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params,
-                    distributions={k: dists[k] for k in params},
-                    value=record["value"]
-                    if record["state"] == COMPLETE
-                    else (values[max(values)] if record["state"] == PRUNED and values else None),
-                    intermediate_values=values,
-                    state=getattr(optuna.trial.TrialState, states[record["state"]]),
-                )
-            )
-        return study
-
-    def _trial(self, record: dict[str, Any]) -> Any:
-        return self._trials[record["number"]]
+        logger.warning("RFOptunaSearch: the resumed search goes on with a fresh sampler (its proposals will differ)")
+        return None
 
 
 def _record(
-    number: int, params: dict[str, Any], run_id: int | None, op_id: int | None, state: str = RUNNING, label: str = ""
+    number: int,
+    params: dict[str, Any],
+    run_id: int | None,
+    op_id: int | None,
+    state: str = RUNNING,
+    label: str = "",
+    system_attrs: dict[str, Any] | None = None,
 ) -> dict:
     return {
         "number": number,
         "label": label,
+        "system_attrs": dict(system_attrs or {}),
         "params": dict(params),
         "run_id": run_id,
         "op_id": op_id,

@@ -178,11 +178,12 @@ def test_sigkill_around_a_rungs_decision_then_resume_decides_the_same(policy, po
 
 
 def study_trials(directory: Path) -> list[dict]:
+    """The search's trial records, but for their op ids (a decision cut short leaves refused ops in the log)."""
     from rf_notebook.store import Store
 
     store = Store.open(directory / "crash")
     try:
-        return store.meta("study")["trials"]
+        return [{k: v for k, v in t.items() if k != "op_id"} for t in store.meta("study")["trials"]]
     finally:
         store.close()
 

@@ -225,6 +225,11 @@ class Engine:
         """Ask `on_idle` for more runs; whether it submitted any (their ops wait in the queue)."""
         if self.on_idle is None:
             return False
+        try:  # the runs' last checkpoints on disk before anything new is logged (as before a rung's decisions)
+            self.backend.flush()
+        except OSError as exc:
+            self.store.fail_storage(f"cannot write a checkpoint: {exc}")
+            return False
         try:
             submitted = self.on_idle()
         except Exception:  # a broken search must not take the experiment down

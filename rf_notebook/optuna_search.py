@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +44,21 @@ def _optuna() -> Any:
         raise ImportError(
             "RFOptunaSearch needs Optuna, which is not installed: pip install 'rf_notebook[optuna]'"
         ) from None
+    quiet = logging.getLogger("optuna.storages._in_memory")
+    if not any(isinstance(f, _OwnStudies) for f in quiet.filters):
+        quiet.addFilter(_OwnStudies())
     return optuna
+
+
+STUDY_NAME = "rf_notebook-search"
+
+
+class _OwnStudies(logging.Filter):
+    """Optuna says "A new study created in memory" at INFO for every study; a search makes one per proposal (a
+    question to its sampler), which is nothing the user did. Other studies are said as usual."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return STUDY_NAME not in record.getMessage()
 
 
 class OutsideSpace(ValueError):
@@ -152,7 +167,11 @@ class RFOptunaSearch(Search):
     def _study(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Any:
         optuna = _optuna()
         states = optuna.trial.TrialState
-        study = optuna.create_study(sampler=sampler, direction="minimize" if self.mode == "min" else "maximize")
+        # A study for one question, in memory, in the search's direction.
+        storage = optuna.storages.InMemoryStorage()
+        direction = optuna.study.StudyDirection.MINIMIZE if self.mode == "min" else optuna.study.StudyDirection.MAXIMIZE
+        storage.create_new_study([direction], STUDY_NAME)
+        study = optuna.study.Study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
         dists = {path: dist for path, (dist, _) in self.space.items()}
         for t in trials:
             values = {int(k): v for k, v in t["values"].items()}

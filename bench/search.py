@@ -1,6 +1,6 @@
 """Search at an equal budget: random search vs Optuna TPE, both with successive halving, on a 32-config space.
 
-    python -m bench.search [--seeds 5] [--rows 384] [--num-chunks 8] [--num-runs 8] [--budget 16]
+    python -m bench.search [--seeds 5] [--rows 384] [--num-chunks 8] [--num-runs 8] [--budget 24]
 
 The space is learning rate {3e-3, 1e-3, 3e-4, 1e-4} x LoRA rank {4, 16} x batch size {8, 16} x schedule {linear,
 cosine}: 32 SFT configs on the demo model, one epoch of `--rows` rows, eval loss on 64 held-out rows at every chunk
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-chunks", type=int, default=8)
     parser.add_argument("--rows", type=int, default=384)
     parser.add_argument("--num-runs", type=int, default=8, help="configs training at once")
-    parser.add_argument("--budget", type=int, default=16, help="configs proposed in all, per search")
+    parser.add_argument("--budget", type=int, default=24, help="configs proposed in all, per search")
     args = parser.parse_args(argv)
 
     import transformers

@@ -51,6 +51,7 @@ def _optuna() -> Any:
 
 
 STUDY_NAME = "rf_notebook-search"
+REASKS = 16  # how often a proposal that repeats a config already tried is asked again
 
 
 class _OwnStudies(logging.Filter):
@@ -152,17 +153,24 @@ class RFOptunaSearch(Search):
         `value`, `system_attrs`), as trial number len(trials). Optuna sees them in a study rebuilt for the
         question: ended trials as they ended, and a running trial that has reported results as where it stands (pruned
         at its latest chunk): runs still training after a rung are the best so far, and a study that counted them
-        as running would make TPE steer away from them (its constant liar). A proposal outside the space raises
+        as running would make TPE steer away from them (its constant liar). A config already tried is asked again
+        (up to `REASKS` times; the repeat stays in the question's study as running, which steers TPE elsewhere): in a
+        space of Lists, TPE proposes its favourite again and again. A proposal outside the space raises
         `OutsideSpace` naming the value."""
         study = self._study(sampler, trials)
-        trial = study.ask({path: dist for path, (dist, _) in self.space.items()})
-        params = dict(trial.params)
+        dists = {path: dist for path, (dist, _) in self.space.items()}
+        tried = [dict(t["params"]) for t in trials]
+        for _ in range(REASKS + 1):
+            trial = study.ask(dists)
+            params = dict(trial.params)
+            if params not in tried:
+                break
         attrs = _json_attrs(study.get_trials(deepcopy=False)[-1].system_attrs)
         try:
             values = {path: _value(path, params, *space) for path, space in self.space.items()}
         except ValueError as exc:
-            raise OutsideSpace(str(exc), trial.number, attrs) from None
-        return Proposal(trial.number, params, values, attrs)
+            raise OutsideSpace(str(exc), len(trials), attrs) from None
+        return Proposal(len(trials), params, values, attrs)
 
     def _study(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Any:
         optuna = _optuna()

@@ -51,6 +51,23 @@ def test_diverged_runs_rank_last_and_are_pruned():
     assert [d.replaces for d in PBT(quantile=0.25).decide(1, runs)] == [2]
 
 
+def test_a_late_run_is_judged_alone_against_every_run_that_reached_the_rung():
+    # runs 1-8 were decided at rung 1 (5-8 stopped); run 9 joins late and reaches rung 1
+    runs = table({i: {1: i / 10} for i in range(1, 9)}, status={i: "stopped" for i in range(5, 9)})
+    late = RunAtRung(9, "run 9", "queued", {1: 0.25})
+    decisions = SuccessiveHalving(eta=3).judge(1, late, [*runs, late])
+    assert decisions == []  # 3rd of 9: within the best ceil(9/3) = 3, and no other run is touched
+    late = RunAtRung(9, "run 9", "queued", {1: 0.45})
+    (decision,) = SuccessiveHalving(eta=3).judge(1, late, [*runs, late])
+    assert decision.run_id == 9 and decision.reason.startswith(
+        "rank 5/9 of the runs that reached chunk 1, on eval_loss"
+    )
+    assert SuccessiveHalving(eta=3).judge(2, late, [*runs, late]) == []  # not a rung of eta=3
+    assert [d.run_id for d in MedianOfPeers(warmup_chunks=0).judge(1, late, [*runs, late])] == []  # 0.45 = median
+    worse = RunAtRung(9, "run 9", "queued", {1: 0.7})
+    assert [d.run_id for d in MedianOfPeers(warmup_chunks=0).judge(1, worse, [*runs, worse])] == [9]
+
+
 def test_median_of_peers_counts_pruned_runs_so_survivors_are_not_halved_again():
     # runs 5-8 were stopped at rung 2; at rung 3 the survivors 1-4 are compared with all eight
     runs = table({i: {1: i / 10, 2: i / 10, **({3: i / 10} if i <= 4 else {})} for i in range(1, 9)})

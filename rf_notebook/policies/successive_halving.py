@@ -42,20 +42,10 @@ class SuccessiveHalving(Policy):
         if not self.is_rung(rung):
             return []
         ranked = self.better_first(live(runs), rung)
-        keep = math.ceil(len(ranked) / self.eta)
         if len(ranked) <= 1:
             return []
-        cut = ranked[keep - 1].value(rung)
-        return [
-            Decision(
-                "stop",
-                r.run_id,
-                f"rank {i}/{len(ranked)} at chunk {rung} on {self.ranked_by(rung)} {fmt(r.value(rung))} "
-                f"{'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
-            )
-            for i, r in enumerate(ranked, start=1)
-            if i > keep
-        ]
+        keep = math.ceil(len(ranked) / self.eta)
+        return [self._stop(r, i, ranked, rung, f" at chunk {rung}") for i, r in enumerate(ranked, start=1) if i > keep]
 
     def judge(self, rung: int, run: RunAtRung, runs: Sequence[RunAtRung]) -> list[Decision]:
         """A run that reached `rung` late is kept if it ranks in the best 1/eta of every run that reached `rung`
@@ -63,16 +53,17 @@ class SuccessiveHalving(Policy):
         if not self.is_rung(rung) or run.value(rung) is None:
             return []
         ranked = self.better_first(runs, rung)
-        keep = math.ceil(len(ranked) / self.eta)
         place = next(i for i, r in enumerate(ranked, start=1) if r.run_id == run.run_id)
-        if len(ranked) <= 1 or place <= keep:
+        if len(ranked) <= 1 or place <= math.ceil(len(ranked) / self.eta):
             return []
+        return [self._stop(run, place, ranked, rung, f" of the runs that reached chunk {rung},")]
+
+    def _stop(self, run: RunAtRung, place: int, ranked: list[RunAtRung], rung: int, where: str) -> Decision:
+        keep = math.ceil(len(ranked) / self.eta)
         cut = ranked[keep - 1].value(rung)
-        return [
-            Decision(
-                "stop",
-                run.run_id,
-                f"rank {place}/{len(ranked)} of the runs that reached chunk {rung}, on {self.ranked_by(rung)} "
-                f"{fmt(run.value(rung))} {'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
-            )
-        ]
+        return Decision(
+            "stop",
+            run.run_id,
+            f"rank {place}/{len(ranked)}{where} on {self.ranked_by(rung)} {fmt(run.value(rung))} "
+            f"{'>' if self.mode == 'min' else '<'} cut {fmt(cut)} (keeping the best {keep})",
+        )

@@ -33,6 +33,8 @@ from rf_notebook.spec import ConfigSpec
 
 __all__ = ["RFOptunaSearch", "Proposal", "OutsideSpace"]
 
+logger = logging.getLogger(__name__)
+
 SECTIONS = ("training_args", "peft_config")
 _PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -65,9 +67,9 @@ class _OwnStudies(logging.Filter):
 class OutsideSpace(ValueError):
     """The sampler proposed a value outside the search space (its trial counts, as failed)."""
 
-    def __init__(self, message: str, number: int, system_attrs: dict[str, Any]):
+    def __init__(self, message: str, number: int, system_attrs: dict[str, Any], study_attrs: dict[str, Any]):
         super().__init__(message)
-        self.number, self.system_attrs = number, system_attrs
+        self.number, self.system_attrs, self.study_attrs = number, system_attrs, study_attrs
 
 
 class Proposal:
@@ -75,8 +77,16 @@ class Proposal:
     concrete values they stand for (`values`: a List of lists is sampled by index) and what the sampler keeps on
     the trial (`system_attrs`: a grid sampler's grid point, CMA-ES's state)."""
 
-    def __init__(self, number: int, params: dict[str, Any], values: dict[str, Any], system_attrs: dict[str, Any]):
+    def __init__(
+        self,
+        number: int,
+        params: dict[str, Any],
+        values: dict[str, Any],
+        system_attrs: dict[str, Any],
+        study_attrs: dict[str, Any],
+    ):
         self.number, self.params, self.values, self.system_attrs = number, params, values, system_attrs
+        self.study_attrs = study_attrs  # what the sampler keeps on the study (QMC's sample id, NSGA's population)
 
     def overrides(self) -> dict[str, Any]:
         """The Clone-Modify overrides that make the search's base config into this one."""
@@ -134,12 +144,18 @@ class RFOptunaSearch(Search):
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=num_runs)
         elif not isinstance(sampler, optuna.samplers.BaseSampler):
             raise TypeError(f"`sampler` is {sampler!r}, but must be an Optuna sampler (optuna.samplers.*)")
+        if getattr(sampler, "_constraints_func", None) is not None:
+            raise ValueError(
+                f"`sampler` is {sampler!r} with a constraints_func, which Optuna applies when a trial is told; "
+                "RFOptunaSearch does not tell trials that way (constraints are not supported)"
+            )
         self.num_runs, self.budget, self.metric, self.mode, self.seed = num_runs, budget, metric, mode, seed
         self.space = _space(configs, optuna)
         if not self.space:
             raise ValueError(
                 "RFOptunaSearch found no List or Range in the config's training_args or peft_config: nothing to search"
             )
+        self.size = _size(self.space)  # how many configs the space holds (None: a continuous one)
         self._sampler = copy.deepcopy(sampler)  # the fresh sampler every expand() starts from
         self._first: tuple[Any, list[Proposal]] | None = None
 
@@ -148,7 +164,9 @@ class RFOptunaSearch(Search):
     def fresh_sampler(self) -> Any:
         return copy.deepcopy(self._sampler)
 
-    def ask(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Proposal:
+    def ask(
+        self, sampler: Any, trials: Sequence[Mapping[str, Any]], study_attrs: Mapping[str, Any] | None = None
+    ) -> Proposal:
         """The sampler's next proposal, given the trials so far (records: `params`, `state`, `values` by chunk,
         `value`, `system_attrs`), as trial number len(trials). Optuna sees them in a study rebuilt for the
         question: ended trials as they ended, and a running trial that has reported results as where it stands (pruned
@@ -156,8 +174,8 @@ class RFOptunaSearch(Search):
         as running would make TPE steer away from them (its constant liar). A config already tried is asked again
         (up to `REASKS` times; the repeat stays in the question's study as running, which steers TPE elsewhere): in a
         space of Lists, TPE proposes its favourite again and again. A proposal outside the space raises
-        `OutsideSpace` naming the value."""
-        study = self._study(sampler, trials)
+        `OutsideSpace` naming the value. `study_attrs`: what the sampler kept on the study after the last question."""
+        study, storage, study_id = self._study(sampler, trials, study_attrs or {})
         dists = {path: dist for path, (dist, _) in self.space.items()}
         tried = [dict(t["params"]) for t in trials]
         for _ in range(REASKS + 1):
@@ -165,20 +183,31 @@ class RFOptunaSearch(Search):
             params = dict(trial.params)
             if params not in tried:
                 break
-        attrs = _json_attrs(study.get_trials(deepcopy=False)[-1].system_attrs)
+        else:
+            logger.warning(
+                "RFOptunaSearch: the sampler proposed %s, tried already, %d times: it is trained again",
+                params,
+                REASKS + 1,
+            )
+        attrs = _json_attrs(study.get_trials(deepcopy=False)[-1].system_attrs, "trial")
+        kept = _json_attrs(storage.get_study_system_attrs(study_id), "study")
         try:
             values = {path: _value(path, params, *space) for path, space in self.space.items()}
         except ValueError as exc:
-            raise OutsideSpace(str(exc), len(trials), attrs) from None
-        return Proposal(len(trials), params, values, attrs)
+            raise OutsideSpace(str(exc), len(trials), attrs, kept) from None
+        return Proposal(len(trials), params, values, attrs, kept)
 
-    def _study(self, sampler: Any, trials: Sequence[Mapping[str, Any]]) -> Any:
+    def _study(
+        self, sampler: Any, trials: Sequence[Mapping[str, Any]], study_attrs: Mapping[str, Any]
+    ) -> tuple[Any, Any, int]:
         optuna = _optuna()
         states = optuna.trial.TrialState
         # A study for one question, in memory, in the search's direction.
         storage = optuna.storages.InMemoryStorage()
         direction = optuna.study.StudyDirection.MINIMIZE if self.mode == "min" else optuna.study.StudyDirection.MAXIMIZE
-        storage.create_new_study([direction], STUDY_NAME)
+        study_id = storage.create_new_study([direction], STUDY_NAME)
+        for key, value in study_attrs.items():
+            storage.set_study_system_attr(study_id, key, value)
         study = optuna.study.Study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
         dists = {path: dist for path, (dist, _) in self.space.items()}
         for t in trials:
@@ -188,7 +217,7 @@ class RFOptunaSearch(Search):
                 state, value = states.COMPLETE, t["value"]
             elif t["state"] == "fail":
                 state, value = states.FAIL, None
-            elif values:  # pruned, or running with results: where it stands
+            elif t["state"] == "pruned" or values:  # pruned, or running with results: where it stands
                 state, value = states.PRUNED, last
             else:
                 state, value = states.RUNNING, None
@@ -203,7 +232,7 @@ class RFOptunaSearch(Search):
                     system_attrs=dict(t.get("system_attrs") or {}),
                 )
             )
-        return study
+        return study, storage, study_id
 
     def first(self) -> tuple[Any, list[Proposal]]:
         """A fresh sampler and its first `num_runs` proposals (the same every time, and after a restart with the
@@ -211,8 +240,17 @@ class RFOptunaSearch(Search):
         if self._first is None:
             sampler, proposals = self.fresh_sampler(), []
             for _ in range(self.num_runs):
-                trials = [{"params": p.params, "state": "running", "values": {}, "value": None} for p in proposals]
-                proposals.append(self.ask(sampler, trials))
+                trials = [
+                    {
+                        "params": p.params,
+                        "state": "running",
+                        "values": {},
+                        "value": None,
+                        "system_attrs": p.system_attrs,
+                    }
+                    for p in proposals
+                ]
+                proposals.append(self.ask(sampler, trials, proposals[-1].study_attrs if proposals else None))
             self._first = (sampler, proposals)
         return self._first
 
@@ -311,13 +349,27 @@ def _value(path: str, params: dict[str, Any], dist: Any, choices: list[Any] | No
     return choices[param] if choices is not None else param
 
 
-def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampler's per-trial state that can be kept in the experiment's record (JSON data)."""
+def _json_attrs(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The sampler's state on a trial or the study that can be kept in the experiment's record (JSON data)."""
     kept = {}
     for key, value in attrs.items():
         try:
             json.dumps(value)
         except (TypeError, ValueError):
+            logger.warning("RFOptunaSearch: the sampler's %s state %r is not JSON data; it is not kept", where, key)
             continue
         kept[key] = value
     return kept
+
+
+def _size(space: Mapping[str, tuple[Any, Any]]) -> int | None:
+    """The number of configs in the space, or None when a field is continuous."""
+    size = 1
+    for dist, _ in space.values():
+        if hasattr(dist, "choices"):
+            size *= len(dist.choices)
+        elif getattr(dist, "step", None) is not None:
+            size *= int(round((dist.high - dist.low) / dist.step)) + 1
+        else:
+            return None
+    return size

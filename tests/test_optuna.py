@@ -261,3 +261,47 @@ def test_a_config_already_tried_is_asked_again():
     search = RFOptunaSearch(config(lr=List([1e-4, 1e-3])), num_runs=4, sampler=optuna.samplers.RandomSampler(0))
     got = [(p["training_args.learning_rate"], p["peft_config.r"]) for p in params(search)]
     assert sorted(got) == [(1e-4, 4), (1e-4, 8), (1e-3, 4), (1e-3, 8)]
+
+
+def test_a_sampler_keeping_state_on_the_study_proposes_as_in_one_study():
+    # QMC keeps its sample counter on the study: each question's study gets it back, so the proposals are the
+    # sampler's sequence, as one ordinary study asks it (its first trial complete, the others running)
+    search = RFOptunaSearch(config(r=4), sampler=optuna.samplers.QMCSampler(seed=0))
+    dists = {path: dist for path, (dist, _) in search.space.items()}
+    reference = optuna.create_study(sampler=optuna.samplers.QMCSampler(seed=0))
+    trial = reference.ask(dists)
+    reference.tell(trial, 1.0)
+    want = [reference.ask(dists).params for _ in range(20)]  # more than REASKS: a counter lost would show
+    sampler, got = search.fresh_sampler(), []
+    first = search.ask(sampler, [])
+    assert first.params == trial.params
+    trials = [{"params": first.params, "state": "complete", "values": {}, "value": 1.0, **_attrs(first)}]
+    attrs = first.study_attrs
+    for _ in range(20):
+        proposal = search.ask(sampler, trials, attrs)
+        got.append(proposal.params)
+        trials.append({"params": proposal.params, "state": "running", "values": {}, **_attrs(proposal)})
+        attrs = proposal.study_attrs
+    assert got == want
+
+
+def _attrs(proposal):
+    return {"system_attrs": proposal.system_attrs}
+
+
+def test_a_sampler_with_constraints_is_refused():
+    sampler = optuna.samplers.TPESampler(constraints_func=lambda trial: [0.0])
+    with pytest.raises(ValueError, match="constraints_func"):
+        RFOptunaSearch(config(), sampler=sampler)
+
+
+def test_a_finite_space_tried_in_full_proposes_no_more(data, tmp_path):
+    exp = sweep(tmp_path, "full", data, RFOptunaSearch(config(lr=List([1e-4, 1e-3])), num_runs=2, budget=8, seed=0))
+    assert len(exp.runs()) == 4  # the 4 configs of the space, not 8
+    assert sorted((r.params["training_args.learning_rate"], r.params["peft_config.r"]) for r in exp.runs()) == [
+        (1e-4, 4),
+        (1e-4, 8),
+        (1e-3, 4),
+        (1e-3, 8),
+    ]
+    exp.end(wait=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import logging
 import math
 import pickle
@@ -46,8 +47,10 @@ class Study:
             self.records = [dict(r) for r in saved["trials"]]
             self._link()
             self.sampler = self._load(saved.get("sampler")) or search.fresh_sampler()
+            self.study_attrs = dict(saved.get("study_attrs") or {})
         else:
             self.sampler = sampler
+            self.study_attrs = proposals[-1].study_attrs
             self.records = [
                 _record(p.number, p.params, run_id, None, system_attrs=p.system_attrs)
                 for p, run_id in zip(proposals, run_ids, strict=True)
@@ -61,6 +64,8 @@ class Study:
         self._learn()
         running = sum(r["state"] == RUNNING for r in self.records)
         free = min(self.search.num_runs - running, self.search.budget - len(self.records))
+        if free > 0 and self._exhausted():
+            free = 0
         parent = self._parent() if free > 0 else None
         started = 0
         for _ in range(max(free, 0) if parent is not None else 0):
@@ -76,6 +81,9 @@ class Study:
         pruned = {op.run_id for op in stops if op.outcome == "applied"}
         values = self._values()
         for record in self.records:
+            run = runs.get(record["run_id"])
+            if record["state"] == PRUNED and run is not None and not self._pruned(run, stopping, pruned):
+                record["state"] = RUNNING  # resumed by the user (or its stop was refused): its result counts
             if record["state"] != RUNNING:
                 continue
             if record["op_id"] is not None:
@@ -100,8 +108,13 @@ class Study:
                     self._end(record, COMPLETE, value=last)
             elif run.status in (RunStatus.FAILED, RunStatus.DELETED):
                 self._end(record, FAIL, why=f"its run {run.status.value}")
-            elif record["run_id"] in stopping or (run.status is RunStatus.STOPPED and record["run_id"] in pruned):
+            elif self._pruned(run, stopping, pruned):
                 self._end(record, PRUNED)
+
+    @staticmethod
+    def _pruned(run: Any, stopping: set[int], pruned: set[int]) -> bool:
+        """Stopped by the policy: its stop waits to apply, or applied and the run still stopped."""
+        return run.run_id in stopping or (run.status is RunStatus.STOPPED and run.run_id in pruned)
 
     def _values(self) -> dict[int, dict[int, float]]:
         """The search's metric by run and chunk (the last value logged in each chunk)."""
@@ -121,11 +134,13 @@ class Study:
     def _propose(self, rung: int, parent: int) -> int:
         """Ask for one config and submit it; 0 if the proposal was refused (it still counts toward the budget)."""
         try:
-            proposal = self.search.ask(self.sampler, self.records)
+            proposal = self.search.ask(self.sampler, self.records, self.study_attrs)
         except OutsideSpace as exc:
+            self.study_attrs = exc.study_attrs
             self.records.append(_record(exc.number, {}, None, None, state=FAIL, system_attrs=exc.system_attrs))
             logger.warning("RFOptunaSearch: %s; the proposal is skipped", exc)
             return 0
+        self.study_attrs = proposal.study_attrs
         record = _record(
             proposal.number, proposal.params, None, None, label=proposal.label(), system_attrs=proposal.system_attrs
         )
@@ -141,6 +156,21 @@ class Study:
             return 0
         record["op_id"], record["run_id"] = op_id, run_id
         return 1
+
+    def _exhausted(self) -> bool:
+        """Whether every config of a finite space has been tried (said once): nothing new is left to propose."""
+        size = self.search.size
+        tried = {json.dumps(r["params"], sort_keys=True) for r in self.records if r["params"]}
+        if size is None or len(tried) < size:
+            return False
+        if not self._orphaned:
+            self._orphaned = True
+            logger.warning(
+                "RFOptunaSearch: all %d configs of the space have been tried; the %d left of the budget are not used",
+                size,
+                self.search.budget - len(self.records),
+            )
+        return True
 
     def _parent(self) -> int | None:
         """The run a proposal is cloned from (cold: only its lineage): the search's first run not deleted that this
@@ -168,7 +198,15 @@ class Study:
         except Exception:  # noqa: BLE001 - a sampler that cannot be pickled restarts fresh on resume (said then)
             sampler = None
         # a copy: readers of the store (any thread) never see a record change under them
-        self.store.set_meta(META, {"fit": self.fit, "trials": copy.deepcopy(self.records), "sampler": sampler})
+        self.store.set_meta(
+            META,
+            {
+                "fit": self.fit,
+                "trials": copy.deepcopy(self.records),
+                "sampler": sampler,
+                "study_attrs": copy.deepcopy(self.study_attrs),
+            },
+        )
 
     def _link(self) -> None:
         """A proposal saved before the process ended: its Clone-Modify op (found by the run's name), or failed if

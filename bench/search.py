@@ -9,7 +9,8 @@ end. For each seed: (a) the exhaustive grid, every config to the end; then `RFOp
 with a `RandomSampler` and once with the default `TPESampler`: each freed slot gets a new proposal.
 Reported per sampler: optimizer steps used / (a)'s (probes included), the best final eval loss reached vs (a)'s
 best, in how many seeds it is within 1%, and the steps trained (the runs' own, in the order they ran) until a
-finished run within 1% of (a)'s best existed. Writes bench/results/search.json and the table in BENCHMARKS.md.
+finished run within 1% of (a)'s best existed. Writes bench/results/search-b<budget>.json and the table (a row per
+budget).
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
             "steps_to_1pct_median": statistics.median(reached) if reached else None,
             "configs_median": statistics.median(s[name]["configs"] for s in seeds),
         }
+    name = f"search-b{args.budget}"  # one result per budget, all in the table
     result = {
-        **header("search", argv),
+        **header(name, argv),
         "rows": args.rows,
         "num_chunks": args.num_chunks,
         "num_runs": args.num_runs,
@@ -150,25 +152,25 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": seeds,
         "summary": summary,
     }
-    latest = save("search", result)[-1]
-    n = len(latest["seeds"])
+    results = save(name, result)
     rows = [
         [
-            latest["date"],
-            f"{name} + successive halving",
-            f"{latest['num_runs']} at once, {latest['budget']} in all",
+            r["date"],
+            f"{sampler} + successive halving",
+            f"{r['num_runs']} at once, {r['budget']} in all",
             f"{s['steps_ratio_median']:.2f}",
-            f"{s['within_1pct']}/{n}",
+            f"{s['within_1pct']}/{len(r['seeds'])}",
             f"{s['best_gap_median'] * 100:+.2f}% / {s['best_gap_max'] * 100:+.2f}%",
             "never" if s["steps_to_1pct_median"] is None else f"{s['steps_to_1pct_median']:.2f}",
-            f"`{latest['command']}`",
+            f"`{r['command']}`",
         ]
-        for name, s in latest["summary"].items()
+        for r in results
+        for sampler, s in r["summary"].items()
     ]
     write_section(
         "search",
         "Search at an equal budget: random vs TPE proposals, both with successive halving (32-config space)",
-        f"The demo model's 32-config SFT space (lr x rank x batch size x schedule), {latest['num_chunks']} chunks of "
+        f"The demo model's 32-config SFT space (lr x rank x batch size x schedule), {result['num_chunks']} chunks of "
         "one epoch, per seed: (a) every config to the end; (b) RFOptunaSearch with a RandomSampler or the default "
         "TPESampler, the same configs at once and in all, under SuccessiveHalving() (its defaults, anneal probes "
         "included), each freed slot refilled. Steps: (b)/(a), probes included, median over seeds. Within 1%: seeds "

@@ -32,7 +32,11 @@ ROOT = Path(__file__).parents[1]
         ("ic_ops", ["--trials", "1"], "ic_ops"),
         ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),
         ("pruning", ["--seeds", "1", "--configs", "4", "--rows", "64", "--num-chunks", "2"], "pruning"),
-        ("search", ["--seeds", "1", "--rows", "32", "--num-chunks", "2", "--num-runs", "2", "--budget", "4"], "search"),
+        (
+            "search",
+            ["--seeds", "1", "--rows", "32", "--num-chunks", "2", "--num-runs", "2", "--budget", "4"],
+            "search-b4",
+        ),
         ("tracking", ["--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "tracking-demo"),
         (
             "time_to_best",

@@ -26,6 +26,13 @@ from rf_notebook import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFOptun
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
 from rf_notebook.policies import SuccessiveHalving
 
+SEARCHED = (
+    "training_args.learning_rate",
+    "peft_config.r",
+    "training_args.per_device_train_batch_size",
+    "training_args.lr_scheduler_type",
+)
+
 
 def space() -> RFModelConfig:
     return RFModelConfig(
@@ -79,7 +86,7 @@ def run(search: Any, seed: int, rows: int, num_chunks: int, policy: Any, workdir
         "final": {str(k): v for k, v in final.items()},
         "steps_at": {str(k): v for k, v in steps_at.items()},
         "best_final_eval_loss": min(v for v, _ in final.values()),
-        "params": {str(r.run_id): dict(r.params) for r in runs},
+        "params": {str(r.run_id): {k: r.params.get(k) for k in SEARCHED} for r in runs},
     }
 
 
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(args.seeds):
             grid = run(RFGridSearch(space(), "SFT"), seed, args.rows, args.num_chunks, None, workdir)
             best = grid["best_final_eval_loss"]
+            del grid["steps_at"]
             entry: dict[str, Any] = {"seed": seed, "exhaustive": grid}
             for name, sampler in samplers(seed, args.num_runs).items():
                 search = RFOptunaSearch(
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                 got["within_1pct"] = got["best_gap"] <= 0.01
                 reached = steps_until(got, best * 1.01)
                 got["steps_to_1pct_ratio"] = None if reached is None else reached / grid["steps"]
+                del got["steps_at"]  # every step's time: only for steps_until
                 entry[name] = got
             seeds.append(entry)
             print(

@@ -373,3 +373,48 @@ def _size(space: Mapping[str, tuple[Any, Any]]) -> int | None:
         else:
             return None
     return size
+
+
+def random_streams(sampler: Any) -> dict[str, Any]:
+    """The state of every numpy random stream inside an Optuna sampler (its own and its helpers', e.g. TPE's
+    startup RandomSampler), by attribute path, as JSON data: what a seeded sampler has consumed so far. With the trial
+    records this is all a sampler needs to continue where it was (its caches are rebuilt from the trials)."""
+    import numpy as np
+
+    streams: dict[str, Any] = {}
+
+    def walk(obj: Any, path: str, depth: int) -> None:
+        for name, value in vars(obj).items() if hasattr(obj, "__dict__") and depth < 5 else ():
+            where = f"{path}.{name}" if path else name
+            if isinstance(value, np.random.RandomState):
+                kind, keys, pos, has_gauss, gauss = value.get_state()
+                streams[where] = [kind, keys.tolist(), pos, has_gauss, gauss]
+            elif isinstance(value, np.random.Generator):
+                streams[where] = value.bit_generator.state
+            elif type(value).__module__.startswith("optuna."):
+                walk(value, where, depth + 1)
+
+    walk(sampler, "", 0)
+    return streams
+
+
+def restore_streams(sampler: Any, streams: Mapping[str, Any]) -> None:
+    """Put `random_streams(...)` back into a fresh copy of the same sampler."""
+    import numpy as np
+
+    for where, state in streams.items():
+        *parents, name = where.split(".")
+        owner = sampler
+        for parent in parents:
+            owner = getattr(owner, parent)
+        current = getattr(owner, name, None)
+        if isinstance(state, dict):
+            if not isinstance(current, np.random.Generator):
+                raise TypeError(f"{where} is {current!r}, not a numpy Generator")
+            current.bit_generator.state = state
+            continue
+        if current is None:  # a lazily created stream, not drawn from yet in the fresh copy
+            current = np.random.RandomState()
+            setattr(owner, name, current)
+        kind, keys, pos, has_gauss, gauss = state
+        current.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

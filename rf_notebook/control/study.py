@@ -8,22 +8,21 @@ failed). Then every freed slot (`num_runs` minus the trials still running; a run
 gets a new proposal, until `budget` proposals were made: a cold Clone-Modify of the search's first run, origin
 "policy". The sampler answers each proposal from a study rebuilt from the records (`RFOptunaSearch.ask`).
 
-The records and the pickled sampler are kept in the store's "study" meta after every call; a resumed run_fit
-continues from them, so the sampler proposes what it would have.
+The records, the sampler's random streams and what it keeps on the study are kept in the store's "study" meta after
+every call (JSON: nothing is unpickled); a resumed run_fit continues from them, so the sampler proposes what it would
+have.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import logging
 import math
-import pickle
 from typing import Any
 
 from rf_notebook.control.results import logged_name
-from rf_notebook.optuna_search import OutsideSpace, RFOptunaSearch
+from rf_notebook.optuna_search import OutsideSpace, RFOptunaSearch, random_streams, restore_streams
 from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ class Study:
         if resume and saved is not None and saved.get("fit") == fit:
             self.records = [dict(r) for r in saved["trials"]]
             self._link()
-            self.sampler = self._load(saved.get("sampler")) or search.fresh_sampler()
+            self.sampler = self._load(saved.get("sampler"))
             self.study_attrs = dict(saved.get("study_attrs") or {})
         else:
             self.sampler = sampler
@@ -193,10 +192,7 @@ class Study:
     # -- kept in the store ----------------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        try:
-            sampler = base64.b64encode(pickle.dumps(self.sampler)).decode("ascii")
-        except Exception:  # noqa: BLE001 - a sampler that cannot be pickled restarts fresh on resume (said then)
-            sampler = None
+        sampler = random_streams(self.sampler)
         # a copy: readers of the store (any thread) never see a record change under them
         self.store.set_meta(
             META,
@@ -223,16 +219,16 @@ class Study:
                 else:
                     record["op_id"], record["run_id"] = op.op_id, op.new_run_id
 
-    @staticmethod
-    def _load(saved: str | None) -> Any:
-        """The sampler as pickled in the experiment's record (None: a fresh one, said)."""
-        try:  # the experiment's own record, written by this code
-            if saved:
-                return pickle.loads(base64.b64decode(saved))
+    def _load(self, streams: Any) -> Any:
+        """A fresh copy of the search's sampler with its random streams as saved (nothing else of a sampler's state
+        outlives a question: its caches are rebuilt from the trials)."""
+        sampler = self.search.fresh_sampler()
+        try:
+            restore_streams(sampler, streams or {})
         except Exception as exc:  # noqa: BLE001 - e.g. saved by another Optuna version
-            logger.warning("RFOptunaSearch: the saved sampler cannot be loaded (%s)", exc)
-        logger.warning("RFOptunaSearch: the resumed search goes on with a fresh sampler (its proposals will differ)")
-        return None
+            logger.warning("RFOptunaSearch: the sampler's saved state does not fit (%s); it goes on fresh", exc)
+            return self.search.fresh_sampler()
+        return sampler
 
 
 def _record(

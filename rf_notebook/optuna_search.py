@@ -259,15 +259,9 @@ class RFOptunaSearch(Search):
         first, self._first = self.first(), None
         return first
 
-    def _concrete(self) -> list[RFModelConfig]:
-        return [self.config(p.values) for p in self.first()[1]]
-
     def expand(self) -> list[RunSpec]:
-        proposals = self.first()[1]
-        return [
-            RunSpec(p.label(), self.trainer_type, self.config(p.values), _flatten(self.config(p.values)))
-            for p in proposals
-        ]
+        configs = [(p, self.config(p.values)) for p in self.first()[1]]
+        return [RunSpec(p.label(), self.trainer_type, c, _flatten(c)) for p, c in configs]
 
     def config(self, values: Mapping[str, Any]) -> RFModelConfig:
         """The base config with `values` (dotted field path -> value) in place of its List / Range fields."""
@@ -319,9 +313,7 @@ def _distribution(path: str, value: List | Range, optuna: Any) -> tuple[Any, lis
             step = int(value.step or 1)
             return dists.IntDistribution(int(value.start), int(value.end), log=value.log, step=step), None
         return dists.FloatDistribution(float(value.start), float(value.end), log=value.log, step=value.step), None
-    for v in value.values:
-        if isinstance(v, (List, Range)):
-            raise ValueError(f"{path}={value!r}: RFOptunaSearch takes a List of values, not of List / Range")
+    for v in value.values:  # (a List or Range inside it was refused by `_space`)
         try:
             json.dumps(v)
         except (TypeError, ValueError):

@@ -3,16 +3,21 @@
     python -m bench.scale [--model demo|llama512] [--sizes 4 16 32 64] [--max-steps 16] [--num-chunks 4]
 
 Each N trains N SFT runs (learning rates cycled, the same compute per run) interleaved in `num_chunks` chunks in
-this one process, smallest N first and again largest first, so that drift hits both ends alike. From `exp.stats()`:
-the scheduler thread's training time per optimizer step (everything inside the trainers), its time per switch
-(activating a run's adapter, forward patches and process state; recording progress), and setup per run (building
-its adapter and trainer). Memory per run is `bench.memory`'s job. Target: per-step time at the largest N within
-5% of the smallest. Writes bench/results/scale-<model>.json and the table in BENCHMARKS.md.
+this one process, smallest N first and again largest first, so that drift hits both ends alike. A smaller N is
+repeated (fresh experiments) until it has trained as many steps as the largest, so every figure averages the same
+number of steps. From `exp.stats()`: the scheduler thread's time per optimizer step, all of it (training,
+switching, chunk-end checkpoints, clean-up; no evaluation here) and training alone (everything inside the
+trainers), its time per switch (activating a run's adapter, forward patches and process state; recording
+progress) and per chunk-end checkpoint (snapshot and serialization; the files are written on another thread), and
+setup per run (building its adapter and trainer). Memory per run is `bench.memory`'s job. Target: per-step time
+(all of it) at the largest N within 5% of the smallest. Writes bench/results/scale-<model>.json and the table in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 
@@ -37,19 +42,30 @@ def search(n_runs: int, max_steps: int, batch: int) -> RFGridSearch:
     )
 
 
-def measure(model_fn, n_runs: int, args, train, workdir: str) -> dict[str, float]:
-    exp = new_experiment("scale", workdir)
-    exp.run_fit(search(n_runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks, seed=0)
-    exp.wait()
-    runs = exp.runs()
-    assert all(r.status.value == "finished" for r in runs), [r.error for r in runs]
-    stats = exp.stats()
-    exp.end()
-    steps = sum(r.step for r in runs)
+def measure(model_fn, n_runs: int, repeats: int, args, train, workdir: str) -> dict[str, float]:
+    totals = {"all_s": 0.0, "train_s": 0.0, "switch_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
+    steps = switches = 0
+    for _ in range(repeats):
+        exp = new_experiment("scale", workdir)
+        exp.run_fit(
+            search(n_runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks, seed=0
+        )
+        exp.wait()
+        runs = exp.runs()
+        assert all(r.status.value == "finished" for r in runs), [r.error for r in runs]
+        stats = exp.stats()
+        exp.end()
+        steps += sum(r.step for r in runs)
+        switches += stats["switches"]
+        stats["all_s"] = sum(stats[k] for k in ("train_s", "switch_s", "checkpoint_s", "eval_s", "cleanup_s"))
+        for key in totals:
+            totals[key] += stats[key]
     return {
-        "ms_per_step": 1000 * stats["train_s"] / steps,
-        "ms_per_switch": 1000 * stats["switch_s"] / stats["switches"],
-        "setup_s_per_run": stats["setup_s"] / n_runs,
+        "ms_per_step": 1000 * totals["all_s"] / steps,
+        "ms_per_step_training": 1000 * totals["train_s"] / steps,
+        "ms_per_switch": 1000 * totals["switch_s"] / switches,
+        "ms_per_checkpoint": 1000 * totals["checkpoint_s"] / switches,
+        "setup_s_per_run": totals["setup_s"] / (n_runs * repeats),
     }
 
 
@@ -67,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = sorted(args.sizes)
     measured: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory() as workdir:
-        measure(model_fn, sizes[0], args, train, workdir)  # warm-up
+        measure(model_fn, sizes[0], 1, args, train, workdir)  # warm-up
         for n in sizes + sizes[::-1]:
-            measured[n].append(measure(model_fn, n, args, train, workdir))
+            measured[n].append(measure(model_fn, n, math.ceil(sizes[-1] / n), args, train, workdir))
     rows = {
         n: {key: statistics.median(m[key] for m in ms) for key in ms[0]} | {"raw": ms} for n, ms in measured.items()
     }
@@ -82,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "sizes": {str(n): row for n, row in rows.items()},
         "step_ratio_largest_to_smallest": last["ms_per_step"] / first["ms_per_step"],
+        "training_step_ratio_largest_to_smallest": last["ms_per_step_training"] / first["ms_per_step_training"],
         "switch_ratio_largest_to_smallest": last["ms_per_switch"] / first["ms_per_switch"],
     }
     write_table(save(f"scale-{args.model}", result))
@@ -90,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_table(results: list[dict]) -> None:
+    def cell(row: dict, key: str, digits: int) -> str:
+        return f"{row[key]:.{digits}f}" if key in row else "-"
+
     rows = []
     for r in results:
         for n, row in r["sizes"].items():
@@ -99,10 +119,12 @@ def write_table(results: list[dict]) -> None:
                     r["machine"],
                     r["model"],
                     n,
-                    f"{row['ms_per_step']:.1f}",
-                    f"{row['ms_per_switch']:.2f}",
-                    f"{row['setup_s_per_run']:.2f}",
-                    f"`{r['command']}`",
+                    cell(row, "ms_per_step", 1),
+                    cell(row, "ms_per_step_training", 1),
+                    cell(row, "ms_per_switch", 2),
+                    cell(row, "ms_per_checkpoint", 2),
+                    cell(row, "setup_s_per_run", 2),
+                    f"`{r['command']}`" + (f" ({r['note']})" if "note" in r else ""),
                 ]
             )
         rows.append(
@@ -111,8 +133,10 @@ def write_table(results: list[dict]) -> None:
                 "",
                 "",
                 "largest / smallest",
-                f"{r['step_ratio_largest_to_smallest']:.3f}",
-                f"{r['switch_ratio_largest_to_smallest']:.3f}",
+                cell(r, "step_ratio_largest_to_smallest", 3),
+                cell(r, "training_step_ratio_largest_to_smallest", 3),
+                cell(r, "switch_ratio_largest_to_smallest", 3),
+                "",
                 "",
                 "",
             ]
@@ -121,9 +145,22 @@ def write_table(results: list[dict]) -> None:
         "scale",
         "Cost as the number of runs grows",
         "N SFT runs on one base, interleaved, same process, each N measured twice (smallest first, then largest "
-        "first); the scheduler thread's own accounting (`exp.stats()`): training time per optimizer step, time per "
-        "switch, setup per run. Target: per-step time at the largest N within 5% of the smallest.",
-        ["date", "machine", "model", "runs", "ms per step", "ms per switch", "setup s per run", "command"],
+        "first), a smaller N repeated until it trained as many steps as the largest; the scheduler thread's own "
+        "accounting (`exp.stats()`): its time per optimizer step (all: training, switching, chunk-end checkpoints, "
+        "clean-up) and training alone, time per switch, per chunk-end checkpoint (snapshot and serialization), setup "
+        "per run. Target: per-step time (all) at the largest N within 5% of the smallest.",
+        [
+            "date",
+            "machine",
+            "model",
+            "runs",
+            "ms per step (all)",
+            "ms per step (training)",
+            "ms per switch",
+            "ms per checkpoint",
+            "setup s per run",
+            "command",
+        ],
         rows,
     )
 

@@ -293,24 +293,31 @@ def test_a_resume_names_a_different_precision(tmp_path):
 
 
 def test_chunk_end_checkpoints_are_written_off_the_training_thread(tmp_path, monkeypatch):
-    """At a chunk end the training thread only copies the run's state to host memory (on a GPU: pinned buffers,
-    one synchronisation); the files are written and fsync'ed by the checkpoint writer thread, which the GPU does
-    not wait for. Every checkpoint is on disk, complete, once the experiment's runs are done."""
+    """At a chunk end the training thread copies the run's state to host memory (on a GPU: pinned buffers, one
+    synchronisation) and serializes it (Python work under the GIL: on the writer thread it stalled the next run's
+    step for longer than it took); the files are written and fsync'ed by the checkpoint writer thread, which the
+    GPU does not wait for. Every checkpoint is on disk, complete, once the experiment's runs are done."""
     import os
     import threading
 
-    synced = []
-    fsync = os.fsync
+    synced, serialized = [], []
+    fsync, save = os.fsync, torch.save
 
     def recorded(fd):
         synced.append(threading.current_thread().name)
         return fsync(fd)
 
+    def recorded_save(obj, f, *args, **kwargs):
+        serialized.append(threading.current_thread().name)
+        return save(obj, f, *args, **kwargs)
+
     monkeypatch.setattr(os, "fsync", recorded)
+    monkeypatch.setattr(torch, "save", recorded_save)
     exp = Experiment("async-ckpt", experiments_dir=tmp_path)
     exp.run_fit(sweep(max_steps=4), demo_model_fn, TRAIN, None, num_chunks=2, display=False)
     assert exp.wait(timeout=300)
     exp.end(wait=False)
+    assert serialized and set(serialized) == {"rf_notebook-scheduler"}, Counter(serialized)
     assert synced and set(synced) == {"rf_notebook-checkpoints"}, Counter(synced)
     for run in exp.runs():
         folder = tmp_path / "async-ckpt" / "runs" / str(run.run_id) / "checkpoints"

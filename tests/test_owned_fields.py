@@ -66,6 +66,7 @@ def test_a_checkpoint_removes_only_the_runs_own_older_checkpoints(tmp_path, monk
         (folder / name).mkdir(parents=True)
     backend = TorchBackend(demo_model_fn, TRAIN, None, num_chunks=2)
     backend._snapshot = lambda slot: None  # no trainer needed
+    monkeypatch.setattr("rf_notebook.engine.checkpoints.encode", lambda snapshot: snapshot)
     monkeypatch.setattr(
         "rf_notebook.engine.checkpoints.write_snapshot",
         lambda snapshot, path: (path / "trainer_state.json").write_text("{}"),

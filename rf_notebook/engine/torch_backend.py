@@ -300,11 +300,11 @@ class TorchBackend:
 
     def checkpoint(self, slot: RunSlot, wait: bool = False) -> Path:
         """Checkpoint `slot` at its current step as `<output_dir>/checkpoints/step-<N>` (complete or absent; the
-        run's older checkpoints are removed). The training thread only takes the snapshot; the checkpoint writer
-        thread writes it, unless `wait` (a run about to leave memory): then it is on disk when this returns. A
-        failed earlier write is raised here (OSError)."""
+        run's older checkpoints are removed). The training thread takes the snapshot and serializes it; the
+        checkpoint writer thread writes the files, unless `wait` (a run about to leave memory): then they are on
+        disk when this returns. A failed earlier write is raised here (OSError)."""
         folder, step = checkpoints_of(slot.trainer.args.output_dir), slot.step
-        snapshot = self._snapshot(slot)
+        snapshot = checkpoints.encode(self._snapshot(slot))  # here, not on the writer thread (see `encode`)
         if wait:
             self._writer.flush()
             return checkpoints.replace_checkpoint(snapshot, folder, step)

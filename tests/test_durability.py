@@ -317,6 +317,28 @@ def test_a_failed_checkpoint_write_pauses_the_experiment_and_corrupts_nothing(da
     exp.end(wait=False)
 
 
+def test_a_checkpoint_that_cannot_be_serialized_pauses_the_experiment_like_a_failed_write(data, tmp_path, monkeypatch):
+    """Serializing happens on the training thread (see `checkpoints.encode`); out of memory there is a failed
+    checkpoint like a full disk: the experiment pauses, no run fails."""
+    from rf_notebook.engine import checkpoints
+
+    real, calls = checkpoints.encode, {"n": 0}
+
+    def out_of_memory_on_the_third(snapshot):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("cannot allocate 1 GiB")
+        return real(snapshot)
+
+    monkeypatch.setattr(checkpoints, "encode", out_of_memory_on_the_third)
+    exp = Experiment("oom", experiments_dir=tmp_path)
+    exp.run_fit(group(), demo_model_fn, *data, num_chunks=3, seed=1, display=False)
+    assert exp.wait(timeout=300)
+    assert "serializing the checkpoint failed: MemoryError('cannot allocate 1 GiB')" in exp.store.storage_error
+    assert {r.status for r in exp.runs()} == {RunStatus.STOPPED}  # paused, nothing failed
+    exp.end(wait=False)
+
+
 def test_a_failed_database_write_pauses_and_recovery_rewrites_everything(data, tmp_path, monkeypatch):
     from rf_notebook import _journal
 

@@ -109,7 +109,7 @@ def to_host(value: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     """A snapshot serialized: each checkpoint file's bytes, and the adapter's PEFT config (which writes its own
-    JSON). What the checkpoint writer thread gets: writing it is file I/O only, which runs without the GIL."""
+    JSON). What the checkpoint writer thread gets: writing it is mostly file I/O, which runs without the GIL."""
 
     files: dict[str, bytes]
     adapter_config: Any

@@ -304,7 +304,13 @@ class TorchBackend:
         checkpoint writer thread writes the files, unless `wait` (a run about to leave memory): then they are on
         disk when this returns. A failed earlier write is raised here (OSError)."""
         folder, step = checkpoints_of(slot.trainer.args.output_dir), slot.step
-        snapshot = checkpoints.encode(self._snapshot(slot))  # here, not on the writer thread (see `encode`)
+        try:  # here, not on the writer thread (see `encode`)
+            snapshot = checkpoints.encode(self._snapshot(slot))
+        except OSError:
+            raise
+        except Exception as exc:  # out of memory, a bug: reported like a failed write (the experiment pauses)
+            logger.exception("serializing run %s's checkpoint failed", slot.run_id)
+            raise OSError(f"serializing the checkpoint failed: {exc!r}") from exc
         if wait:
             self._writer.flush()
             return checkpoints.replace_checkpoint(snapshot, folder, step)

@@ -124,7 +124,7 @@ def write_table(results: list[dict]) -> None:
                     cell(row, "ms_per_switch", 2),
                     cell(row, "ms_per_checkpoint", 2),
                     cell(row, "setup_s_per_run", 2),
-                    f"`{r['command']}`" + (f" ({r['note']})" if "note" in r else ""),
+                    f"`{r['command']}`",
                 ]
             )
         rows.append(
@@ -138,7 +138,7 @@ def write_table(results: list[dict]) -> None:
                 cell(r, "switch_ratio_largest_to_smallest", 3),
                 "",
                 "",
-                "",
+                r.get("note", ""),
             ]
         )
     write_section(

@@ -134,3 +134,53 @@ def test_a_wrapper_added_later_puts_the_parked_adapters_back():
         assert peft.active_adapters == [name]
         for a, b in zip(adapters.parameters(name), before, strict=True):
             assert torch.equal(a, b) and a.requires_grad
+
+
+def test_a_checkpoint_reads_the_same_weights_as_peft_without_walking_the_model():
+    """`SharedBase.adapter_weights(hub_check=False)` maps PEFT's state dict to the adapter's parameters once and then
+    reads them: the same keys and the same tensors (storage included) as PEFT's function gives, after training
+    changed them, after other adapters were active, and for an adapter removed and added again under its name."""
+    from peft.utils import get_peft_model_state_dict
+
+    from rf_notebook.engine._bases import SharedBase
+
+    model, tokenizer = demo_model_fn()
+    base = SharedBase(model, tokenizer)
+    configs = {**CONFIGS, "dora": LoraConfig(r=4, target_modules=["q_proj", "o_proj"], use_dora=True)}
+    for i, (name, config) in enumerate(configs.items()):
+        base.add_adapter(name, config, seed=i)
+    walks = []
+    real = base.peft.state_dict
+
+    def counted(*args, **kwargs):
+        walks.append(1)
+        return real(*args, **kwargs)
+
+    base.peft.state_dict = counted
+
+    def peft_s(name):
+        base.use(name)
+        return get_peft_model_state_dict(base.peft, adapter_name=name, save_embedding_layers=False)
+
+    def same(ours, theirs):
+        assert list(ours) == list(theirs) and ours
+        for key in theirs:
+            assert ours[key].data_ptr() == theirs[key].data_ptr() and torch.equal(ours[key], theirs[key]), key
+
+    for name in configs:
+        same(base.adapter_weights(name, hub_check=False), peft_s(name))  # the first call asks PEFT
+    walks.clear()
+    for name in ["run3", "dora", "run1"]:
+        base.use(name)
+        with torch.no_grad():  # a training step's in-place update
+            for p in base.adapters.parameters(name):
+                p.add_(0.25)
+        ours = base.adapter_weights(name, hub_check=False)
+        assert not walks  # read from the parameters, no walk over the model
+        same(ours, peft_s(name))
+        walks.clear()
+    base.remove_adapter("run2")
+    base.add_adapter("run2", LoraConfig(r=2, target_modules=["k_proj"]), seed=9)  # same name, new parameters
+    ours = base.adapter_weights("run2", hub_check=False)
+    same(ours, peft_s("run2"))
+    assert all(".k_proj." in key for key in ours)

@@ -29,6 +29,8 @@ class SharedBase:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         self.peft: Any = None
         self.adapters: Adapters | None = None
+        # adapter -> (key of PEFT's state dict, the adapter parameter it holds), and those parameters' ids
+        self._weight_keys: dict[str, tuple[list[tuple[str, Any]], set[int]]] = {}
         self.pristine: Patches | None = None
         # TRL's constructor and transformers' train() each register a hook that makes the embedding output require
         # grad (activation checkpointing with adapters), keeping no handle on the previous ones: one per call, so
@@ -68,15 +70,41 @@ class SharedBase:
 
         PEFT decides whether to add the base's embedding layers by asking the Hub for the base model's config (a
         network lookup on every call). A checkpoint needs no base weights (the base is rebuilt from
-        `create_model_fn`), so `hub_check=False` adds none and asks nothing: no network while training."""
+        `create_model_fn`), so `hub_check=False` adds none and asks nothing: no network while training.
+
+        PEFT's function walks the whole model (about a third of a chunk-end checkpoint's time on the demo model).
+        With `hub_check=False` its answer is mapped once per adapter to the adapter's own parameters, and later calls
+        read those parameters: the same keys and tensors, as long as the adapter has the same parameter objects
+        (checked at every call; otherwise, and where adapters are not parked, PEFT's function is asked again)."""
         from peft.utils import get_peft_model_state_dict
 
         self.use(name)
+        params = self.adapters.parameters(name) if not hub_check and self.adapters.parking else None
+        known = self._weight_keys.get(name)
+        if params is not None and known is not None and known[1] == {id(p) for p in params}:
+            return {key: param.detach() for key, param in known[0]}
         embeddings: Any = "auto" if hub_check else False
-        return get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=embeddings)
+        weights = get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=embeddings)
+        if params is not None:
+            self._map_weights(name, weights, params)
+        return weights
+
+    def _map_weights(self, name: str, weights: dict[str, Any], params: list[Any]) -> None:
+        """Remember which of adapter `name`'s parameters each of PEFT's keys holds (same storage, shape and
+        strides), if every key holds a distinct one of them."""
+        self._weight_keys.pop(name, None)
+
+        def where(t: Any) -> tuple[Any, ...]:
+            return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+        by_place = {where(p): p for p in params}
+        pairs = [(key, by_place.get(where(value))) for key, value in weights.items()]
+        if pairs and all(p is not None for _, p in pairs) and len({id(p) for _, p in pairs}) == len(pairs):
+            self._weight_keys[name] = pairs, {id(p) for p in params}
 
     def remove_adapter(self, name: str) -> None:
         """Delete a run's adapter (another one becomes active; each run sets its own before training)."""
+        self._weight_keys.pop(name, None)
         self.adapters.remove(name)
 
 

@@ -146,10 +146,9 @@ def encode(snapshot: Snapshot) -> Encoded:
     return Encoded(files, snapshot.adapter_config)
 
 
-def write_snapshot(snapshot: Snapshot | Encoded, path: Path) -> None:
-    """Write `snapshot` into folder `path` in transformers' checkpoint layout (what
+def write_snapshot(encoded: Encoded, path: Path) -> None:
+    """Write an encoded snapshot into folder `path` in transformers' checkpoint layout (what
     `train(resume_from_checkpoint=path)` reads), each file fsync'ed."""
-    encoded = snapshot if isinstance(snapshot, Encoded) else encode(snapshot)
     path.mkdir(parents=True, exist_ok=True)
     for name, data in encoded.files.items():
         (path / name).write_bytes(data)
@@ -232,7 +231,7 @@ class CheckpointWriter:
                 self._jobs.task_done()
 
 
-def replace_checkpoint(snapshot: Snapshot | Encoded, folder: Path, step: int) -> Path:
+def replace_checkpoint(snapshot: Encoded, folder: Path, step: int) -> Path:
     """Write `snapshot` as `<folder>/step-<step>` atomically (a temporary folder renamed into place) and remove the
     run's other checkpoints (step-N, unfinished .tmp-step-N; nothing else in the folder)."""
     final = folder / f"step-{step}"

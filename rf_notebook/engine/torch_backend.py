@@ -296,7 +296,7 @@ class TorchBackend:
 
     def _write_state(self, slot: RunSlot, path: Path) -> None:
         """Write a run's state now, on this thread, in transformers' checkpoint layout (a warm start)."""
-        checkpoints.write_snapshot(self._snapshot(slot), path)
+        checkpoints.write_snapshot(checkpoints.encode(self._snapshot(slot)), path)
 
     def checkpoint(self, slot: RunSlot, wait: bool = False) -> Path:
         """Checkpoint `slot` at its current step as `<output_dir>/checkpoints/step-<N>` (complete or absent; the

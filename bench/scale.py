@@ -1,12 +1,14 @@
 """Cost per step and per switch as the number of runs grows: N = 4, 16, 32, 64 runs on one base.
 
-    python -m bench.scale [--model demo|llama512] [--sizes 4 16 32 64] [--max-steps 16] [--num-chunks 4]
+    python -m bench.scale [--model demo|llama512] [--sizes 4 16 32 64] [--max-steps 16] [--num-chunks 4] [--rounds 4]
 
 Each N trains N SFT runs (learning rates cycled, the same compute per run) interleaved in `num_chunks` chunks in
-this one process, smallest N first and again largest first, so that drift hits both ends alike. A smaller N is
-repeated (fresh experiments) until it has trained as many steps as the largest, so every figure averages the same
-number of steps. From `exp.stats()`: the scheduler thread's time per optimizer step, all of it (training,
-switching, chunk-end checkpoints, clean-up; no evaluation here) and training alone (everything inside the
+this one process. A smaller N is repeated (fresh experiments) until it has trained as many steps as the largest, so
+every figure averages the same number of steps. Every round measures each N once, smallest first in odd rounds and
+largest first in even ones, so that drift hits both ends alike; a ratio (largest N / smallest) is taken within each
+round, and the result is the median of the rounds' ratios, with their range (one slow minute on a shared machine
+moves one round, not the verdict). From `exp.stats()`: the scheduler thread's time per optimizer step, all of it
+(training, switching, chunk-end checkpoints, clean-up; no evaluation here) and training alone (everything inside the
 trainers), its time per switch (activating a run's adapter, forward patches and process state; recording
 progress) and per chunk-end checkpoint (snapshot and serialization; the files are written on another thread), and
 setup per run (building its adapter and trainer). Memory per run is `bench.memory`'s job. Target: per-step time
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=16)
     parser.add_argument("--num-chunks", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4, help="measurements of each N (default 4)")
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
     model_fn = MODELS[args.model]
@@ -84,12 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
     measured: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory() as workdir:
         measure(model_fn, sizes[0], 1, args, train, workdir)  # warm-up
-        for n in sizes + sizes[::-1]:
-            measured[n].append(measure(model_fn, n, math.ceil(sizes[-1] / n), args, train, workdir))
+        for round_ in range(args.rounds):
+            for n in sizes if round_ % 2 == 0 else sizes[::-1]:
+                measured[n].append(measure(model_fn, n, math.ceil(sizes[-1] / n), args, train, workdir))
     rows = {
         n: {key: statistics.median(m[key] for m in ms) for key in ms[0]} | {"raw": ms} for n, ms in measured.items()
     }
-    first, last = rows[sizes[0]], rows[sizes[-1]]
+
+    def ratio(key: str) -> float:
+        return statistics.median(ratios(key))
+
+    def ratios(key: str) -> list[float]:
+        return [last[key] / first[key] for first, last in zip(measured[sizes[0]], measured[sizes[-1]])]
+
     result = {
         **header(f"scale-{args.model}", argv),
         "model": args.model,
@@ -97,9 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         "num_chunks": args.num_chunks,
         "batch_size": args.batch_size,
         "sizes": {str(n): row for n, row in rows.items()},
-        "step_ratio_largest_to_smallest": last["ms_per_step"] / first["ms_per_step"],
-        "training_step_ratio_largest_to_smallest": last["ms_per_step_training"] / first["ms_per_step_training"],
-        "switch_ratio_largest_to_smallest": last["ms_per_switch"] / first["ms_per_switch"],
+        "rounds": args.rounds,
+        "step_ratio_largest_to_smallest": ratio("ms_per_step"),
+        "step_ratio_rounds": ratios("ms_per_step"),
+        "training_step_ratio_largest_to_smallest": ratio("ms_per_step_training"),
+        "switch_ratio_largest_to_smallest": ratio("ms_per_switch"),
     }
     write_table(save(f"scale-{args.model}", result))
     print(result)
@@ -112,6 +124,8 @@ def write_table(results: list[dict]) -> None:
 
     rows = []
     for r in results:
+        spread = r.get("step_ratio_rounds")
+        spread = f"{len(spread)} rounds, range [{min(spread):.3f}, {max(spread):.3f}]" if spread else ""
         for n, row in r["sizes"].items():
             rows.append(
                 [
@@ -138,17 +152,18 @@ def write_table(results: list[dict]) -> None:
                 cell(r, "switch_ratio_largest_to_smallest", 3),
                 "",
                 "",
-                r.get("note", ""),
+                "; ".join(filter(None, [spread, r.get("note", "")])),
             ]
         )
     write_section(
         "scale",
         "Cost as the number of runs grows",
-        "N SFT runs on one base, interleaved, same process, each N measured twice (smallest first, then largest "
-        "first), a smaller N repeated until it trained as many steps as the largest; the scheduler thread's own "
-        "accounting (`exp.stats()`): its time per optimizer step (all: training, switching, chunk-end checkpoints, "
-        "clean-up) and training alone, time per switch, per chunk-end checkpoint (snapshot and serialization), setup "
-        "per run. Target: per-step time (all) at the largest N within 5% of the smallest.",
+        "N SFT runs on one base, interleaved, same process, each N measured once per round (smallest first, then "
+        "largest first in the next), a smaller N repeated until it trained as many steps as the largest; the ratio "
+        "largest / smallest is the median of the rounds' ratios (earlier results: of two measurements); the "
+        "scheduler thread's own accounting (`exp.stats()`): its time per optimizer step (all: training, switching, "
+        "chunk-end checkpoints, clean-up) and training alone, time per switch, per chunk-end checkpoint (snapshot and "
+        "serialization), setup per run. Target: per-step time (all) at the largest N within 5% of the smallest.",
         [
             "date",
             "machine",

@@ -9,11 +9,12 @@ largest first in even ones, so that drift hits both ends alike; a ratio (largest
 round, and the result is the median of the rounds' ratios, with their range (one slow minute on a shared machine
 moves one round, not the verdict). From `exp.stats()`: the scheduler thread's time per optimizer step, all of it
 (training, switching, chunk-end checkpoints, clean-up; no evaluation here) and training alone (everything inside the
-trainers), its time per switch (activating a run's adapter, forward patches and process state; recording
-progress) and per chunk-end checkpoint (snapshot and serialization; the files are written on another thread), and
-setup per run (building its adapter and trainer). Memory per run is `bench.memory`'s job. Target: per-step time
-(all of it) at the largest N within 5% of the smallest. Writes bench/results/scale-<model>.json and the table in
-BENCHMARKS.md.
+trainers), its time per switch (activating a run's adapter, forward patches and process state; recording progress)
+and per chunk-end checkpoint (snapshot and serialization; the files are written on another thread), and setup per
+run (building its adapter and trainer), and the time from calling `run_fit` to the first optimizer step (the first
+logged loss; a run's trainer is built at its first turn, so this should not grow with N). Memory per run is
+`bench.memory`'s job. Target: per-step time (all of it) at the largest N within 5% of the smallest. Writes
+bench/results/scale-<model>.json and the table in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import math
 import statistics
 import tempfile
+import time
 
 import transformers
 
@@ -47,8 +49,10 @@ def search(n_runs: int, max_steps: int, batch: int) -> RFGridSearch:
 def measure(model_fn, n_runs: int, repeats: int, args, train, workdir: str) -> dict[str, float]:
     totals = {"all_s": 0.0, "train_s": 0.0, "switch_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
     steps = switches = 0
+    first_steps = []
     for _ in range(repeats):
         exp = new_experiment("scale", workdir)
+        called = time.time()
         exp.run_fit(
             search(n_runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks, seed=0
         )
@@ -56,6 +60,8 @@ def measure(model_fn, n_runs: int, repeats: int, args, train, workdir: str) -> d
         runs = exp.runs()
         assert all(r.status.value == "finished" for r in runs), [r.error for r in runs]
         stats = exp.stats()
+        results = exp.results()
+        first_steps.append(results[results.metric == "loss"].wall_time.min() - called)
         exp.end()
         steps += sum(r.step for r in runs)
         switches += stats["switches"]
@@ -68,6 +74,7 @@ def measure(model_fn, n_runs: int, repeats: int, args, train, workdir: str) -> d
         "ms_per_switch": 1000 * totals["switch_s"] / switches,
         "ms_per_checkpoint": 1000 * totals["checkpoint_s"] / switches,
         "setup_s_per_run": totals["setup_s"] / (n_runs * repeats),
+        "s_to_first_step": statistics.median(first_steps),
     }
 
 
@@ -138,6 +145,7 @@ def write_table(results: list[dict]) -> None:
                     cell(row, "ms_per_switch", 2),
                     cell(row, "ms_per_checkpoint", 2),
                     cell(row, "setup_s_per_run", 2),
+                    cell(row, "s_to_first_step", 2),
                     f"`{r['command']}`",
                 ]
             )
@@ -152,6 +160,7 @@ def write_table(results: list[dict]) -> None:
                 cell(r, "switch_ratio_largest_to_smallest", 3),
                 "",
                 "",
+                "",
                 "; ".join(filter(None, [spread, r.get("note", "")])),
             ]
         )
@@ -163,7 +172,9 @@ def write_table(results: list[dict]) -> None:
         "largest / smallest is the median of the rounds' ratios (earlier results: of two measurements); the "
         "scheduler thread's own accounting (`exp.stats()`): its time per optimizer step (all: training, switching, "
         "chunk-end checkpoints, clean-up) and training alone, time per switch, per chunk-end checkpoint (snapshot and "
-        "serialization), setup per run. Target: per-step time (all) at the largest N within 5% of the smallest.",
+        "serialization), setup per run (loading the base, building each run's adapter and trainer), and seconds from "
+        "`run_fit` to the first optimizer step's logged loss (median over the experiments). Target: per-step time "
+        "(all) at the largest N within 5% of the smallest.",
         [
             "date",
             "machine",
@@ -174,6 +185,7 @@ def write_table(results: list[dict]) -> None:
             "ms per switch",
             "ms per checkpoint",
             "setup s per run",
+            "s to first step",
             "command",
         ],
         rows,

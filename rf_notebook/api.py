@@ -325,8 +325,9 @@ class Experiment:
         return tables.ic_log(self._store)
 
     def stats(self) -> dict[str, float]:
-        """Where the training thread's time went: setup_s, train_s, eval_s, switch_s, cleanup_s (freeing finished
-        runs' trainers) and the number of switches.
+        """Where the training thread's time went: setup_s (loading the base, building the runs: a run's trainer is
+        built when it first trains, and counts here), train_s, eval_s, switch_s, cleanup_s (freeing finished runs'
+        trainers) and the number of switches.
 
         A switch is one run handing the model to another at a chunk end; switch_s is the scheduler's own time
         for it (activating the run's adapter and state, recording progress), not training or evaluation.

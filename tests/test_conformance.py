@@ -128,9 +128,10 @@ def train_alone(case: Case, config: dict, train) -> tuple[dict[str, torch.Tensor
 
 
 def assert_one_shared_base(exp: Experiment) -> None:
-    """While training: every run's trainer trains the same model object and holds no separate reference model. (The
-    module tree itself is not walked here: it changes as the scheduler thread switches runs.)"""
-    slots = list(exp._engine._slots.values())
+    """While training: every run's trainer built so far (a run's trainer is built at its first turn) trains the same
+    model object and holds no separate reference model. (The module tree itself is not walked here: it changes as
+    the scheduler thread switches runs.)"""
+    slots = [slot for slot in list(exp._engine._slots.values()) if slot.trainer is not None]
     assert slots, "no live run to inspect"
     assert len({id(slot.trainer.model) for slot in slots}) == 1, "a run trains on its own copy of the base"
     assert all(getattr(slot.trainer, "ref_model", None) is None for slot in slots)

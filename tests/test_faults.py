@@ -14,6 +14,7 @@ from trl import SFTTrainer
 from rf_notebook import Experiment, List, RFGridSearch, RFGRPOConfig, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook._feed import Feed
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn, exact_match_reward, prompt_dataset
+from rf_notebook.engine.torch_backend import TorchBackend
 from rf_notebook.store import RunStatus
 
 
@@ -33,11 +34,18 @@ def sft(lrs, max_steps=8):
     )
 
 
-def watch_trainers(exp):
-    """Weak references to every run's trainer and optimizer, taken once their slots exist."""
+@pytest.fixture
+def trainers(monkeypatch):
+    """Weak references to every run's trainer, taken as each is built (a run's trainer is built at its first turn)."""
     refs = {}
-    for run_id, slot in exp._engine._slots.items():
-        refs[run_id] = [weakref.ref(slot.trainer)]
+    build = TorchBackend._build_slot
+
+    def watched(self, run, *args, **kwargs):
+        slot = build(self, run, *args, **kwargs)
+        refs[run.run_id] = weakref.ref(slot.trainer)
+        return slot
+
+    monkeypatch.setattr(TorchBackend, "_build_slot", watched)
     return refs
 
 
@@ -51,16 +59,15 @@ def assert_contained(exp, failed_id, match):
     assert panel_run["status"] == "failed" and match in panel_run["error"]
 
 
-def test_a_nan_loss_fails_its_run_only(data, tmp_path):
+def test_a_nan_loss_fails_its_run_only(data, trainers, tmp_path):
     exp = Experiment("nan", experiments_dir=tmp_path)
     exp.run_fit(sft([3e-3, 1e38, 1e-3]), demo_model_fn, *data, num_chunks=2, seed=0, display=False)
-    refs = watch_trainers(exp)
     assert exp.wait(timeout=300)
     assert_contained(exp, 2, "NonFiniteLoss: the training loss is nan at step 2")
     losses = [m.value for m in exp.store.metrics(2) if m.name == "loss"]
     assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
     gc.collect()
-    assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
+    assert trainers[2]() is None, "the failed run's trainer (and its optimizer) is still alive"
     exp.end(wait=False)
 
 
@@ -74,7 +81,7 @@ def test_on_nonfinite_continue_keeps_training(data, tmp_path):
     exp.end(wait=False)
 
 
-def test_an_out_of_memory_step_fails_its_run_only(data, tmp_path, monkeypatch):
+def test_an_out_of_memory_step_fails_its_run_only(data, trainers, tmp_path, monkeypatch):
     real = SFTTrainer.training_step
 
     def oom_for_one_run(self, *args, **kwargs):
@@ -85,11 +92,10 @@ def test_an_out_of_memory_step_fails_its_run_only(data, tmp_path, monkeypatch):
     monkeypatch.setattr(SFTTrainer, "training_step", oom_for_one_run)
     exp = Experiment("oom", experiments_dir=tmp_path)
     exp.run_fit(sft([3e-3, 2e-3, 1e-3]), demo_model_fn, *data, num_chunks=2, seed=0, display=False)
-    refs = watch_trainers(exp)
     assert exp.wait(timeout=300)
     assert_contained(exp, 2, "OutOfMemoryError: CUDA out of memory")
     gc.collect()
-    assert refs[2][0]() is None, "the failed run's trainer (and its optimizer) is still alive"
+    assert trainers[2]() is None, "the failed run's trainer (and its optimizer) is still alive"
     assert [m.step for m in exp.store.metrics(2) if m.name == "loss"] == [1, 2, 3]  # step 3 logged, 4 raised
     exp.end(wait=False)
 
@@ -98,7 +104,7 @@ def broken_reward(completions, **_):
     raise RuntimeError("reward service unavailable")
 
 
-def test_a_raising_reward_function_fails_its_run_only(tmp_path):
+def test_a_raising_reward_function_fails_its_run_only(trainers, tmp_path):
     group = RFGridSearch(
         RFModelConfig(
             DEMO_MODEL,
@@ -112,9 +118,8 @@ def test_a_raising_reward_function_fails_its_run_only(tmp_path):
     )
     exp = Experiment("reward", experiments_dir=tmp_path)
     exp.run_fit(group, demo_model_fn, prompt_dataset("train", n=16), num_chunks=2, seed=0, display=False)
-    refs = watch_trainers(exp)
     assert exp.wait(timeout=300)
     assert_contained(exp, 2, "RuntimeError: reward service unavailable")
     gc.collect()
-    assert refs[2][0]() is None
+    assert trainers[2]() is None
     exp.end(wait=False)

@@ -203,11 +203,11 @@ def test_a_warm_clone_taken_inside_a_generation_cycle_continues_its_parent_exact
 def test_unloaded_runs_free_their_trainers(data, tmp_path):
     exp = Experiment("freed", experiments_dir=tmp_path)
     exp.run_fit(group(lrs=(3e-3, 1e-3, 5e-4), max_steps=24), demo_model_fn, *data, num_chunks=4, seed=1)
-    trainer = weakref.ref(exp._engine._slots[2].trainer)
-    exp.stop(2)
+    trainer = weakref.ref(exp._engine._slots[1].trainer)  # the first run's, built before run_fit returns
+    exp.stop(1)
     assert exp.wait(timeout=300)
-    wait_for(lambda: 2 not in exp._engine._slots)
+    wait_for(lambda: 1 not in exp._engine._slots)
     gc.collect()
     assert trainer() is None, "the stopped run's trainer (and optimizer) is still in memory"
-    assert exp.store.run(2).status is RunStatus.STOPPED
+    assert exp.store.run(1).status is RunStatus.STOPPED
     exp.end(wait=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
 from rf_notebook.store import RunStatus
+from rf_notebook.trainers import sft
 
 
 def group(lrs=(3e-3,), max_steps=24, dropout=0.1):
@@ -94,6 +96,53 @@ def test_stop_then_resume_is_exactly_an_uninterrupted_run(data, uninterrupted, t
         assert losses(exp, run_id) == pytest.approx(ref_losses, abs=1e-5)
         assert_same_weights(adapter(exp, run_id, tmp_path), ref_weights)
     assert list(exp.ic_log().outcome) == ["applied", "applied"]
+    exp.end(wait=False)
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The run ids whose SFT trainers were built, in order (a later run's trainer is built at its first turn)."""
+    built: list[int] = []
+    original = sft.build_trainer
+
+    def counting(model, tokenizer, args, *rest, **kwargs):
+        built.append(int(Path(args.output_dir).name))
+        return original(model, tokenizer, args, *rest, **kwargs)
+
+    monkeypatch.setattr(sft, "build_trainer", counting)
+    return built
+
+
+def test_a_run_stopped_before_its_first_turn_never_builds_a_trainer(data, uninterrupted, builds, tmp_path):
+    exp = Experiment("unbuilt", experiments_dir=tmp_path)
+    exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
+    assert exp.stats()["setup_s"] > 0
+    exp.stop(2)  # applied at run 1's next optimizer step: run 2 comes after run 1's first chunk
+    fresh = load_file(exp.export(2, tmp_path / "fresh") / "adapter_model.safetensors")
+    assert exp.wait(timeout=300)
+    assert [r.status for r in exp.runs()] == [RunStatus.FINISHED, RunStatus.STOPPED] and exp.runs()[1].step == 0
+    assert builds == [1]
+    assert {k for k, v in fresh.items() if "lora_B" in k and v.abs().sum() > 0} == set()  # its initial adapter
+    exp.resume(2)
+    assert exp.wait(timeout=300)
+    assert builds == [1, 2]
+    for run_id in (1, 2):
+        ref_losses, ref_weights = uninterrupted[run_id]
+        assert losses(exp, run_id) == pytest.approx(ref_losses, abs=1e-5)
+        assert_same_weights(adapter(exp, run_id, tmp_path), ref_weights)
+    exp.end(wait=False)
+
+
+def test_a_warm_start_from_a_run_before_its_first_turn_is_that_run(data, uninterrupted, builds, tmp_path):
+    exp = Experiment("warm-unbuilt", experiments_dir=tmp_path)
+    exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
+    clone = exp.clone_modify(2, {}, warm_start=True)  # run 2 has not trained: its trainer is built for this
+    assert exp.wait(timeout=300)
+    assert exp.ic_log().iloc[0].step == 0 and sorted(builds) == [1, 2, clone]
+    ref_losses, ref_weights = uninterrupted[2]
+    for run_id in (2, clone):
+        assert losses(exp, run_id) == pytest.approx(ref_losses, abs=1e-5)
+        assert_same_weights(adapter(exp, run_id, tmp_path), ref_weights)
     exp.end(wait=False)
 
 

@@ -87,6 +87,10 @@ class Backend(Protocol):
     def build(self, run: Any, warm_from: Slot | None = None) -> Slot:
         """Build one more run (a clone): from scratch, or continuing `warm_from`'s current state."""
 
+    def materialize(self, slot: Slot) -> None:
+        """Build what the run's build left for its first turn (a backend may defer a run's trainer until then);
+        nothing for a run already built. The engine calls it just before the run's first `activate`."""
+
     def activate(self, slot: Slot) -> None:
         """Put back what the run expects of the shared model and the process, before it trains."""
 

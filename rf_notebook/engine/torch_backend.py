@@ -23,7 +23,8 @@ from typing import Any
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rf_notebook import _versions
-from rf_notebook.chunking import chunk_plan
+from rf_notebook.chunking import ChunkPlan, chunk_plan
+from rf_notebook.configs import RFModelConfig
 from rf_notebook.engine import _fused, _openmp, _probe, _process_state, checkpoints
 from rf_notebook.engine._bases import Bases, SharedBase
 from rf_notebook.engine._callbacks import ApplyOverrides, FailOnNonFinite, GenerationMetrics, TolerantMetrics
@@ -131,6 +132,7 @@ class TorchBackend:
         self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
         self._garbage = False  # a discarded trainer waits for a garbage collection (see `discard`)
         self._prepared: dict[Any, Any] = {}  # data sets a trainer prepared, for the runs that would prepare the same
+        self._deferred: set[int] = set()  # runs whose trainer is built at their first turn (`materialize`)
 
     def connect(
         self,
@@ -145,8 +147,10 @@ class TorchBackend:
     # -- building ----------------------------------------------------------------------------------------------
 
     def setup(self, runs: list[PreparedRun], unloaded: list[PreparedRun] = ()) -> dict[int, RunSlot]:
-        """Load each distinct base once, then build every run of `runs`; the `unloaded` ones (stopped, on disk)
-        are only remembered, for a later `reload` or `export`."""
+        """Load each distinct base once, then build every run of `runs`: the first of each trainer type whole (what
+        its trainer refuses is raised here, before anything trains), and a later one whose data set is prepared
+        already (so its chunk plan is known) its adapter and plan now, its trainer at its first turn; the `unloaded`
+        ones (stopped, on disk) are only remembered, for a later `reload` or `export`."""
         self._unloaded.update({run.run_id: run for run in unloaded})
         import datasets
 
@@ -155,7 +159,14 @@ class TorchBackend:
         try:
             for run in runs:
                 self._bases.get(run.spec.model_config)
-            return {run.run_id: self.build(run, resume_from=self.resume_points.get(run.run_id)) for run in runs}
+            slots, built = {}, set()  # the trainer types one run has built a trainer of (its errors raised here)
+            for run in runs:
+                resume_from = self.resume_points.get(run.run_id)
+                defer = resume_from is None and run.spec.trainer_type in built
+                slots[run.run_id] = self.build(run, resume_from=resume_from, defer=defer)
+                if slots[run.run_id].trainer is not None:
+                    built.add(run.spec.trainer_type)
+            return slots
         finally:
             if bars:
                 datasets.enable_progress_bar()
@@ -164,10 +175,19 @@ class TorchBackend:
         return self._bases.loaded(self._runs[run_id].spec.model_config)
 
     def build(
-        self, run: PreparedRun, warm_from: RunSlot | None = None, resume_from: tuple[int, str] | None = None
+        self,
+        run: PreparedRun,
+        warm_from: RunSlot | None = None,
+        resume_from: tuple[int, str] | None = None,
+        defer: bool = False,
     ) -> RunSlot:
         """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state; with
-        `resume_from` (step, checkpoint folder), the state written there (a resumed experiment)."""
+        `resume_from` (step, checkpoint folder), the state written there (a resumed experiment). With `defer`, a run
+        starting from scratch whose data set is already prepared (so its chunk plan is known) gets its trainer at
+        its first turn (`materialize`): the first run trains sooner, and a run stopped before its turn never builds
+        one. Its adapter is added now, so that it can be exported, cloned or deleted like any run."""
+        if warm_from is not None:
+            self.materialize(warm_from)  # a warm clone continues its parent's state as built
         self._collect()  # discarded trainers first: this run's memory comes next
         base = self._bases.get(run.spec.model_config)
         unloaded = self._unloaded.pop(run.run_id, None)
@@ -176,6 +196,14 @@ class TorchBackend:
         try:
             base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
             added = True
+            if defer and warm_from is None and resume_from is None and not self.fuse:
+                rows = self._prepared_rows(run, base)
+                if rows is not None:  # known without building: the trainer waits for the run's first turn
+                    slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
+                    slot.plan = self._plan(run, rows)
+                    self.fusion = {**self.fusion, run.run_id: "fuse=False"}
+                    self._deferred.add(run.run_id)
+                    return slot
             return self._build_slot(run, base, warm_from, resume_from)
         except BaseException:  # nothing half-built stays: an export must never find a fresh, untrained adapter
             if added:
@@ -185,11 +213,62 @@ class TorchBackend:
                 self._unloaded[run.run_id] = unloaded
             raise
 
+    def materialize(self, slot: RunSlot) -> None:
+        """Build the trainer of a run whose build deferred it (`build(defer=True)`), into its slot; nothing for a run
+        already built. Its chunk plan, known since it was built, must come out the same."""
+        if slot.run_id not in self._deferred:
+            return
+        self._deferred.discard(slot.run_id)
+        self._collect()
+        planned = slot.plan
+        self._build_slot(self._runs[slot.run_id], self.base_of(slot.run_id), None, None, slot)
+        if slot.plan != planned:  # a bug: the rungs the engine scheduled by would not be the trainer's
+            raise RuntimeError(
+                f"run {slot.run_id}'s chunk plan changed when its trainer was built: {planned} vs {slot.plan}"
+            )
+
+    def _data(self, run: PreparedRun) -> tuple[Any, Any, RFModelConfig]:
+        """The run's train and eval sets, already put through its formatting_func (then its config has none)."""
+        model_config = run.spec.model_config
+        train, evl = self.train_dataset, self.eval_dataset
+        if model_config.formatting_func is not None and id(model_config.formatting_func) in self.formatted:
+            train, evl = self.formatted[id(model_config.formatting_func)]
+            model_config = model_config.replace(formatting_func=None)
+        return train, evl, model_config
+
+    def _prepared_rows(self, run: PreparedRun, base: SharedBase) -> int | None:
+        train, evl, model_config = self._data(run)
+        return TRAINERS[run.spec.trainer_type].prepared_rows(
+            base.tokenizer, run.args, train, evl, model_config.formatting_func, self._prepared
+        )
+
+    def _plan(self, run: PreparedRun, rows: int) -> ChunkPlan:
+        trainer, args = TRAINERS[run.spec.trainer_type], run.args
+        return chunk_plan(
+            rows,
+            args.per_device_train_batch_size,
+            self.num_chunks,
+            max_steps=args.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            per_epoch=trainer.steps_per_epoch(rows, args),
+            rows_per_step=trainer.rows_per_step(args),
+            align=trainer.rung_multiple(args),
+        )
+
     def _build_slot(
-        self, run: PreparedRun, base: SharedBase, warm_from: RunSlot | None, resume_from: tuple[int, str] | None
+        self,
+        run: PreparedRun,
+        base: SharedBase,
+        warm_from: RunSlot | None,
+        resume_from: tuple[int, str] | None,
+        slot: RunSlot | None = None,
     ) -> RunSlot:
         base.pristine.apply(base.modules)  # each trainer patches the pristine model, never another's patch
-        slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
+        # Its constructor sees the run's own adapter as the active one, as right after it was added (TRL casts the
+        # trainable parameters of a quantized base's adapter to bfloat16): also when the trainer is built later.
+        base.use(run.adapter)
+        if slot is None:
+            slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
         callbacks = slot.callbacks(self.record)
         if self.on_nonfinite == "fail":
             callbacks.append(FailOnNonFinite())
@@ -198,11 +277,7 @@ class TorchBackend:
         if warm_from is not None or (resume_from is not None and Path(resume_from[1]).name == WARM_START):
             callbacks.append(ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
         trainer = TRAINERS[run.spec.trainer_type]
-        model_config = run.spec.model_config
-        train, evl = self.train_dataset, self.eval_dataset
-        if model_config.formatting_func is not None and id(model_config.formatting_func) in self.formatted:
-            train, evl = self.formatted[id(model_config.formatting_func)]
-            model_config = model_config.replace(formatting_func=None)
+        train, evl, model_config = self._data(run)
         if model_config.compute_metrics is not None:  # one that raises costs its metrics, not the run
             metrics = TolerantMetrics(model_config.compute_metrics, lambda text: self.warn(slot, text), run.spec.name)
             model_config = model_config.replace(compute_metrics=metrics)
@@ -229,17 +304,7 @@ class TorchBackend:
             _fused.install_backward(slot, slot.trainer.accelerator)
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
-        args, rows = run.args, len(slot.trainer.train_dataset)
-        slot.plan = chunk_plan(
-            rows,
-            args.per_device_train_batch_size,
-            self.num_chunks,
-            max_steps=args.max_steps,
-            num_train_epochs=args.num_train_epochs,
-            per_epoch=trainer.steps_per_epoch(rows, args),
-            rows_per_step=trainer.rows_per_step(args),
-            align=trainer.rung_multiple(args),
-        )
+        slot.plan = self._plan(run, len(slot.trainer.train_dataset))
         if warm_from is not None:
             slot.resume_from = self._checkpoint(warm_from, run)
             slot.state = warm_from.state
@@ -334,7 +399,9 @@ class TorchBackend:
     # -- driving -----------------------------------------------------------------------------------------------
 
     def activate(self, slot: RunSlot) -> None:
-        """Put back what this run's trainer expects of the shared model and the process."""
+        """Put back what this run's trainer expects of the shared model and the process (building its trainer first,
+        if that waited for this turn)."""
+        self.materialize(slot)
         base = self.base_of(slot.run_id)
         base.use(slot.adapter)
         slot.patches.apply(base.modules)
@@ -432,6 +499,7 @@ class TorchBackend:
 
     def _discard(self, slot: RunSlot, keep_adapter: bool) -> None:
         slot.close()
+        self._deferred.discard(slot.run_id)  # never built: nothing to unwind
         if not keep_adapter:
             self.base_of(slot.run_id).remove_adapter(slot.adapter)
             self._unloaded[slot.run_id] = self._runs.pop(slot.run_id)
@@ -487,4 +555,5 @@ class TorchBackend:
         self._bases.clear()
         self._runs.clear()
         self._unloaded.clear()
+        self._deferred.clear()
         gc.collect()

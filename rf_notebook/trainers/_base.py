@@ -31,6 +31,13 @@ class TrainerType(Protocol):
     def rung_multiple(self, args: Any) -> int:
         """Chunk ends fall on multiples of this many optimizer steps."""
 
+    def prepared_rows(
+        self, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
+    ) -> int | None:
+        """The number of rows the run's trainer will train on, where that is known without building it (the data
+        set another run's trainer already prepared in the same way, `prepared`, or one the trainer does not
+        prepare); None: only building the trainer tells. The run's chunk plan is made from it."""
+
     def build_trainer(
         self,
         model: Any,

@@ -19,6 +19,7 @@ MODULE_SURFACE = (
     "steps_per_epoch",
     "rows_per_step",
     "rung_multiple",
+    "prepared_rows",
     "build_trainer",
 )
 

@@ -73,6 +73,13 @@ def rung_multiple(args: Any) -> int:
     return micro_batches * accumulation // math.gcd(micro_batches, accumulation) // accumulation
 
 
+def prepared_rows(
+    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
+) -> int | None:
+    """The prompts as given: GRPO / RLOO trainers do not prepare their training set ahead of training."""
+    return len(train_dataset)
+
+
 def build_trainer(
     trainer_name: str,
     model: Any,

@@ -44,6 +44,13 @@ rows_per_step = sft.rows_per_step
 rung_multiple = sft.rung_multiple
 
 
+def prepared_rows(
+    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
+) -> int | None:
+    """Each DPO run prepares its own data set (tokenized pairs): only building the trainer tells."""
+    return None
+
+
 def build_trainer(
     model: Any,
     tokenizer: Any,

@@ -17,4 +17,5 @@ resolve_args = functools.partial(_online.resolve_args, spec=CONFIG)
 steps_per_epoch = _online.steps_per_epoch
 rows_per_step = _online.rows_per_step
 rung_multiple = _online.rung_multiple
+prepared_rows = _online.prepared_rows
 build_trainer = functools.partial(_online.build_trainer, "RLOOTrainer")

@@ -83,6 +83,23 @@ def preparation_key(tokenizer: Any, args: Any, train: Any, evl: Any, formatting_
     return json.dumps([objects, relevant], sort_keys=True, default=repr)
 
 
+def _shareable(args: Any) -> bool:
+    """Whether a run's prepared data sets can be another's. A packed data set keeps only input_ids and labels, from
+    which TRL's constructor can no longer tell a conversational data set (what assistant_only_loss checks): those
+    runs prepare their own."""
+    return not (args.packing or args.eval_packing or args.assistant_only_loss)
+
+
+def prepared_rows(
+    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Mapping[Any, Any]
+) -> int | None:
+    """The rows of the training set as an earlier run's trainer prepared it the same way (None: not prepared yet)."""
+    if not _shareable(args):
+        return None
+    entry = prepared.get(preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func))
+    return None if entry is None else len(entry[0])
+
+
 def build_trainer(
     model: Any,
     tokenizer: Any,
@@ -102,9 +119,7 @@ def build_trainer(
 
     formatting_func = model_config.formatting_func
     key = preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func)
-    # A packed data set keeps only input_ids and labels, from which TRL's constructor can no longer tell a
-    # conversational data set (what assistant_only_loss checks): those runs prepare their own.
-    shareable = not (args.packing or args.eval_packing or args.assistant_only_loss)
+    shareable = _shareable(args)
     sources = (tokenizer, train_dataset, eval_dataset, formatting_func)  # kept with the entry: the key holds ids
     user_dataset_kwargs = args.dataset_kwargs
     if shareable and key in prepared:

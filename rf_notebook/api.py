@@ -104,7 +104,8 @@ class Experiment:
         fuse: bool | str = False,
         trackers: Any = None,
     ) -> None:
-        """Validate, load the base model(s), build every run's trainer, start training and return.
+        """Validate, load the base model(s), build the runs, start training and return (a run that shares its
+        prepared data set with an earlier one gets its trainer when it first trains: the first run starts sooner).
 
         Training continues in a background thread; use `wait()` to block until every run has ended. In a
         notebook the live panel appears in the cell's output (`display=False` keeps it hidden; `exp.panel()`
@@ -325,9 +326,9 @@ class Experiment:
         return tables.ic_log(self._store)
 
     def stats(self) -> dict[str, float]:
-        """Where the training thread's time went: setup_s (loading the base, building the runs: a run's trainer is
-        built when it first trains, and counts here), train_s, eval_s, switch_s, cleanup_s (freeing finished runs'
-        trainers) and the number of switches.
+        """Where the training thread's time went: setup_s (loading the base, building the runs, including a trainer
+        built at its run's first turn; a build for a warm clone's parent counts nowhere), train_s, eval_s,
+        switch_s, cleanup_s (freeing finished runs' trainers) and the number of switches.
 
         A switch is one run handing the model to another at a chunk end; switch_s is the scheduler's own time
         for it (activating the run's adapter and state, recording progress), not training or evaluation.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+from rf_notebook.engine.torch_backend import TorchBackend
 from rf_notebook.store import RunStatus
 from rf_notebook.trainers import sft
 
@@ -113,11 +115,28 @@ def builds(monkeypatch):
     return built
 
 
-def test_a_run_stopped_before_its_first_turn_never_builds_a_trainer(data, uninterrupted, builds, tmp_path):
+@pytest.fixture
+def held(monkeypatch):
+    """An event that the first run's first activation waits for: ops submitted before it is set apply before
+    anything trains (the engine drains commands at the first optimizer step)."""
+    go = threading.Event()
+    activate = TorchBackend.activate
+
+    def waiting(self, slot):
+        assert go.wait(timeout=120), "the test never let training start"
+        return activate(self, slot)
+
+    monkeypatch.setattr(TorchBackend, "activate", waiting)
+    yield go
+    go.set()
+
+
+def test_a_run_stopped_before_its_first_turn_never_builds_a_trainer(data, uninterrupted, builds, held, tmp_path):
     exp = Experiment("unbuilt", experiments_dir=tmp_path)
     exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
-    assert exp.stats()["setup_s"] > 0
-    exp.stop(2)  # applied at run 1's next optimizer step: run 2 comes after run 1's first chunk
+    assert builds == [1] and exp._engine.backend._deferred == {2}
+    exp.stop(2)
+    held.set()
     fresh = load_file(exp.export(2, tmp_path / "fresh") / "adapter_model.safetensors")
     assert exp.wait(timeout=300)
     assert [r.status for r in exp.runs()] == [RunStatus.FINISHED, RunStatus.STOPPED] and exp.runs()[1].step == 0
@@ -133,16 +152,41 @@ def test_a_run_stopped_before_its_first_turn_never_builds_a_trainer(data, uninte
     exp.end(wait=False)
 
 
-def test_a_warm_start_from_a_run_before_its_first_turn_is_that_run(data, uninterrupted, builds, tmp_path):
+def test_a_warm_start_from_a_run_before_its_first_turn_is_that_run(data, uninterrupted, builds, held, tmp_path):
     exp = Experiment("warm-unbuilt", experiments_dir=tmp_path)
     exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
+    assert builds == [1] and exp._engine.backend._deferred == {2}
     clone = exp.clone_modify(2, {}, warm_start=True)  # run 2 has not trained: its trainer is built for this
+    held.set()
     assert exp.wait(timeout=300)
     assert exp.ic_log().iloc[0].step == 0 and sorted(builds) == [1, 2, clone]
     ref_losses, ref_weights = uninterrupted[2]
     for run_id in (2, clone):
         assert losses(exp, run_id) == pytest.approx(ref_losses, abs=1e-5)
         assert_same_weights(adapter(exp, run_id, tmp_path), ref_weights)
+    exp.end(wait=False)
+
+
+def test_a_trainer_that_fails_at_its_first_turn_fails_that_run_only(data, held, monkeypatch, tmp_path):
+    original = sft.build_trainer
+
+    def failing(model, tokenizer, args, *rest, **kwargs):
+        if Path(args.output_dir).name == "2":
+            raise RuntimeError("simulated constructor failure")
+        return original(model, tokenizer, args, *rest, **kwargs)
+
+    monkeypatch.setattr(sft, "build_trainer", failing)
+    exp = Experiment("unbuildable", experiments_dir=tmp_path)
+    exp.run_fit(group(lrs=(3e-3, 1e-3)), demo_model_fn, *data, num_chunks=3, seed=5)
+    exp.clone_modify(2, {}, warm_start=True)  # needs run 2's trainer: refused, run 2 left to fail at its turn
+    held.set()
+    assert exp.wait(timeout=300)
+    run1, run2 = exp.runs()
+    assert run1.status is RunStatus.FINISHED and run2.status is RunStatus.FAILED
+    assert "simulated constructor failure" in run2.error
+    op = exp.ic_log().iloc[0]
+    assert op.outcome == "refused" and "simulated constructor failure" in op.reason
+    assert adapter(exp, 2, tmp_path)  # its (untrained) adapter stays for export
     exp.end(wait=False)
 
 

@@ -1,7 +1,7 @@
 """The scheduler thread: owns every base model, adapter and trainer, trains runs chunk by chunk, applies IC ops.
 
     engine = Engine(store, prepared_runs, backend)
-    engine.start()                                  # returns once every run is built (or raises why not)
+    engine.start()                                  # returns once the runs are built (or raises why not)
     engine.submit(Stop(op_id=..., run_id=1))        # any thread; acted on between two optimizer steps
     engine.shutdown()
 

@@ -118,7 +118,7 @@ class RunSlot:
     def __init__(self, run_id: int, adapter: str, should_yield: Callable[[], bool] = lambda: False):
         self.run_id, self.adapter, self.should_yield = run_id, adapter, should_yield
         self.resume_from: str | None = None  # a checkpoint folder to start train() from (warm start)
-        self.plan: ChunkPlan | None = None  # known once the trainer has prepared its data set
+        self.plan: ChunkPlan | None = None  # known once its data set is prepared (by its trainer, or another's)
         self.trainer: Any = None
         self.patches: Patches | None = None
         self.state: _process_state.ProcessState | None = None

@@ -89,7 +89,8 @@ class Backend(Protocol):
 
     def materialize(self, slot: Slot) -> None:
         """Build what the run's build left for its first turn (a backend may defer a run's trainer until then);
-        nothing for a run already built. The engine calls it just before the run's first `activate`."""
+        nothing for a run already built. The engine calls it before every turn it trains the run alone (its time
+        counts as setup); `activate` must do the same for the other paths."""
 
     def activate(self, slot: Slot) -> None:
         """Put back what the run expects of the shared model and the process, before it trains."""

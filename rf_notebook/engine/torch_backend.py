@@ -147,10 +147,12 @@ class TorchBackend:
     # -- building ----------------------------------------------------------------------------------------------
 
     def setup(self, runs: list[PreparedRun], unloaded: list[PreparedRun] = ()) -> dict[int, RunSlot]:
-        """Load each distinct base once, then build every run of `runs`: the first of each trainer type whole (what
-        its trainer refuses is raised here, before anything trains), and a later one whose data set is prepared
-        already (so its chunk plan is known) its adapter and plan now, its trainer at its first turn; the `unloaded`
-        ones (stopped, on disk) are only remembered, for a later `reload` or `export`."""
+        """Load each distinct base once, then build every run of `runs`; a run whose data set an earlier run's
+        trainer prepared in the same way (SFT runs that differ only in optimization arguments) gets its adapter and
+        chunk plan now and its trainer at its first turn (`build(defer=True)`). What a trainer's constructor refuses
+        is raised here, before anything trains: a deferred run's constructor sees the arguments of one already
+        built, but for those that only shape optimization. The `unloaded` ones (stopped, on disk) are only
+        remembered, for a later `reload` or `export`."""
         self._unloaded.update({run.run_id: run for run in unloaded})
         import datasets
 
@@ -159,13 +161,10 @@ class TorchBackend:
         try:
             for run in runs:
                 self._bases.get(run.spec.model_config)
-            slots, built = {}, set()  # the trainer types one run has built a trainer of (its errors raised here)
+            slots = {}
             for run in runs:
                 resume_from = self.resume_points.get(run.run_id)
-                defer = resume_from is None and run.spec.trainer_type in built
-                slots[run.run_id] = self.build(run, resume_from=resume_from, defer=defer)
-                if slots[run.run_id].trainer is not None:
-                    built.add(run.spec.trainer_type)
+                slots[run.run_id] = self.build(run, resume_from=resume_from, defer=resume_from is None)
             return slots
         finally:
             if bars:
@@ -218,14 +217,19 @@ class TorchBackend:
         already built. Its chunk plan, known since it was built, must come out the same."""
         if slot.run_id not in self._deferred:
             return
-        self._deferred.discard(slot.run_id)
         self._collect()
         planned = slot.plan
-        self._build_slot(self._runs[slot.run_id], self.base_of(slot.run_id), None, None, slot)
-        if slot.plan != planned:  # a bug: the rungs the engine scheduled by would not be the trainer's
-            raise RuntimeError(
-                f"run {slot.run_id}'s chunk plan changed when its trainer was built: {planned} vs {slot.plan}"
-            )
+        try:
+            self._build_slot(self._runs[slot.run_id], self.base_of(slot.run_id), None, None, slot)
+            if slot.plan != planned:  # a bug: the rungs the engine scheduled by would not be the trainer's
+                raise RuntimeError(
+                    f"run {slot.run_id}'s chunk plan changed when its trainer was built: {planned} vs {slot.plan}"
+                )
+        except BaseException:  # left unbuilt, as it was: its own turn builds it again (and fails the run if it must)
+            slot.close()
+            slot.plan, slot.patches, slot.state = planned, None, None
+            raise
+        self._deferred.discard(slot.run_id)
 
     def _data(self, run: PreparedRun) -> tuple[Any, Any, RFModelConfig]:
         """The run's train and eval sets, already put through its formatting_func (then its config has none)."""

@@ -76,8 +76,9 @@ def rung_multiple(args: Any) -> int:
 def prepared_rows(
     tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
 ) -> int | None:
-    """The prompts as given: GRPO / RLOO trainers do not prepare their training set ahead of training."""
-    return len(train_dataset)
+    """None: every GRPO / RLOO run's trainer is built before anything trains, since its constructor checks
+    settings that differ between runs (generation, rewards) and what it refuses must be raised by `run_fit`."""
+    return None
 
 
 def build_trainer(

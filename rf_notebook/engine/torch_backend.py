@@ -161,11 +161,9 @@ class TorchBackend:
         try:
             for run in runs:
                 self._bases.get(run.spec.model_config)
-            slots = {}
-            for run in runs:
-                resume_from = self.resume_points.get(run.run_id)
-                slots[run.run_id] = self.build(run, resume_from=resume_from, defer=resume_from is None)
-            return slots
+            return {
+                run.run_id: self.build(run, resume_from=self.resume_points.get(run.run_id), defer=True) for run in runs
+            }
         finally:
             if bars:
                 datasets.enable_progress_bar()

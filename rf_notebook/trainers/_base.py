@@ -35,8 +35,8 @@ class TrainerType(Protocol):
         self, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
     ) -> int | None:
         """The number of rows the run's trainer will train on, where that is known without building it (the data
-        set another run's trainer already prepared in the same way, `prepared`, or one the trainer does not
-        prepare); None: only building the trainer tells. The run's chunk plan is made from it."""
+        set another run's trainer already prepared in the same way, in `prepared`); None: only building the trainer
+        tells. The run's chunk plan is made from it, and its trainer is then built at its first turn."""
 
     def build_trainer(
         self,

@@ -183,9 +183,13 @@ def write_section(key: str, title: str, intro: str, columns: list[str], rows: li
 
 
 def new_experiment(name: str, workdir: str | Path) -> Any:
-    """A fresh experiment in its own folder under `workdir` (an existing one would be reopened with its runs)."""
+    """A fresh experiment in its own folder under `workdir` (an existing one would be reopened with its runs), which
+    prepares its data from scratch: what earlier experiments in this process tokenized is forgotten (a later
+    `run_fit` on the same data would skip that; plain TRL, compared with it, tokenizes every time)."""
     import tempfile
 
     from rf_notebook import Experiment
+    from rf_notebook.trainers._prepared import clear_shared
 
+    clear_shared()
     return Experiment(name, experiments_dir=tempfile.mkdtemp(dir=workdir))

@@ -117,31 +117,37 @@ class GenerationMetrics(TrainerCallback):
         self.truncation_side = own.get("truncation_side", "left")
         self.use_cache = own.get("use_cache", True)
         self.batch_size = args.per_device_eval_batch_size
-        self.prompts, self.references = self._pairs(dataset) if dataset is not None else ([], [])
-
-    def _pairs(self, dataset: Any) -> tuple[list[str], list[str]]:
-        if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
+        if dataset is not None and not {"prompt", "completion"} <= set(dataset.column_names):
             raise ValueError(
                 f"generation-based evaluation needs eval rows with 'prompt' and 'completion' (after formatting_func), "
                 f"but the eval data set has columns {dataset.column_names}"
             )
-        prompts, references = [], []
-        for row in dataset:
-            prompt, completion = row["prompt"], row["completion"]
-            if isinstance(prompt, list):  # chat messages
-                prompt = self.tokenizer.apply_chat_template(
-                    prompt, tokenize=False, add_generation_prompt=self.add_generation_prompt
-                )
-            if isinstance(completion, list):
-                completion = completion[-1]["content"]
-            prompts.append(prompt)
-            references.append(completion)
-        return prompts, references
+        self.dataset = dataset
+        self._pairs: tuple[list[str], list[str]] | None = None  # rendered at the first evaluation, not at build
+
+    @property
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """The eval prompts (chat ones through the chat template) and their reference answers."""
+        if self._pairs is None:
+            prompts, references = [], []
+            for row in self.dataset if self.dataset is not None else ():
+                prompt, completion = row["prompt"], row["completion"]
+                if isinstance(prompt, list):  # chat messages
+                    prompt = self.tokenizer.apply_chat_template(
+                        prompt, tokenize=False, add_generation_prompt=self.add_generation_prompt
+                    )
+                if isinstance(completion, list):
+                    completion = completion[-1]["content"]
+                prompts.append(prompt)
+                references.append(completion)
+            self._pairs = prompts, references
+        return self._pairs
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         import torch
 
-        if not self.prompts:
+        prompts, references = self.pairs
+        if not prompts:
             return
         tokenizer = self.tokenizer
         sides = tokenizer.padding_side, tokenizer.truncation_side
@@ -152,9 +158,9 @@ class GenerationMetrics(TrainerCallback):
         devices = [model.device] if model.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                for i in range(0, len(self.prompts), self.batch_size):
+                for i in range(0, len(prompts), self.batch_size):
                     batch = tokenizer(
-                        self.prompts[i : i + self.batch_size],
+                        prompts[i : i + self.batch_size],
                         return_tensors="pt",
                         padding=True,
                         truncation=self.max_input_length is not None,
@@ -169,7 +175,7 @@ class GenerationMetrics(TrainerCallback):
         finally:
             tokenizer.padding_side, tokenizer.truncation_side = sides
             model.train(was_training)
-        values = self.compute_metrics((predictions, list(self.references)))
+        values = self.compute_metrics((predictions, list(references)))
         if not isinstance(values, Mapping):
             raise TypeError(f"compute_metrics returned {values!r}, but must return a dict of metric name -> number")
         self.sink(self.slot, state.global_step, {f"eval_{k}": float(v) for k, v in values.items()})

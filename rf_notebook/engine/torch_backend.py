@@ -42,6 +42,7 @@ from rf_notebook.engine.checkpoints import (
     to_host,
 )
 from rf_notebook.trainers import TRAINERS
+from rf_notebook.trainers._prepared import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class TorchBackend:
         self.resume_points = dict(resume_points or {})  # run id -> (step, checkpoint) for a resumed experiment
         self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
         self._garbage = False  # a discarded trainer waits for a garbage collection (see `discard`)
-        self._prepared: dict[Any, Any] = {}  # data sets a trainer prepared, for the runs that would prepare the same
+        self._prepared = PreparedData()  # data sets a trainer prepared, for the runs that would prepare the same
         self._deferred: set[int] = set()  # runs whose trainer is built at their first turn (`materialize`)
 
     def connect(

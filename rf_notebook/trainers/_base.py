@@ -4,8 +4,10 @@ behind these names, never in the engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from rf_notebook.trainers._prepared import PreparedData
 
 __all__ = ["TrainerType"]
 
@@ -32,7 +34,13 @@ class TrainerType(Protocol):
         """Chunk ends fall on multiples of this many optimizer steps."""
 
     def prepared_rows(
-        self, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
+        self,
+        tokenizer: Any,
+        args: Any,
+        train_dataset: Any,
+        eval_dataset: Any,
+        formatting_func: Any,
+        prepared: PreparedData,
     ) -> int | None:
         """The number of rows the run's trainer will train on, where that is known without building it (the data
         set another run's trainer already prepared in the same way, in `prepared`); None: only building the trainer
@@ -49,9 +57,10 @@ class TrainerType(Protocol):
         callbacks: Sequence[Any],
         *,
         load_reference: Callable[[Any], Any],
-        prepared: MutableMapping[Any, Any],
+        prepared: PreparedData,
     ) -> Any:
         """The one TRL trainer a run keeps for its whole life, on the shared PEFT `model` (its adapter active).
         `load_reference(model_config)` gives the reference model the config names (loaded once per experiment,
         None: the shared base with adapters disabled), for trainer types that compare against one. `prepared` is
-        the experiment's cache of data sets already prepared for a trainer, for trainer types that share them."""
+        the experiment's cache of data sets already prepared for a trainer (`_prepared.PreparedData`), for trainer
+        types that share them."""

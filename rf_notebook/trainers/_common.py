@@ -4,12 +4,16 @@ precision per run_fit, and how preference / RL trainers are told that the shared
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rf_notebook.fields import OWNED_FIELDS, PER_BASE_FIELDS, PROCESS_FIELDS
 
 __all__ = ["MODULE_SURFACE", "base_args", "check_columns", "check_shared_state", "base_is_reference"]
+
+# How the fingerprint of a data set formatted by a user's function starts (`apply_formatting`): it names no content.
+UNSHARED_FINGERPRINT = "rf-formatted-"
 
 # What every trainer module (sft, dpo, grpo, rloo) defines: its whole surface, the same names for each type.
 MODULE_SURFACE = (
@@ -155,13 +159,20 @@ def apply_formatting(dataset: Any, formatting_func: Any, role: str) -> Any:
         first = formatting_func(dataset[0])
     except Exception as exc:
         raise ValueError(f"formatting_func {name} failed on the first {role} row: {exc!r}") from exc
+    # Its own fingerprint, never one derived from hashing the function: a function's code hashes the same when
+    # what it reads has changed, and prepared data found by fingerprint would then be another call's.
+    fingerprint = f"{UNSHARED_FINGERPRINT}{uuid.uuid4().hex}"
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bar()
     try:
         if isinstance(first, str):
-            return dataset.map(lambda row: {"text": formatting_func(row)}, remove_columns=dataset.column_names)
+            return dataset.map(
+                lambda row: {"text": formatting_func(row)},
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint,
+            )
         if isinstance(first, Mapping):
-            return dataset.map(lambda row: dict(formatting_func(row)))
+            return dataset.map(lambda row: dict(formatting_func(row)), new_fingerprint=fingerprint)
     finally:
         if bars:
             datasets.enable_progress_bar()

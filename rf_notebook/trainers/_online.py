@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rf_notebook.configs import RFModelConfig
 from rf_notebook.trainers._common import base_args, base_is_reference, check_columns
+from rf_notebook.trainers._prepared import PreparedData
 
 DATASET_FORMATS: tuple[tuple[str, ...], ...] = (("prompt",),)
 
@@ -74,7 +75,7 @@ def rung_multiple(args: Any) -> int:
 
 
 def prepared_rows(
-    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
+    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: PreparedData
 ) -> int | None:
     """None: every GRPO / RLOO run's trainer is built before anything trains, since its constructor checks
     settings that differ between runs (generation, rewards) and what it refuses must be raised by `run_fit`."""
@@ -92,7 +93,7 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
-    prepared: MutableMapping[Any, Any],
+    prepared: PreparedData,
 ) -> Any:
     import trl
 

@@ -7,12 +7,13 @@ names another model gets that model (loaded once by the engine, shared by the ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rf_notebook.configs import RFDPOConfig, RFModelConfig
 from rf_notebook.trainers import sft
 from rf_notebook.trainers._common import MODULE_SURFACE, base_args, base_is_reference, check_columns
+from rf_notebook.trainers._prepared import PreparedData
 
 __all__ = list(MODULE_SURFACE)
 
@@ -44,10 +45,22 @@ rows_per_step = sft.rows_per_step
 rung_multiple = sft.rung_multiple
 
 
+# What `DPOTrainer._prepare_dataset` reads of the run's arguments (a test reads TRL's source for these): runs that
+# agree on them and share a tokenizer and data set get one tokenized copy, whatever their beta, loss or learning rate.
+PREPARATION_ARGS = ("dataset_num_proc", "max_length", "truncation_mode")
+
+
+def preparation_key(tokenizer: Any, args: Any, dataset: Any, prepared: PreparedData) -> str:
+    """What DPOTrainer's preparation of one data set (train or eval) depends on."""
+    return prepared.key("DPO", tokenizer, (dataset,), None, {name: getattr(args, name) for name in PREPARATION_ARGS})
+
+
 def prepared_rows(
     tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Any
 ) -> int | None:
-    """Each DPO run prepares its own data set (tokenized pairs): only building the trainer tells."""
+    """Always None: every DPO run's trainer is built at setup, since its constructor checks settings of the run's own
+    (loss types against label smoothing, an adapter on the LM head, ...). Its data preparation is shared all the
+    same (`build_trainer`)."""
     return None
 
 
@@ -61,19 +74,37 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
-    prepared: MutableMapping[Any, Any],
+    prepared: PreparedData,
 ) -> Any:
+    """The run's `DPOTrainer`. Its constructor prepares (tokenizes) each data set through the trainer's own
+    `_prepare_dataset`; a data set an earlier run's trainer prepared with the same `preparation_key` is taken from
+    `prepared` instead. The trainer is TRL's class itself: only the instance's preparation is routed, while it is
+    built."""
     from trl import DPOTrainer
 
+    def prepare_once(dataset: Any, processing_class: Any, run_args: Any, dataset_name: str) -> Any:
+        key = preparation_key(processing_class, run_args, dataset, prepared)
+        found = prepared.get(key)
+        if found is None:
+            found = DPOTrainer._prepare_dataset(trainer, dataset, processing_class, run_args, dataset_name)
+            prepared.put(key, found)
+        return found
+
     ref_model = load_reference(model_config) if model_config.ref_model_name else None
-    with base_is_reference(model, model.active_adapter):
-        return DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            compute_metrics=model_config.compute_metrics,
-            callbacks=list(callbacks),
-        )
+    trainer = DPOTrainer.__new__(DPOTrainer)
+    trainer._prepare_dataset = prepare_once  # an instance attribute: the class and other trainers are untouched
+    try:
+        with base_is_reference(model, model.active_adapter):
+            trainer.__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,
+                compute_metrics=model_config.compute_metrics,
+                callbacks=list(callbacks),
+            )
+    finally:
+        del trainer._prepare_dataset
+    return trainer

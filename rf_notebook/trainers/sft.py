@@ -8,13 +8,13 @@ whole life).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rf_notebook import chunking
 from rf_notebook.configs import RFModelConfig, RFSFTConfig
 from rf_notebook.trainers._common import MODULE_SURFACE, base_args, check_columns
+from rf_notebook.trainers._prepared import PreparedData
 
 __all__ = list(MODULE_SURFACE)
 
@@ -76,11 +76,12 @@ OPTIMIZATION_ONLY = frozenset(
 )
 
 
-def preparation_key(tokenizer: Any, args: Any, train: Any, evl: Any, formatting_func: Any) -> str:
+def preparation_key(
+    tokenizer: Any, args: Any, train: Any, evl: Any, formatting_func: Any, prepared: PreparedData
+) -> str:
     """What SFTTrainer's preparation of (train, evl) depends on; equal keys give equal prepared data sets."""
     relevant = {k: v for k, v in args.to_dict().items() if k not in OPTIMIZATION_ONLY}
-    objects = [id(tokenizer), id(train), id(evl), id(formatting_func)]
-    return json.dumps([objects, relevant], sort_keys=True, default=repr)
+    return prepared.key("SFT", tokenizer, (train, evl), formatting_func, relevant)
 
 
 def _shareable(args: Any) -> bool:
@@ -91,12 +92,12 @@ def _shareable(args: Any) -> bool:
 
 
 def prepared_rows(
-    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: Mapping[Any, Any]
+    tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any, formatting_func: Any, prepared: PreparedData
 ) -> int | None:
     """The rows of the training set as an earlier run's trainer prepared it the same way (None: not prepared yet)."""
     if not _shareable(args):
         return None
-    entry = prepared.get(preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func))
+    entry = prepared.get(preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func, prepared))
     return None if entry is None else len(entry[0])
 
 
@@ -110,20 +111,20 @@ def build_trainer(
     callbacks: Sequence[Any],
     *,
     load_reference: Callable[[Any], Any],
-    prepared: MutableMapping[Any, Any],
+    prepared: PreparedData,
 ) -> Any:
-    """`prepared` holds the data sets already prepared by an earlier run's trainer (the experiment's cache): a run
-    whose preparation would be the same (`preparation_key`) starts from those instead of tokenizing again. TRL's
-    own `skip_prepare_dataset` is set only while its trainer is built; its `args` stay the run's own."""
+    """`prepared` holds the data sets already prepared by an earlier run's trainer (`_prepared.PreparedData`): a
+    run whose preparation would be the same (`preparation_key`) starts from those instead of tokenizing again.
+    TRL's own `skip_prepare_dataset` is set only while its trainer is built; its `args` stay the run's own."""
     from trl import SFTTrainer
 
     formatting_func = model_config.formatting_func
-    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func)
     shareable = _shareable(args)
-    sources = (tokenizer, train_dataset, eval_dataset, formatting_func)  # kept with the entry: the key holds ids
+    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func, prepared)
     user_dataset_kwargs = args.dataset_kwargs
-    if shareable and key in prepared:
-        train_dataset, eval_dataset, _ = prepared[key]
+    found = prepared.get(key) if shareable else None
+    if found is not None:
+        train_dataset, eval_dataset = found
         formatting_func = None  # already applied
         args.dataset_kwargs = {**(user_dataset_kwargs or {}), "skip_prepare_dataset": True}
     try:
@@ -140,5 +141,5 @@ def build_trainer(
     finally:
         args.dataset_kwargs = user_dataset_kwargs
     if shareable:
-        prepared.setdefault(key, (trainer.train_dataset, trainer.eval_dataset, sources))
+        prepared.put(key, (trainer.train_dataset, trainer.eval_dataset))
     return trainer

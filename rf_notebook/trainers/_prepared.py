@@ -1,0 +1,130 @@
+"""Data sets a trainer prepared (tokenized, truncated, labelled), kept for the runs that would prepare the same.
+
+A key names everything a preparation depends on: the tokenizer, the data sets, the formatting function and the
+arguments that reach the preparation. Where each of those has a content identity (the tokenizer's `datasets`
+hash, taken the first time this experiment sees it; a `datasets.Dataset`'s fingerprint, which the library derives
+from its rows and the transforms that made it; no formatting function, and no data set one made:
+`_common.apply_formatting`) the key is made of those, and the entry
+also outlives the experiment in a small process-wide cache: a later `run_fit` on the same data and tokenizer (a new
+`Experiment`, a new tokenizer object from the same files) skips the preparation. Otherwise the key holds object
+identities, and the entry lives only as long as the experiment, holding those objects so that the ids stay theirs.
+
+The process-wide cache keeps the most recently used entries up to `SHARED_ENTRIES` and `SHARED_BYTES` of Arrow
+data; an entry larger than that is kept by its experiment alone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from rf_notebook.trainers._common import UNSHARED_FINGERPRINT
+
+__all__ = ["PreparedData", "clear_shared"]
+
+SHARED_ENTRIES = 8
+SHARED_BYTES = 1 << 30
+
+_shared: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # key -> (value, Arrow bytes), most recent last
+_shared_lock = threading.Lock()  # experiments in other threads may share the process
+
+
+def clear_shared() -> None:
+    """Forget what earlier experiments prepared (their memory goes once no experiment holds it)."""
+    with _shared_lock:
+        _shared.clear()
+
+
+class PreparedData:
+    """One experiment's prepared data sets, by `key`; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Any] = {}
+        self._held: dict[str, tuple[Any, ...]] = {}  # identity-keyed entries: the objects their ids name
+        self._tokenizers: dict[int, tuple[Any, str]] = {}  # id -> (tokenizer, its hash when first seen)
+
+    def key(self, kind: str, tokenizer: Any, data: tuple[Any, ...], formatting_func: Any, args: Mapping) -> str:
+        """The key of preparing `data` (data sets or None) with `tokenizer` (and `formatting_func`) under `args`
+        (the arguments that reach the preparation) for a `kind` of trainer."""
+        sources = (tokenizer, *data, formatting_func)
+        names = [self._tokenizer_hash(tokenizer), *(_fingerprint(dataset) for dataset in data)]
+        if formatting_func is not None or None in names:
+            names, content = [id(source) for source in sources], False
+        else:
+            content = True
+        key = json.dumps([kind, content, names, dict(args)], sort_keys=True, default=repr)
+        if not content:
+            self._held.setdefault(key, sources)
+        return key
+
+    def get(self, key: str) -> Any | None:
+        if key in self._entries:
+            return self._entries[key]
+        with _shared_lock:
+            found = _shared.get(key)
+            if found is not None:
+                _shared.move_to_end(key)
+        if found is not None:
+            self._entries[key] = found[0]
+            return found[0]
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        """Keep `value` (a data set, or a tuple of them) under `key` for this experiment, and in the process-wide
+        cache when its key is made of content identities."""
+        self._entries.setdefault(key, value)
+        if key in self._held:
+            return
+        size = _arrow_bytes(value)
+        if size is None or size > SHARED_BYTES:
+            return
+        with _shared_lock:
+            _shared[key] = (value, size)
+            _shared.move_to_end(key)
+            while len(_shared) > SHARED_ENTRIES or sum(size for _, size in _shared.values()) > SHARED_BYTES:
+                _shared.popitem(last=False)
+
+    def _tokenizer_hash(self, tokenizer: Any) -> str | None:
+        """The tokenizer's content hash as it was when this experiment first saw it: a trainer's constructor may
+        set its pad token, and the runs after it must find what the first one prepared."""
+        seen = self._tokenizers.get(id(tokenizer))
+        if seen is None:
+            try:
+                from datasets.fingerprint import Hasher
+
+                digest = Hasher.hash(tokenizer)
+            except Exception:  # noqa: BLE001 - one that cannot be hashed is named by identity
+                digest = None
+            seen = self._tokenizers[id(tokenizer)] = (tokenizer, digest)
+        return seen[1]
+
+
+def _fingerprint(dataset: Any) -> str | None:
+    """A `datasets.Dataset`'s fingerprint ("none" for no data set); None where there is no content identity."""
+    if dataset is None:
+        return "none"
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return None
+    fingerprint = getattr(dataset, "_fingerprint", None) if isinstance(dataset, Dataset) else None
+    if not isinstance(fingerprint, str) or fingerprint.startswith(UNSHARED_FINGERPRINT):
+        return None
+    return fingerprint
+
+
+def _arrow_bytes(value: Any) -> int | None:
+    """The Arrow bytes the data sets in `value` hold; None if one is not an in-memory `datasets.Dataset`."""
+    from datasets import Dataset
+
+    total = 0
+    for dataset in value if isinstance(value, tuple) else (value,):
+        if dataset is None:
+            continue
+        if not isinstance(dataset, Dataset):
+            return None
+        total += dataset.data.nbytes
+    return total

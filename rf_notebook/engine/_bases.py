@@ -10,6 +10,7 @@ from typing import Any
 from rf_notebook.configs import stable_repr
 from rf_notebook.engine._adapters import Adapters
 from rf_notebook.engine._slot import Patches
+from rf_notebook.trainers._prepared import PreparedData
 
 __all__ = ["Bases", "SharedBase"]
 
@@ -29,6 +30,7 @@ class SharedBase:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         self.peft: Any = None
         self.adapters: Adapters | None = None
+        self.prepared = PreparedData()  # data sets its runs' trainers prepared, for the runs that would prepare alike
         # adapter -> (key of PEFT's state dict, the adapter parameter it holds), and those parameters' ids
         self._weight_keys: dict[str, tuple[list[tuple[str, Any]], set[int]]] = {}
         self.pristine: Patches | None = None

@@ -42,7 +42,6 @@ from rf_notebook.engine.checkpoints import (
     to_host,
 )
 from rf_notebook.trainers import TRAINERS
-from rf_notebook.trainers._prepared import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,6 @@ class TorchBackend:
         self.resume_points = dict(resume_points or {})  # run id -> (step, checkpoint) for a resumed experiment
         self._writer = CheckpointWriter()  # chunk-end checkpoints are written off the training thread
         self._garbage = False  # a discarded trainer waits for a garbage collection (see `discard`)
-        self._prepared = PreparedData()  # data sets a trainer prepared, for the runs that would prepare the same
         self._deferred: set[int] = set()  # runs whose trainer is built at their first turn (`materialize`)
 
     def connect(
@@ -242,7 +240,7 @@ class TorchBackend:
     def _prepared_rows(self, run: PreparedRun, base: SharedBase) -> int | None:
         train, evl, model_config = self._data(run)
         return TRAINERS[run.spec.trainer_type].prepared_rows(
-            base.tokenizer, run.args, train, evl, model_config.formatting_func, self._prepared
+            base.tokenizer, run.args, train, evl, model_config.formatting_func, base.prepared
         )
 
     def _plan(self, run: PreparedRun, rows: int) -> ChunkPlan:
@@ -296,7 +294,7 @@ class TorchBackend:
             model_config,
             callbacks,
             load_reference=self._bases.reference,
-            prepared=self._prepared,
+            prepared=base.prepared,
         )
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)

@@ -2,15 +2,19 @@
 
 A key names everything a preparation depends on: the tokenizer, the data sets, the formatting function and the
 arguments that reach the preparation. Where each of those has a content identity (the tokenizer's `datasets`
-hash, taken the first time this experiment sees it; a `datasets.Dataset`'s fingerprint, which the library derives
-from its rows and the transforms that made it; no formatting function, and no data set one made:
-`_common.apply_formatting`) the key is made of those, and the entry
-also outlives the experiment in a small process-wide cache: a later `run_fit` on the same data and tokenizer (a new
-`Experiment`, a new tokenizer object from the same files) skips the preparation. Otherwise the key holds object
-identities, and the entry lives only as long as the experiment, holding those objects so that the ids stay theirs.
+hash, taken the first time it is seen; a `datasets.Dataset`'s fingerprint, which the library derives from its rows
+and the transforms that made it; no formatting function, and no data set one made: `_common.apply_formatting`)
+the key is made of those, and the entry also goes to a small process-wide cache: a later `run_fit` on the same data
+and tokenizer (a new `Experiment`, a new tokenizer object from the same files, another base with the same
+tokenizer) skips the preparation. Otherwise the key holds object identities, and the entry lives only as long as its
+`PreparedData`, which holds those objects so that the ids stay theirs.
+
+One `PreparedData` belongs to one shared base of one experiment. What its own runs' trainers were built with
+(`put`) tells which runs can be built later (`get(shared=False)`): a trainer's constructor checks the model as well,
+so the first run of each base is always built whole.
 
 The process-wide cache keeps the most recently used entries up to `SHARED_ENTRIES` and `SHARED_BYTES` of Arrow
-data; an entry larger than that is kept by its experiment alone.
+data; an entry larger than that stays with its `PreparedData` alone.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def clear_shared() -> None:
 
 
 class PreparedData:
-    """One experiment's prepared data sets, by `key`; see the module docstring."""
+    """The prepared data sets of one shared base's runs in one experiment, by `key`; see the module docstring."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Any] = {}
@@ -60,21 +64,20 @@ class PreparedData:
             self._held.setdefault(key, sources)
         return key
 
-    def get(self, key: str) -> Any | None:
-        if key in self._entries:
-            return self._entries[key]
+    def get(self, key: str, *, shared: bool = True) -> Any | None:
+        """What was prepared under `key`: by a trainer built here, else (`shared`) by one of an earlier experiment
+        or another base."""
+        if key in self._entries or not shared:
+            return self._entries.get(key)
         with _shared_lock:
             found = _shared.get(key)
             if found is not None:
                 _shared.move_to_end(key)
-        if found is not None:
-            self._entries[key] = found[0]
-            return found[0]
-        return None
+        return None if found is None else found[0]
 
     def put(self, key: str, value: Any) -> None:
-        """Keep `value` (a data set, or a tuple of them) under `key` for this experiment, and in the process-wide
-        cache when its key is made of content identities."""
+        """A trainer was built here with `value` (a data set, or a tuple of them) prepared under `key`: keep it, and
+        in the process-wide cache too when its key is made of content identities."""
         self._entries.setdefault(key, value)
         if key in self._held:
             return

@@ -82,12 +82,14 @@ def build_trainer(
     built."""
     from trl import DPOTrainer
 
+    used: list[tuple[str, Any]] = []  # kept once the trainer is built
+
     def prepare_once(dataset: Any, processing_class: Any, run_args: Any, dataset_name: str) -> Any:
         key = preparation_key(processing_class, run_args, dataset, prepared)
         found = prepared.get(key)
         if found is None:
             found = DPOTrainer._prepare_dataset(trainer, dataset, processing_class, run_args, dataset_name)
-            prepared.put(key, found)
+        used.append((key, found))
         return found
 
     ref_model = load_reference(model_config) if model_config.ref_model_name else None
@@ -107,4 +109,6 @@ def build_trainer(
             )
     finally:
         del trainer._prepare_dataset
+    for key, value in used:
+        prepared.put(key, value)
     return trainer

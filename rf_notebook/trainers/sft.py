@@ -97,7 +97,8 @@ def prepared_rows(
     """The rows of the training set as an earlier run's trainer prepared it the same way (None: not prepared yet)."""
     if not _shareable(args):
         return None
-    entry = prepared.get(preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func, prepared))
+    key = preparation_key(tokenizer, args, train_dataset, eval_dataset, formatting_func, prepared)
+    entry = prepared.get(key, shared=False)  # a trainer of this base was built on it: this one can wait
     return None if entry is None else len(entry[0])
 
 

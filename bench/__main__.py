@@ -9,6 +9,7 @@ from __future__ import annotations
 from bench import (
     checkpoint,
     first_comparison,
+    first_step,
     fused,
     ic_ops,
     kernel,
@@ -35,6 +36,7 @@ RUNS = [
     (fused.main, ["--model", "llama512", "--sizes", "4", "8", "--batches", "4"]),
     (thread.main, ["--model", "demo", "--repeats", "6"]),
     (first_comparison.main, ["--model", "llama512", "--repeats", "3"]),
+    (first_step.main, ["--repeats", "4"]),
     (memory.main, ["--model", "llama512"]),
     (memory.main, ["--model", "llama512", "--pruned"]),
     (thread.main, ["--model", "llama512", "--repeats", "4"]),

@@ -23,6 +23,7 @@ ROOT = Path(__file__).parents[1]
             ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"],
             "first_comparison-demo",
         ),
+        ("first_step", ["--max-steps", "8", "--num-chunks", "2", "--repeats", "1"], "first_step-demo"),
         ("thread", ["--max-steps", "4", "--repeats", "1"], "thread-demo"),
         ("kernel", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "kernel-demo"),
         ("profile", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "profile-demo"),

@@ -3,10 +3,16 @@
 The reference model is the shared base with adapters disabled (TRL does this itself when it is given a PEFT
 model and no `ref_model`): no second copy of the base is ever loaded. A model config whose `ref_model_name`
 names another model gets that model (loaded once by the engine, shared by the runs that name it).
+
+The reference is the same for every run of a base, so its log-probabilities of a batch are too: runs that see the
+same batch (the same seed and batch size give the same data order) compute them once (`share_reference_forward`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -111,4 +117,66 @@ def build_trainer(
         del trainer._prepare_dataset
     for key, value in used:
         prepared.put(key, value)
+    share_reference_forward(trainer)
     return trainer
+
+
+# The reference log-probabilities of the batches the runs of a base saw: {PEFT model: {batch key: (chosen, rejected)}}.
+# Keyed weakly by the model, so they go with their experiment's base; at most REFERENCE_BATCHES per base.
+_reference_logps: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[Any, Any]]] = weakref.WeakKeyDictionary()
+REFERENCE_BATCHES = 1 << 15
+
+
+def share_reference_forward(trainer: Any) -> None:
+    """Let the trainer's reference forward of a batch be one any run of its base already did, exactly.
+
+    Where the reference is the shared base with adapters disabled and its forward draws no random numbers (TRL's
+    `disable_dropout`, the default), the reference log-probabilities of a batch depend on the batch alone: the
+    trainer's `compute_loss` (an instance attribute) looks them up by the batch's content, computes them with TRL's
+    own `compute_ref_log_probs` when no run has, and hands them to TRL's loss the way precomputed ones come (TRL's
+    `precompute_ref_log_probs` path, switched on for that call only). Runs that see the same batches (same seed and
+    batch size) then do one reference forward per batch between them, in training, evaluation and anneal probes.
+    """
+    if trainer.precompute_ref_logps or not trainer.args.disable_dropout or trainer.ref_model is not None:
+        return
+    cache = _reference_logps.setdefault(trainer.model, OrderedDict())
+    compute_loss = trainer.compute_loss  # TRL's, bound to this trainer
+
+    def compute_loss_sharing_reference(model: Any, inputs: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        key = _batch_key(inputs, model.training, trainer.ld_alpha)
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = tuple(trainer.compute_ref_log_probs(model, inputs))
+            if len(cache) > REFERENCE_BATCHES:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        inputs = {**inputs, "ref_chosen_logps": found[0], "ref_rejected_logps": found[1]}
+        trainer.precompute_ref_logps = True
+        try:
+            return compute_loss(model, inputs, *args, **kwargs)
+        finally:
+            trainer.precompute_ref_logps = False
+
+    trainer.compute_loss = compute_loss_sharing_reference
+
+
+def _batch_key(inputs: Mapping[str, Any], training: bool, ld_alpha: Any) -> str:
+    """Everything the reference log-probabilities of a batch depend on: every tensor of the batch (values, shape,
+    dtype), the mode and the length weighting."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(repr((training, ld_alpha)).encode())
+    for name in sorted(inputs):
+        value = inputs[name]
+        if name in ("ref_chosen_logps", "ref_rejected_logps"):
+            continue
+        digest.update(name.encode())
+        if hasattr(value, "detach"):
+            tensor = value.detach().contiguous().cpu()
+            digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()

@@ -10,7 +10,7 @@ from typing import Any
 
 from rf_notebook.search import Search
 
-__all__ = ["Fit", "check_experiment", "check_fit", "check_num_gpus"]
+__all__ = ["Fit", "check_cluster", "check_experiment", "check_fit", "check_num_gpus"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -113,6 +113,25 @@ def check_fit(
     if not isinstance(fuse, bool) and fuse != "auto":
         raise ValueError(f"`fuse` is {fuse!r}, but must be True, False or 'auto'")
     return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision, fuse=fuse is True or fuse == "auto")
+
+
+def check_cluster(cluster: Any, workers: Any, ray_address: Any) -> None:
+    """`Experiment(cluster=..., workers=..., ray_address=...)`; Ray itself is imported when training starts."""
+    if cluster not in (None, "ray"):
+        raise ValueError(f"`cluster` is {cluster!r}, but must be None (this process) or 'ray'")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"`workers` is {workers!r}, but must be None (one per GPU of the cluster) or an int >= 1")
+    if ray_address is not None and not isinstance(ray_address, str):
+        raise TypeError(f"`ray_address` is {ray_address!r}, but must be None or a string such as '10.0.0.1:6379'")
+    if cluster is None and (workers is not None or ray_address is not None):
+        raise ValueError(
+            f"`workers` / `ray_address` are {workers!r} / {ray_address!r}, but they apply only with cluster='ray'"
+        )
+    if cluster == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("cluster='ray' needs Ray: pip install 'rf_notebook[ray]'")
 
 
 def check_num_gpus(num_gpus: Any) -> None:

@@ -55,11 +55,21 @@ class Experiment:
         experiment_path: str | Path | None = None,
         num_gpus: int | None = None,
         trackers: Any = None,
+        cluster: str | None = None,
+        workers: int | None = None,
+        ray_address: str | None = None,
     ):
         """`trackers`: where every run_fit of this experiment also logs its runs (unless run_fit names its own):
         a list of "mlflow", "tensorboard", "trackio" (stores inside the experiment folder; Trackio: its local
-        store) or configured sinks such as `rf_notebook.tracking.MLflow("http://127.0.0.1:5000")`."""
+        store) or configured sinks such as `rf_notebook.tracking.MLflow("http://127.0.0.1:5000")`.
+
+        `cluster="ray"`: the runs train on Ray actors, `workers` of them (default: one per GPU of the cluster, or
+        two CPU workers where it has none), each holding the bases and runs placed on it; the scheduler, the store
+        and the panel stay here. The cluster is `ray_address` (or `RAY_ADDRESS`), else the Ray already initialised
+        in this process, else a local one started without a dashboard. Needs `rf_notebook[ray]`."""
         experiments_dir = _args.check_experiment(experiment_name, mode, experiments_dir, experiment_path, num_gpus)
+        _args.check_cluster(cluster, workers, ray_address)
+        self._cluster = (cluster, workers, ray_address)
         tracking.resolve(trackers)  # checked now: names, and that each tracker's package is installed
         self._trackers = trackers
         self._tracking: Any = None
@@ -152,6 +162,8 @@ class Experiment:
             precision=precision,
             fuse=fuse,
         )
+        if fit.fuse and self._cluster[0] is not None:
+            raise ValueError(f"`fuse` is {fuse!r}, but fused steps are not available with cluster={self._cluster[0]!r}")
         fit = dataclasses.replace(fit, policy=_args.resolve_probe(fit.policy, param_config.trainer_type, eval_dataset))
         _args.check_study(param_config, eval_dataset, fit.policy)
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
@@ -193,17 +205,34 @@ class Experiment:
         if searching:  # the sampler proposes a config for each slot a run frees
             fits = self._store.meta("fits")
             study = Study(search, self._store, self._control, len(fits), fits[-1]["run_ids"], fit.resume)
-        backend = TorchBackend(
-            model_fn,
-            train,
-            evl,
-            fit.num_chunks,
-            on_nonfinite=fit.on_nonfinite,
-            formatted=plan.formatted,
-            resume_points=plan.points,
-            fuse=fit.fuse,
-            seed=fit.seed,
-        )
+        cluster, workers, ray_address = self._cluster
+        if cluster == "ray":
+            from rf_notebook.engine.ray_backend import RayBackend
+
+            backend = RayBackend(
+                model_fn,
+                train,
+                evl,
+                fit.num_chunks,
+                workers=workers,
+                address=ray_address,
+                on_nonfinite=fit.on_nonfinite,
+                formatted=plan.formatted,
+                resume_points=plan.points,
+                seed=fit.seed,
+            )
+        else:
+            backend = TorchBackend(
+                model_fn,
+                train,
+                evl,
+                fit.num_chunks,
+                on_nonfinite=fit.on_nonfinite,
+                formatted=plan.formatted,
+                resume_points=plan.points,
+                fuse=fit.fuse,
+                seed=fit.seed,
+            )
         engine = Engine(
             self._store,
             plan.runs,

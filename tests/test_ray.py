@@ -1,0 +1,148 @@
+"""`Experiment(..., cluster="ray")` on a local Ray cluster started by the test (no dashboard, two CPU workers of one
+thread each): runs placed on both workers train there, in parallel, exactly as each config alone
+with plain TRL, through Stop / Resume (the run is written to its checkpoint and read back, possibly by the other
+worker) and a warm start; a worker that dies fails its own runs only."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
+from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
+from rf_notebook.store import RunStatus
+
+ray = pytest.importorskip("ray")
+
+LRS = (3e-3, 1e-3, 3e-4, 1e-4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from rf_notebook.engine.ray_backend import connect
+
+    connect()  # what Experiment(cluster="ray") does without an address and without a Ray: a local one
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return arithmetic_dataset("train", n=96), arithmetic_dataset("eval", n=16)
+
+
+def group(max_steps: int) -> RFGridSearch:
+    return RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+            training_args=RFSFTConfig(
+                learning_rate=List(list(LRS)), per_device_train_batch_size=8, max_steps=max_steps
+            ),
+        ),
+        trainer_type="SFT",
+    )
+
+
+def losses(exp: Experiment, run_id: int) -> list[float]:
+    r = exp.results()
+    return r[(r.run_id == run_id) & (r.metric == "loss")].sort_values("step").value.tolist()
+
+
+def plain_trl(config: dict, train) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The run's resolved config trained alone by plain TRL (`SFTTrainer(peft_config=...)`) on a fresh base."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = demo_model_fn(None)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**config["training_args"]),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**config["peft_config"]),
+    )
+    trainer.train()
+    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    return weights, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_runs_train_on_both_workers_exactly_as_alone_through_stop_resume_and_warm_start(data, tmp_path):
+    train, evl = data
+    exp = Experiment("ray", experiments_dir=tmp_path, cluster="ray", workers=2)
+    exp.run_fit(group(max_steps=12), demo_model_fn, train, evl, num_chunks=3, seed=5, display=False)
+    backend = exp._engine.backend
+    assert sorted(backend.home.values()) == [0, 0, 1, 1]  # placed on the least loaded worker
+    exp.stop(1)  # applied at the engine's first look at its queue: run 1 stops before or inside its first chunk
+    assert exp.wait(timeout=600)
+    assert exp.run(1).status is RunStatus.STOPPED
+    warm = exp.clone_modify(1, {}, warm_start=True)  # continues run 1's state, on run 1's worker
+    exp.resume(1)
+    assert exp.wait(timeout=600)
+    runs = {r.run_id: r for r in exp.runs()}
+    assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 5, [r.error for r in runs.values()]
+    assert exp.stats()["fused_groups"] > 0  # chunks of runs on the two workers were trained at the same time
+    results = exp.results()
+    for run_id in (1, 2, 3, 4):
+        weights, expected = plain_trl(runs[run_id].config, train)
+        logged = losses(exp, run_id)
+        assert len(logged) == 12  # every step's metrics reached the store, from the worker
+        torch.testing.assert_close(torch.tensor(logged), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        exported = load_file(exp.export(run_id, tmp_path / f"run{run_id}") / "adapter_model.safetensors")
+        assert exported.keys() == weights.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+        evals = results[(results.run_id == run_id) & (results.metric == "eval_loss")]
+        assert len(evals) == 3  # evaluated by its worker at every chunk end
+        if run_id == 1:
+            run1 = exported
+    clone = load_file(exp.export(warm, tmp_path / "warm") / "adapter_model.safetensors")
+    for key, value in run1.items():  # the warm clone of run 1 (same config) trained as run 1 did
+        torch.testing.assert_close(clone[key], value, atol=1e-5, rtol=0, msg=f"warm clone: {key}")
+    exp.end()
+
+
+def test_a_worker_that_dies_fails_only_its_own_runs(data, tmp_path):
+    train, evl = data
+    exp = Experiment("ray-fault", experiments_dir=tmp_path, cluster="ray", workers=2)
+    exp.run_fit(group(max_steps=48), demo_model_fn, train, evl, num_chunks=4, seed=5, display=False)
+    backend = exp._engine.backend
+    on_first = sorted(run_id for run_id, worker in backend.home.items() if worker == 0)
+    deadline = time.time() + 300
+    while not any(losses(exp, run_id) for run_id in on_first):
+        assert time.time() < deadline, "nothing trained on worker 0"
+        time.sleep(0.05)
+    ray.kill(backend.workers[0])
+    assert exp.wait(timeout=600)  # the notebook's side goes on: the other worker's runs finish
+    for run in exp.runs():
+        if run.run_id in on_first:
+            assert run.status is RunStatus.FAILED and "Ray worker 0 died" in run.error
+        else:
+            assert run.status is RunStatus.FINISHED, run.error
+            assert len(losses(exp, run.run_id)) == 48
+    exp.end()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"cluster": "spark"}, ValueError, r"`cluster` is 'spark', but must be None \(this process\) or 'ray'"),
+        ({"cluster": "ray", "workers": 0}, ValueError, r"`workers` is 0, but must be None"),
+        ({"workers": 2}, ValueError, r"they apply only with cluster='ray'"),
+        ({"cluster": "ray", "ray_address": 6379}, TypeError, r"`ray_address` is 6379"),
+    ],
+)
+def test_cluster_arguments_are_checked(kwargs, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        Experiment("bad", experiments_dir=tmp_path, **kwargs)
+
+
+def test_fused_steps_are_refused_on_a_cluster_before_anything_starts(data, tmp_path):
+    exp = Experiment("ray-fuse", experiments_dir=tmp_path, cluster="ray")
+    with pytest.raises(ValueError, match=r"`fuse` is True, but fused steps are not available with cluster='ray'"):
+        exp.run_fit(group(max_steps=4), demo_model_fn, *data, fuse=True, display=False)
+    assert exp.runs() == []

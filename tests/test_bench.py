@@ -26,6 +26,11 @@ ROOT = Path(__file__).parents[1]
         ("first_step", ["--max-steps", "8", "--num-chunks", "2", "--repeats", "1"], "first_step-demo"),
         ("thread", ["--max-steps", "4", "--repeats", "1"], "thread-demo"),
         (
+            "ray_scale",
+            ["--runs", "2", "--max-steps", "4", "--num-chunks", "2", "--rounds", "1"],
+            "ray_scale-demo",
+        ),
+        (
             "reference",
             ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--batch-size", "4", "--repeats", "1"],
             "reference-demo",

@@ -12,7 +12,7 @@ run's worker.
   experiment's folder, which every worker reads and writes: one machine, or a folder shared by the cluster's nodes).
 - Parallel training: the engine trains the runs that `fusion_partners` names together; here that is one run of
   each worker, and `train_together` sends each its chunk at once and waits for all. A worker evaluates its run at
-  a chunk end in the same call, so evaluations run in parallel too.
+  a chunk end and takes its checkpoint in the same call, so those run in parallel too.
 - Live metrics: a worker keeps what its runs log; while waiting, the backend collects it every `POLL_S` seconds
   into the store (the panel's curves move during a chunk, not after it).
 - IC ops: when a command waits, the backend asks the busy workers to hand control back at their runs' next step,
@@ -159,9 +159,10 @@ class Worker:
         return self._state(slot)
 
     @_on_worker_thread
-    def train(self, run_id: int, pause_at: int, token: int, evaluate: bool) -> tuple[tuple[int, Any, bool], bool]:
-        """Train the run to step `pause_at` (or its end, or a yield request for `token`), then evaluate it there at
-        a chunk end. Returns its state and whether it was evaluated."""
+    def train(self, run_id: int, pause_at: int, token: int, evaluate: bool) -> tuple[Any, ...]:
+        """Train the run to step `pause_at` (or its end, or a yield request for `token`); at a chunk end, evaluate
+        it and take its checkpoint there too (what the engine asks next, done while the other workers train).
+        Returns its state, whether it was evaluated, and its checkpoint: the folder, or the OSError of a write."""
         self._token = token
         slot, backend = self.slots[run_id], self.backend
         backend.materialize(slot)
@@ -170,10 +171,17 @@ class Worker:
             slot.advance(pause_at)
         finally:
             backend.suspended(slot)
-        evaluated = evaluate and (slot.finished or slot.step >= pause_at)
+        at_rung = slot.finished or slot.step >= pause_at
+        evaluated = evaluate and at_rung
         if evaluated:
             backend.evaluate(slot)
-        return self._state(slot), evaluated
+        checkpoint: str | OSError | None = None
+        if at_rung:
+            try:
+                checkpoint = os.fspath(backend.checkpoint(slot))
+            except OSError as exc:  # the engine reports it as a storage failure when it asks for this checkpoint
+                checkpoint = exc
+        return self._state(slot), evaluated, checkpoint
 
     @_on_worker_thread
     def call(self, method: str, run_id: int, *args: Any) -> Any:
@@ -220,6 +228,7 @@ class RaySlot:
         self.backend, self.run_id, self.worker = backend, run_id, worker
         self.step, self.plan, self.finished = state
         self.evaluated_at: int | None = None  # the step its worker evaluated it at, in the training call
+        self.checkpointed: tuple[int, str | OSError] | None = None  # (step, folder or failed write), from that call
         self.live = True  # False once discarded (finished, failed): it no longer weighs on its worker
 
     def update(self, state: tuple[int, Any, bool]) -> None:
@@ -413,12 +422,13 @@ class RayBackend:
             for ref in done:
                 slot = pending.pop(ref)
                 try:
-                    state, evaluated = self._get(slot.worker, ref)
+                    state, evaluated, checkpoint = self._get(slot.worker, ref)
                 except Exception as exc:  # noqa: BLE001 - this run fails; the others go on
                     failed[slot.run_id] = exc
                     continue
                 slot.update(state)
                 slot.evaluated_at = slot.step if evaluated else None
+                slot.checkpointed = None if checkpoint is None else (slot.step, checkpoint)
                 self._collect_events({slot.worker})  # what it logged last, before the engine records its rung
         return failed
 
@@ -453,6 +463,13 @@ class RayBackend:
         return value
 
     def checkpoint(self, slot: RaySlot) -> str:
+        """The run's checkpoint at its step: the one its worker took at the end of the training call that reached
+        it (a failed write raised here, as the engine expects), else one taken now."""
+        if slot.checkpointed is not None and slot.checkpointed[0] == slot.step:
+            done = slot.checkpointed[1]
+            if isinstance(done, OSError):
+                raise done
+            return done
         return self._call(slot.worker, "call", "checkpoint", slot.run_id)
 
     def flush(self) -> None:

@@ -31,7 +31,7 @@ def reference_forwards(monkeypatch) -> list[bool]:
     return calls
 
 
-def fit(tmp_path, name: str, **args) -> tuple[Experiment, dict[str, list[float]], dict[str, dict]]:
+def fit(tmp_path, name: str, model_fn=demo_model_fn, **args) -> tuple[Experiment, dict[str, list[float]], dict]:
     search = RFGridSearch(
         RFModelConfig(
             DEMO_MODEL,
@@ -49,7 +49,7 @@ def fit(tmp_path, name: str, **args) -> tuple[Experiment, dict[str, list[float]]
         trainer_type="DPO",
     )
     exp = Experiment(name, experiments_dir=tmp_path)
-    exp.run_fit(search, demo_model_fn, preference_dataset("train", n=16), preference_dataset("eval", n=4), seed=3)
+    exp.run_fit(search, model_fn, preference_dataset("train", n=16), preference_dataset("eval", n=4), seed=3)
     assert exp.wait(timeout=600)
     runs = exp.runs()
     assert [r.status.value for r in runs] == ["finished"] * 4, [r.error for r in runs]
@@ -84,7 +84,20 @@ def test_runs_that_see_the_same_batches_do_one_reference_forward_each(reference_
             assert torch.equal(value, shared_weights[name][key]), f"{name}: {key}"
 
 
-def test_a_reference_forward_that_draws_random_numbers_is_not_shared(reference_forwards, tmp_path):
-    exp, _, _ = fit(tmp_path, "dropout", disable_dropout=False)
+def attention_dropout(model_config):
+    """The demo model with attention dropout: applied by the attention function from the config, which TRL's
+    `disable_dropout` does not zero (it zeroes `nn.Dropout` modules)."""
+    model, tokenizer = demo_model_fn(model_config)
+    model.config.attention_dropout = 0.1
+    return model, tokenizer
+
+
+@pytest.mark.parametrize(
+    ("model_fn", "args"),
+    [(demo_model_fn, {"disable_dropout": False}), (attention_dropout, {})],
+    ids=["disable_dropout=False", "attention_dropout"],
+)
+def test_a_reference_forward_that_draws_random_numbers_is_not_shared(reference_forwards, model_fn, args, tmp_path):
+    exp, _, _ = fit(tmp_path, "dropout", model_fn, **args)
     exp.end()
     assert reference_forwards == []  # TRL's own path: each run's forward, in its own random stream

@@ -130,23 +130,36 @@ REFERENCE_BATCHES = 1 << 15
 def share_reference_forward(trainer: Any) -> None:
     """Let the trainer's reference forward of a batch be one any run of its base already did, exactly.
 
-    Where the reference is the shared base with adapters disabled and its forward draws no random numbers (TRL's
-    `disable_dropout`, the default), the reference log-probabilities of a batch depend on the batch alone: the
-    trainer's `compute_loss` (an instance attribute) looks them up by the batch's content, computes them with TRL's
-    own `compute_ref_log_probs` when no run has, and hands them to TRL's loss the way precomputed ones come (TRL's
-    `precompute_ref_log_probs` path, switched on for that call only). Runs that see the same batches (same seed and
-    batch size) then do one reference forward per batch between them, in training, evaluation and anneal probes.
+    Where the reference is the shared base with adapters disabled, fixed (no LoRA bias trains the base's biases),
+    and its forward draws no random numbers (`reference_is_deterministic`), the reference log-probabilities of a
+    batch depend on the batch alone: the trainer's `compute_loss` (an instance attribute) looks them up by the
+    batch's content, computes them with TRL's own `compute_ref_log_probs` when no run has, and hands them to TRL's
+    loss the way precomputed ones come (TRL's `precompute_ref_log_probs` path, switched on for that call only). Runs
+    that see the same batches (same seed and batch size) then do one reference forward per batch between them, in
+    training, evaluation and anneal probes. A reference forward that draws random numbers all the same (a model
+    applying dropout in a way the checks do not see) fails the run rather than train it on another's sample.
     """
-    if trainer.precompute_ref_logps or not trainer.args.disable_dropout or trainer.ref_model is not None:
+    import torch
+
+    if trainer.precompute_ref_logps or trainer.ref_model is not None or reference_is_deterministic(trainer) is not None:
         return
     cache = _reference_logps.setdefault(trainer.model, OrderedDict())
     compute_loss = trainer.compute_loss  # TRL's, bound to this trainer
 
     def compute_loss_sharing_reference(model: Any, inputs: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         key = _batch_key(inputs, model.training, trainer.ld_alpha)
+        if key is None:  # a batch that cannot be named by its content: TRL's own path
+            return compute_loss(model, inputs, *args, **kwargs)
         found = cache.get(key)
         if found is None:
-            found = cache[key] = tuple(trainer.compute_ref_log_probs(model, inputs))
+            before = _random_states(torch)
+            found = tuple(trainer.compute_ref_log_probs(model, inputs))
+            if _random_states(torch) != before:
+                raise RuntimeError(
+                    "the reference forward drew random numbers (dropout the model applies itself?), so runs cannot "
+                    "share it: set `disable_dropout=True` and no dropout in the model's config"
+                )
+            cache[key] = found
             if len(cache) > REFERENCE_BATCHES:
                 cache.popitem(last=False)
         else:
@@ -161,9 +174,42 @@ def share_reference_forward(trainer: Any) -> None:
     trainer.compute_loss = compute_loss_sharing_reference
 
 
-def _batch_key(inputs: Mapping[str, Any], training: bool, ld_alpha: Any) -> str:
+def reference_is_deterministic(trainer: Any) -> str | None:
+    """None where the reference forward is a fixed function of the batch; else why not. TRL's `disable_dropout`
+    zeroes the model's `nn.Dropout` modules, not the dropout a model applies as a function from its config (OPT's
+    `dropout`, Llama's `attention_dropout`, MoE router jitter): any such config value above 0 counts as random."""
+    import torch
+
+    if not trainer.args.disable_dropout:
+        return "disable_dropout=False"
+    model = trainer.model
+    for name, module in model.named_modules():  # the adapters' own dropout is off in the reference forward
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and "lora_dropout" not in name:
+            return f"the base model has dropout ({name}: p={module.p})"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    configs = [base.config]
+    if hasattr(base.config, "get_text_config"):
+        configs.append(base.config.get_text_config())
+    for config in configs:
+        for name, value in config.to_dict().items():
+            if ("dropout" in name or "jitter" in name) and isinstance(value, (int, float)) and value > 0:
+                return f"the base model's config sets {name}={value}"
+    if any(getattr(config, "bias", "none") != "none" for config in getattr(model, "peft_config", {}).values()):
+        return "a LoRA config trains the base's biases (bias != 'none'): the reference changes as runs train"
+    return None
+
+
+def _random_states(torch: Any) -> tuple[bytes, ...]:
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return tuple(state.numpy().tobytes() for state in states)
+
+
+def _batch_key(inputs: Mapping[str, Any], training: bool, ld_alpha: Any) -> str | None:
     """Everything the reference log-probabilities of a batch depend on: every tensor of the batch (values, shape,
-    dtype), the mode and the length weighting."""
+    dtype), the mode and the length weighting; None for a batch holding anything else than tensors and plain
+    numbers or strings (nothing short would name it)."""
     import torch
 
     digest = hashlib.blake2b(digest_size=20)
@@ -173,10 +219,12 @@ def _batch_key(inputs: Mapping[str, Any], training: bool, ld_alpha: Any) -> str:
         if name in ("ref_chosen_logps", "ref_rejected_logps"):
             continue
         digest.update(name.encode())
-        if hasattr(value, "detach"):
+        if isinstance(value, torch.Tensor):
             tensor = value.detach().contiguous().cpu()
             digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
             digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-        else:
+        elif value is None or isinstance(value, (bool, int, float, str)):
             digest.update(repr(value).encode())
+        else:
+            return None
     return digest.hexdigest()

@@ -124,8 +124,46 @@ def test_a_later_run_fit_reuses_what_an_earlier_one_prepared(sft_prepared, tmp_p
         return {"completion": [{"role": "assistant", "content": row["completion"][0]["content"][::-1]}]}
 
     fit("formatted", search=sft_sweep(formatting_func=swap))
+    assert len(sft_prepared) == 6
     fit("formatted-again", search=sft_sweep(formatting_func=swap))
-    assert len(sft_prepared) == 8  # data a user's function made is prepared by each run_fit: its content is unnamed
+    assert len(sft_prepared) == 6  # what the function made is named by its rows: the same rows, nothing to prepare
+
+    def unchanged(row):
+        return {"completion": row["completion"]}
+
+    fit("formatted-unchanged", search=sft_sweep(formatting_func=unchanged))  # the first fit's rows: nothing new
+    assert len(sft_prepared) == 6
+
+    def exclaimed(row):
+        return {"completion": [{"role": "assistant", "content": row["completion"][0]["content"] + "!"}]}
+
+    fit("formatted-otherwise", search=sft_sweep(formatting_func=exclaimed))  # other rows: prepared
+    assert len(sft_prepared) == 8
+
+
+def test_data_prepared_with_a_tokenizer_another_run_changed_stays_in_its_experiment(sft_prepared, tmp_path):
+    """SFTTrainer sets a run's `eos_token` on the shared tokenizer: a run built after it prepares with that token.
+    That preparation must not be found by a later run_fit, whose fresh tokenizer has its own eos token."""
+    train, evl = arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8)
+
+    def config(**args):
+        return RFModelConfig(
+            model_name=DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, target_modules="all-linear"),
+            training_args=RFSFTConfig(max_steps=2, per_device_train_batch_size=8, **args),
+        )
+
+    both = RFGridSearch(List([config(learning_rate=1e-3, eos_token="<|im_start|>"), config()]), trainer_type="SFT")
+    exp = Experiment("changed", experiments_dir=tmp_path)
+    exp.run_fit(both, demo_model_fn, train, evl, seed=0, display=False)
+    assert exp.wait(timeout=300)
+    exp.end()
+    assert len(sft_prepared) == 4
+    alone = Experiment("alone", experiments_dir=tmp_path)
+    alone.run_fit(RFGridSearch(config(), trainer_type="SFT"), demo_model_fn, train, evl, seed=0, display=False)
+    assert alone.wait(timeout=300)
+    alone.end()
+    assert len(sft_prepared) == 6  # prepared again, with the tokenizer's own eos token
 
 
 def dpo_config(**args) -> RFModelConfig:

@@ -257,14 +257,18 @@ def _stopped_by_op(store: Store, run_id: int) -> bool:
     return bool(ops) and ops[-1] == "stop"
 
 
-def data_fingerprint(dataset: Any) -> str:
-    """A content hash of a data set (datasets.Dataset: its Arrow table; else its rows as JSON)."""
+def data_fingerprint(dataset: Any, metadata: bool = True) -> str:
+    """A content hash of a data set (datasets.Dataset: its Arrow table; else its rows as JSON). Without `metadata`,
+    the table's schema metadata is left out (`datasets` keeps the data set's fingerprint there, which may differ for
+    equal rows)."""
     digest = hashlib.blake2b(digest_size=16)
     table = getattr(dataset, "data", None)
     table = getattr(table, "table", table)  # datasets wraps the pyarrow table
     if hasattr(dataset, "_indices") and getattr(dataset, "_indices", None) is not None:
         dataset = dataset.flatten_indices()  # a selected / shuffled view: hash the rows it shows
         table = dataset.data.table
+    if not metadata and hasattr(table, "replace_schema_metadata"):
+        table = table.replace_schema_metadata(None)
     if hasattr(table, "to_batches"):
         import pyarrow as pa
 

@@ -8,6 +8,7 @@ whole life).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,10 @@ OPTIMIZATION_ONLY = frozenset(
 def preparation_key(
     tokenizer: Any, args: Any, train: Any, evl: Any, formatting_func: Any, prepared: PreparedData
 ) -> str:
-    """What SFTTrainer's preparation of (train, evl) depends on; equal keys give equal prepared data sets."""
-    relevant = {k: v for k, v in args.to_dict().items() if k not in OPTIMIZATION_ONLY}
+    """What SFTTrainer's preparation of (train, evl) depends on; equal keys give equal prepared data sets. (The
+    fields themselves, not `to_dict()`, which writes every `*_token` field, `eos_token` and `pad_token` included, as
+    a placeholder.)"""
+    relevant = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in OPTIMIZATION_ONLY}
     return prepared.key("SFT", tokenizer, (train, evl), formatting_func, relevant)
 
 

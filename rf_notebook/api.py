@@ -162,8 +162,12 @@ class Experiment:
             precision=precision,
             fuse=fuse,
         )
-        if fit.fuse and self._cluster[0] is not None:
-            raise ValueError(f"`fuse` is {fuse!r}, but fused steps are not available with cluster={self._cluster[0]!r}")
+        if self._cluster[0] is not None and fit.fuse:  # "auto": runs take turns on each worker
+            if fuse is True:
+                raise ValueError(
+                    f"`fuse` is {fuse!r}, but fused steps are not available with cluster={self._cluster[0]!r}"
+                )
+            fit = dataclasses.replace(fit, fuse=False)
         fit = dataclasses.replace(fit, policy=_args.resolve_probe(fit.policy, param_config.trainer_type, eval_dataset))
         _args.check_study(param_config, eval_dataset, fit.policy)
         sinks = tracking.resolve(self._trackers if trackers is None else trackers)
@@ -209,18 +213,23 @@ class Experiment:
         if cluster == "ray":
             from rf_notebook.engine.ray_backend import RayBackend
 
-            backend = RayBackend(
-                model_fn,
-                train,
-                evl,
-                fit.num_chunks,
-                workers=workers,
-                address=ray_address,
-                on_nonfinite=fit.on_nonfinite,
-                formatted=plan.formatted,
-                resume_points=plan.points,
-                seed=fit.seed,
-            )
+            try:
+                backend = RayBackend(
+                    model_fn,
+                    train,
+                    evl,
+                    fit.num_chunks,
+                    workers=workers,
+                    address=ray_address,
+                    on_nonfinite=fit.on_nonfinite,
+                    formatted=plan.formatted,
+                    resume_points=plan.points,
+                    seed=fit.seed,
+                )
+            except BaseException as exc:  # no worker: no run of this run_fit trains
+                for run in plan.runs:
+                    self._store.update_run(run.run_id, status=RunStatus.FAILED, error=f"setup failed: {exc!r}")
+                raise
         else:
             backend = TorchBackend(
                 model_fn,

@@ -146,3 +146,10 @@ def test_fused_steps_are_refused_on_a_cluster_before_anything_starts(data, tmp_p
     with pytest.raises(ValueError, match=r"`fuse` is True, but fused steps are not available with cluster='ray'"):
         exp.run_fit(group(max_steps=4), demo_model_fn, *data, fuse=True, display=False)
     assert exp.runs() == []
+
+
+def test_another_address_while_connected_to_a_ray_is_refused(data, tmp_path):
+    exp = Experiment("ray-address", experiments_dir=tmp_path, cluster="ray", ray_address="10.9.9.9:6379")
+    with pytest.raises(ValueError, match=r"`ray_address` is '10.9.9.9:6379', but this process is already connected"):
+        exp.run_fit(group(max_steps=4), demo_model_fn, *data, display=False)
+    assert {r.status for r in exp.runs()} == {RunStatus.FAILED}  # nothing left looking queued

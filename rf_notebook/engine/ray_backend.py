@@ -50,9 +50,15 @@ def connect(address: str | None = None) -> Any:
         raise ImportError(
             "cluster='ray' needs Ray: pip install 'rf_notebook[ray]' (or an existing `ray` installation)"
         ) from exc
-    if ray.is_initialized():
-        return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", current) and address.split("://")[-1] != current:
+            raise ValueError(
+                f"`ray_address` is {address!r}, but this process is already connected to the Ray at {current!r}; "
+                "call ray.shutdown() first, or leave ray_address unset to use that one"
+            )
+        return ray
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
@@ -97,6 +103,7 @@ class Worker:
         self.formatted = dict(formatted)  # formatting token -> (train, eval), put through that function
         self.backend = TorchBackend(**backend_kwargs)
         self.slots: dict[int, Any] = {}
+        self._functions: list[Any] = []
         self._events: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
         self._yield_token = -1
@@ -131,7 +138,9 @@ class Worker:
     def _adopt(self, run: PreparedRun, token: int | None) -> PreparedRun:
         """Register the formatted data sets of the run's formatting function under this copy's identity."""
         if token is not None:
-            self.backend.formatted[id(run.spec.model_config.formatting_func)] = self.formatted[token]
+            func = run.spec.model_config.formatting_func
+            self._functions.append(func)  # alive as long as the worker: its id names its data sets
+            self.backend.formatted[id(func)] = self.formatted[token]
         return run
 
     @staticmethod
@@ -193,9 +202,9 @@ class Worker:
                 return getattr(self.backend, method)(slot, *args)
             finally:
                 self.backend.suspended(slot)
+        result = getattr(self.backend, method)(slot, *args)
         if method == "unload" or (method == "discard" and not args[0]):  # a finished run's stays, as the engine's
             del self.slots[run_id]
-        result = getattr(self.backend, method)(slot, *args)
         return os.fspath(result) if method == "checkpoint" else result
 
     @_on_worker_thread
@@ -270,6 +279,8 @@ class RayBackend:
     ):
         ray = self.ray = connect(address)
         count, on_gpu = default_workers(ray)
+        if on_gpu and workers is not None and workers > count:
+            raise ValueError(f"`workers` is {workers}, but the Ray cluster has {count} GPUs (one worker per GPU)")
         count = workers or count
         self.eval_dataset = eval_dataset
         self.should_yield: Callable[[], bool] = lambda: False
@@ -299,7 +310,17 @@ class RayBackend:
         self.slots: dict[int, RaySlot] = {}
         self._tokens_counter = itertools.count()
         self._releasing = False
-        ray.get([w.pid.remote() for w in self.workers], timeout=START_WORKER_S)  # started, or an error now
+        try:  # started, or an error now (and none left behind)
+            ray.get([w.pid.remote() for w in self.workers], timeout=START_WORKER_S)
+        except BaseException as exc:
+            for worker in self.workers:
+                ray.kill(worker)
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                raise RuntimeError(
+                    f"{count} Ray workers (each {'1 GPU' if on_gpu else f'{threads} CPU'}) did not start within "
+                    f"{START_WORKER_S} s: the cluster has {ray.cluster_resources()}"
+                ) from exc
+            raise
 
     def connect(self, should_yield, record, warn) -> None:
         self.should_yield, self.record, self.warn = should_yield, record, warn
@@ -507,18 +528,20 @@ class RayBackend:
     def reload(self, run: PreparedRun) -> RaySlot:
         """Rebuild an unloaded run from its checkpoint, on the least loaded worker (its record moves there)."""
         old = self.home.get(run.run_id)
-        if old is not None and old not in self.dead:
-            self._call(old, "forget", run.run_id)
         worker = self._least_loaded()
         state = self._call(worker, "reload", run, self._token(run))
         slot = self.slots[run.run_id] = RaySlot(self, run.run_id, worker, state)
         self.home[run.run_id] = worker
+        if old is not None and old != worker and old not in self.dead:
+            self._call(old, "forget", run.run_id)  # its record of the unloaded run lives on the new worker now
         return slot
 
     def discard(self, slot: RaySlot, keep_adapter: bool) -> None:
         slot.live = False
-        if slot.worker not in self.dead:
+        try:
             self._call(slot.worker, "call", "discard", slot.run_id, keep_adapter)
+        except WorkerDied:  # gone with its worker: nothing left to free
+            pass
         if not keep_adapter:
             self.slots.pop(slot.run_id, None)
 
@@ -528,8 +551,11 @@ class RayBackend:
             self._call(worker, "forget", run_id)
 
     def _close(self, slot: RaySlot) -> None:
-        if not self._releasing and slot.worker not in self.dead:
-            self._call(slot.worker, "close", slot.run_id)
+        if not self._releasing:
+            try:
+                self._call(slot.worker, "close", slot.run_id)
+            except WorkerDied:
+                pass
 
     def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
         worker = self.home.get(run_id)

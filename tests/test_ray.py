@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_exactness import _train_alone
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import DEMO_MODEL, arithmetic_dataset, demo_model_fn
@@ -52,25 +53,6 @@ def losses(exp: Experiment, run_id: int) -> list[float]:
     return r[(r.run_id == run_id) & (r.metric == "loss")].sort_values("step").value.tolist()
 
 
-def plain_trl(config: dict, train) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The run's resolved config trained alone by plain TRL (`SFTTrainer(peft_config=...)`) on a fresh base."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from trl import SFTConfig, SFTTrainer
-
-    model, tokenizer = demo_model_fn(None)
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(**config["training_args"]),
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**config["peft_config"]),
-    )
-    trainer.train()
-    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    return weights, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
 def test_runs_train_on_both_workers_exactly_as_alone_through_stop_resume_and_warm_start(data, tmp_path):
     train, evl = data
     exp = Experiment("ray", experiments_dir=tmp_path, cluster="ray", workers=2)
@@ -88,7 +70,7 @@ def test_runs_train_on_both_workers_exactly_as_alone_through_stop_resume_and_war
     assert exp.stats()["fused_groups"] > 0  # chunks of runs on the two workers were trained at the same time
     results = exp.results()
     for run_id in (1, 2, 3, 4):
-        weights, expected = plain_trl(runs[run_id].config, train)
+        weights, expected = _train_alone(runs[run_id].config, train)
         logged = losses(exp, run_id)
         assert len(logged) == 12  # every step's metrics reached the store, from the worker
         torch.testing.assert_close(torch.tensor(logged), torch.tensor(expected), atol=1e-5, rtol=1e-5)

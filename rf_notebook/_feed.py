@@ -5,6 +5,8 @@ The panel's protocol is written down in js/README.md. `Feed` reads the store, ne
     feed = Feed(store, "demo")
     feed.snapshot()            # the whole state, every curve downsampled to at most `max_points` points
     feed.delta(since=cursor)   # runs, header and ops in full; only the metric points logged after `cursor`
+    feed.stale(cursor)         # rows a view at `cursor` shows were dropped since (a run continued from a
+                               # checkpoint): it needs a snapshot, not a delta
 """
 
 from __future__ import annotations
@@ -55,9 +57,7 @@ class Feed:
 
     def snapshot(self, until: int | None = None) -> dict[str, Any]:
         """The whole state; its points are the first `until` metric rows (all of them by default)."""
-        rows, cursor = self.store.metrics_since(0)
-        if until is not None and until < cursor:
-            rows, cursor = rows[:until], until
+        rows, cursor = self.store.metrics_since(0, until)
         series = _series(rows)
         for curves in series.values():
             for name, points in curves.items():
@@ -67,6 +67,10 @@ class Feed:
     def delta(self, since: int) -> dict[str, Any]:
         rows, cursor = self.store.metrics_since(since)
         return {"type": "delta", "from": since, "to": cursor, **self._common(), "series": _series(rows)}
+
+    def stale(self, cursor: int) -> bool:
+        """Whether a view whose state covers the rows before `cursor` shows rows that have been dropped since."""
+        return cursor < self.store.rewritten
 
     def done(self) -> bool:
         """Nothing left to train and no IC op pending: the experiment has ended or is paused."""
@@ -90,6 +94,8 @@ class Feed:
 
     def _update_latest(self) -> dict[int, dict[str, float]]:
         with self._lock:
+            if self.stale(self._latest_cursor):  # a run's latest values may be among the rows dropped
+                self._latest, self._latest_cursor = {}, 0
             rows, self._latest_cursor = self.store.metrics_since(self._latest_cursor)
             for m in rows:
                 self._latest.setdefault(m.run_id, {})[m.name] = m.value

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,11 @@ class Store:
         self._lock = threading.Lock()
         self._runs: dict[int, RunRecord] = {}
         self._metrics: list[MetricRow] = []
+        # Metric rows by cursor: row i was the `_cursors[i]`-th logged. A cursor only grows, also past rows that
+        # were dropped, so a reader's cursor names the same point before and after a drop.
+        self._cursors: list[int] = []
+        self._next_cursor = 0
+        self._rewritten = 0  # the cursor right after the latest drop: a reader behind it shows dropped rows
         self._ops: list[ICRecord] = []
         self._meta: dict[str, Any] = {}
         self._next_id = 1
@@ -125,6 +131,8 @@ class Store:
             record = RunRecord(**{**r, "status": RunStatus(r["status"]), "rungs": tuple(r["rungs"])})
             store._runs[record.run_id] = record
         store._metrics = [MetricRow(*row) for row in metrics]
+        store._cursors = list(range(len(store._metrics)))
+        store._next_cursor = len(store._metrics)
         store._ops = [ICRecord(**op) for op in ops]
         store._meta = meta
         store._next_id = max([*store._runs, *(op.new_run_id or 0 for op in store._ops), 0]) + 1
@@ -213,9 +221,20 @@ class Store:
         """Forget run `run_id`'s metrics logged after optimizer step `step` (a run resumed from a checkpoint
         logs them again)."""
         with self._lock:
-            self._metrics = [m for m in self._metrics if m.run_id != run_id or m.step <= step]
+            kept = [i for i, m in enumerate(self._metrics) if m.run_id != run_id or m.step <= step]
+            if len(kept) < len(self._metrics):
+                self._metrics = [self._metrics[i] for i in kept]
+                self._cursors = [self._cursors[i] for i in kept]
+                self._next_cursor += 1  # a cursor of its own: readers at or before it saw the rows dropped here
+                self._rewritten = self._next_cursor
             self._persist("drop_metrics_after", run_id, step)
             self._version += 1
+
+    @property
+    def rewritten(self) -> int:
+        """The cursor right after the latest `drop_metrics_after` that dropped rows (0: none ever did). A reader whose
+        cursor is below it has seen rows that are gone: it reads everything again."""
+        return self._rewritten
 
     def integrity(self) -> str:
         """SQLite's `PRAGMA integrity_check` ("ok"), or "memory" for a store without a database."""
@@ -274,6 +293,8 @@ class Store:
         rows = [MetricRow(run_id, step, chunk, name, float(value), now) for name, value in values.items()]
         with self._lock:  # no notify: waiters watch run statuses, and a wake-up per step costs the trainer
             self._metrics.extend(rows)
+            self._cursors.extend(range(self._next_cursor, self._next_cursor + len(rows)))
+            self._next_cursor += len(rows)
             self._persist("put_metrics", rows)
             self._version += 1
 
@@ -281,10 +302,13 @@ class Store:
         with self._lock:
             return [m for m in self._metrics if run_id is None or m.run_id == run_id]
 
-    def metrics_since(self, cursor: int) -> tuple[list[MetricRow], int]:
-        """The rows logged after the first `cursor` rows, and the cursor that follows them."""
+    def metrics_since(self, cursor: int, until: int | None = None) -> tuple[list[MetricRow], int]:
+        """The rows logged at or after `cursor` (and before `until`), and the cursor that follows them. A cursor
+        counts every row ever logged, dropped ones too: it only grows."""
         with self._lock:
-            return self._metrics[cursor:], len(self._metrics)
+            end = self._next_cursor if until is None else min(until, self._next_cursor)
+            first, last = bisect_left(self._cursors, cursor), bisect_left(self._cursors, end)
+            return self._metrics[first:last], end
 
     def log_op(
         self,

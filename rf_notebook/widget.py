@@ -137,9 +137,14 @@ class Panel(anywidget.AnyWidget):
                 sent_version = version
                 if self.mode == "push":
                     with self._lock:  # a sync answered meanwhile is cut at the same cursor
-                        delta = self._feed.delta(since=self._cursor)
-                        self._cursor = delta["to"]
-                        self._emit(delta)
+                        if self._feed.stale(self._cursor):  # rows the views show were dropped: all again
+                            state = self._feed.snapshot()
+                            self._cursor = state["cursor"]
+                            self._emit({"type": "snapshot", "state": state})
+                        else:
+                            delta = self._feed.delta(since=self._cursor)
+                            self._cursor = delta["to"]
+                            self._emit(delta)
                 if self._feed.done():
                     self._write_final()
             except Exception:  # the panel must never take training down
@@ -193,7 +198,7 @@ class Panel(anywidget.AnyWidget):
                 self._emit({"type": "snapshot", "id": request_id, "state": self._feed.snapshot(until=until)})
         elif kind == "pull":
             since = content.get("since")
-            if isinstance(since, int) and not isinstance(since, bool) and 0 <= since:
+            if isinstance(since, int) and not isinstance(since, bool) and 0 <= since and not self._feed.stale(since):
                 self._push({**self._feed.delta(since=since), "id": request_id})
             else:
                 self._push({"type": "snapshot", "id": request_id, "state": self._feed.snapshot()})

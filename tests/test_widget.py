@@ -344,3 +344,31 @@ def test_static_picture_shows_what_each_trainer_type_is_judged_by():
         "loss",
         "eval_rewards/accuracies",
     ]
+
+
+def test_after_rows_are_dropped_views_get_the_whole_state_not_a_delta():
+    """A run that continued from its last checkpoint (its worker was lost) logs those steps again: the points the
+    views drew after the checkpoint must go, so the writer sends a snapshot, and a pull from before gets one."""
+    store = store_with_runs(n=1)
+    panel, sent = recording_panel(store)
+    panel.training_started()
+    for step in (1, 2, 3):
+        store.log_metrics(1, step, 1, {"loss": 1.0 / step})
+
+    def wait_for(predicate):
+        deadline = time.time() + 3
+        while not predicate():
+            assert time.time() < deadline, sent
+            time.sleep(0.01)
+
+    wait_for(lambda: sent and sent[-1][1].get("to") == 3)
+    store.drop_metrics_after(1, 1)
+    store.log_metrics(1, 2, 1, {"loss": 0.4})
+    wait_for(lambda: sent[-1][1]["type"] == "snapshot")
+    panel.stop_writer()
+    state = sent[-1][1]["state"]
+    assert state["series"] == {"1": {"loss": [[1, 1.0], [2, 0.4]]}} and state["cursor"] == 5
+    panel._on_message(panel, {"type": "pull", "id": "v:1", "since": 3}, [])  # a pull-mode view from before
+    assert sent[-1][1]["type"] == "snapshot" and sent[-1][1]["state"]["series"] == state["series"]
+    panel._on_message(panel, {"type": "pull", "id": "v:2", "since": 5}, [])
+    assert sent[-1][1]["type"] == "delta" and sent[-1][1]["series"] == {}

@@ -27,7 +27,7 @@ from typing import Any
 
 from rf_notebook import scheduler
 from rf_notebook.commands import CloneModify, Command, CommandQueue, Delete, Export, ICOp, Resume, Shutdown, Stop
-from rf_notebook.engine.backend import Backend, RunStateLost, Slot
+from rf_notebook.engine.backend import Backend, RunStateLost, Slot, WorkerLost
 from rf_notebook.store import RunStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -368,7 +368,10 @@ class Engine:
         self.stats["probe_s"] += time.perf_counter() - t0
 
     def _failed(self, slot: Slot, exc: BaseException) -> None:
-        """A run raised: it is marked failed and freed (its adapter stays for export); the others go on."""
+        """A run raised: it is marked failed and freed (its adapter stays for export); the others go on. A run
+        whose worker was lost (`WorkerLost`) continues from its last checkpoint on another one instead, if it can."""
+        if isinstance(exc, WorkerLost) and self._move(slot, exc):
+            return
         error = _describe(exc)
         # The traceback's frames hold the run's trainer, optimizer and activations: let them go now (a log
         # handler keeping the exception, as pytest's does, would otherwise keep all of it alive).
@@ -378,8 +381,31 @@ class Engine:
         if self._current == slot.run_id:
             self._current = None
         self.store.update_run(slot.run_id, status=RunStatus.FAILED, error=error)
-        self.backend.discard(self._slots.pop(slot.run_id), keep_adapter=True)
+        if self._slots.pop(slot.run_id, None) is not None:  # (a run that could not move was freed already)
+            self.backend.discard(slot, keep_adapter=True)
         self._rungs()  # the others may have been waiting for this run at a rung
+
+    def _move(self, slot: Slot, lost: WorkerLost) -> bool:
+        """The process holding `slot` is gone, its run is not: rebuild it elsewhere from its last checkpoint (what
+        it logged after that step is dropped: it logs it again, the same). Whether it could."""
+        run_id = slot.run_id
+        if self._current == run_id:
+            self._current = None
+        try:
+            self.backend.discard(self._slots.pop(run_id), keep_adapter=False)
+        except Exception:  # what its lost worker held is gone anyway
+            logger.debug("discarding run %d of a lost worker", run_id, exc_info=True)
+        try:
+            new = self.backend.reload(self.runs[run_id])
+        except Exception as exc:  # no worker left, or the rebuild failed: the run fails, with both reasons
+            lost.add_note(f"continuing run {run_id} from its last checkpoint failed: {type(exc).__name__}: {exc}")
+            return False
+        self._slots[run_id] = new
+        self.store.drop_metrics_after(run_id, new.step)
+        self._progress(run_id, new)
+        self.warn(new, f"{lost}; it continued from its last checkpoint (step {new.step}) on another worker")
+        logger.warning("run %d: %s; continued from its checkpoint at step %d", run_id, lost, new.step)
+        return True
 
     def _checkpoint(self, slot: Slot) -> None:
         """Write the run's state at this rung; a failed write (disk full) pauses the experiment, never the run."""
@@ -460,6 +486,9 @@ class Engine:
                 except OSError as exc:  # it stays in memory, as it was, and is tried again after a recovery
                     self.store.fail_storage(f"cannot write run {run_id}'s checkpoint: {exc}")
                     return
+                except WorkerLost as exc:  # moved from its last checkpoint (still stopped); unloaded next time
+                    self._failed(slot, exc)
+                    continue
                 except Exception:  # it stays in memory; the others go on
                     logger.exception("unloading stopped run %d", run_id)
                     del self._stopped_at[run_id]

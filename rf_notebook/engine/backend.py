@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rf_notebook.chunking import ChunkPlan
     from rf_notebook.search import RunSpec
 
-__all__ = ["Backend", "PreparedRun", "Slot"]
+__all__ = ["Backend", "PreparedRun", "RunStateLost", "Slot", "WorkerLost"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,11 @@ class Slot(Protocol):
 
 class RunStateLost(RuntimeError):
     """A backend could not put a run back as it was (after an anneal probe): the run fails rather than train on."""
+
+
+class WorkerLost(RuntimeError):
+    """The process that held a run's state is gone (a Ray worker killed, its node lost), the run is not: the loop
+    rebuilds it with `reload` from its last checkpoint, elsewhere, and forgets the metrics it logged after that."""
 
 
 class Backend(Protocol):

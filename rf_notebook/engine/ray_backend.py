@@ -17,8 +17,10 @@ run's worker.
   into the store (the panel's curves move during a chunk, not after it).
 - IC ops: when a command waits, the backend asks the busy workers to hand control back at their runs' next step,
   as the one-process engine does.
-- A run that fails fails alone (its worker's other runs go on). A worker that dies fails the runs it held, with the
-  reason; the others go on.
+- A run that fails fails alone (its worker's other runs go on). A worker that dies loses no finished chunk: its
+  calls raise `WorkerDied` (a `backend.WorkerLost`), and the engine reloads each of its runs from its last chunk
+  checkpoint on the remaining workers (the metrics logged after it are logged again); a finished run's adapter is
+  exported from its last checkpoint. Only when no worker is left do the runs fail.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rf_notebook.engine.backend import PreparedRun
+from rf_notebook.engine.backend import PreparedRun, WorkerLost
+from rf_notebook.engine.checkpoints import export_checkpoint
 
 __all__ = ["RayBackend", "RaySlot", "connect"]
 
@@ -252,7 +255,7 @@ class RaySlot:
         self.backend._close(self)
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(WorkerLost):
     """The Ray actor holding a run is gone (killed, out of memory, its node lost)."""
 
 
@@ -307,6 +310,7 @@ class RayBackend:
         self.workers = [actor.remote(i, kwargs_ref, formatted_ref, threads) for i in range(count)]
         self.dead: dict[int, str] = {}  # worker -> why it is gone
         self.home: dict[int, int] = {}  # run id -> its worker (also for unloaded runs: where its record lives)
+        self.output_dirs: dict[int, str] = {}  # run id -> its folder (its checkpoints), for when its worker is gone
         self.slots: dict[int, RaySlot] = {}
         self._tokens_counter = itertools.count()
         self._releasing = False
@@ -370,6 +374,8 @@ class RayBackend:
     def setup(self, runs: list[PreparedRun], unloaded: list[PreparedRun] = ()) -> dict[int, RaySlot]:
         """Place each run on the least loaded worker, then let every worker build its runs, all at once (each loads
         the bases its runs need). An unloaded run is remembered by the worker that will export or reload it."""
+        for run in [*runs, *unloaded]:
+            self.output_dirs[run.run_id] = run.args.output_dir
         placed: dict[int, list[PreparedRun]] = {i: [] for i in range(len(self.workers))}
         for n, run in enumerate(runs):
             placed[n % len(self.workers)].append(run)
@@ -395,7 +401,7 @@ class RayBackend:
         worker = warm_from.worker if warm_from is not None else self._least_loaded()
         state = self._call(worker, "build", run, self._token(run), None if warm_from is None else warm_from.run_id)
         slot = self.slots[run.run_id] = RaySlot(self, run.run_id, worker, state)
-        self.home[run.run_id] = worker
+        self.home[run.run_id], self.output_dirs[run.run_id] = worker, run.args.output_dir
         return slot
 
     def materialize(self, slot: RaySlot) -> None:
@@ -526,10 +532,16 @@ class RayBackend:
         self._each("collect")
 
     def reload(self, run: PreparedRun) -> RaySlot:
-        """Rebuild an unloaded run from its checkpoint, on the least loaded worker (its record moves there)."""
+        """Rebuild an unloaded run (or one whose worker died) from its checkpoint, on the least loaded worker that
+        is alive (its record moves there)."""
         old = self.home.get(run.run_id)
-        worker = self._least_loaded()
-        state = self._call(worker, "reload", run, self._token(run))
+        while True:  # a worker found dead now is passed over; none left: WorkerDied
+            worker = self._least_loaded()
+            try:
+                state = self._call(worker, "reload", run, self._token(run))
+                break
+            except WorkerDied:
+                continue
         slot = self.slots[run.run_id] = RaySlot(self, run.run_id, worker, state)
         self.home[run.run_id] = worker
         if old is not None and old != worker and old not in self.dead:
@@ -558,10 +570,14 @@ class RayBackend:
                 pass
 
     def export(self, run_id: int, path: str, record: Mapping[str, Any]) -> str:
+        """The run's adapter, from its worker; from its last checkpoint when that worker is gone."""
         worker = self.home.get(run_id)
         if worker is None:
             raise ValueError(f"run {run_id} has no adapter any more (deleted)")
-        return self._call(worker, "export", run_id, os.fspath(path), dict(record))
+        try:
+            return self._call(worker, "export", run_id, os.fspath(path), dict(record))
+        except WorkerDied:
+            return os.fspath(export_checkpoint(self.output_dirs[run_id], path, record))
 
     def release(self) -> None:
         """Finish the checkpoints being written, free every worker and end it."""

@@ -12,9 +12,11 @@ Clipping, optimizer step, LR schedule, accumulation and logging then run in each
 
 Exactness: a run's rows see the same weights, the same dropout masks and the same loss code as when trained
 alone; only the base's matrix products run over more rows (and right padding), which may round differently.
-Anything this cannot reproduce exactly is not fused (`fusable_reason`): mixed precision, activation
-checkpointing, base dropout, LoRA variants (DoRA), a model whose adapters cannot be parked. A forward whose
-arguments cannot be concatenated runs run by run, still within the group.
+Under bf16 mixed precision the backbone call made for the group runs under the autocast its runs parked under
+(runs whose autocast differs are not concatenated); a parked run's autocast is taken off the thread meanwhile
+(`_slot`). Anything this cannot reproduce exactly is not fused (`fusable_reason`): fp16 (its loss scaling),
+activation checkpointing, base dropout, LoRA variants (DoRA), a model whose adapters cannot be
+parked. A forward whose arguments cannot be concatenated runs run by run, still within the group.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Forward:
     args: tuple
     kwargs: dict[str, Any]
     rng: Any = None  # the run's torch random state at this point (its dropout draws)
+    autocast: tuple = (False, None)  # the run's autocast at this point (mixed precision): (enabled, dtype)
 
 
 @dataclasses.dataclass
@@ -84,8 +87,8 @@ def fusable_reason(trainer: Any, base: Any) -> str | None:
     config = base.model.config.get_text_config()
     if any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "output_router_logits")):
         return "a mixture-of-experts base (its routers see every row of the batch)"
-    if args.bf16 or args.fp16:
-        return "mixed precision (fused steps are float32 only for now)"
+    if args.fp16:  # bf16 is fused (tested); fp16's per-run loss scaling in a shared backward is not verified yet
+        return "fp16 mixed precision (fused steps are float32 or bf16 for now)"
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         return "activation checkpointing"
     if getattr(args, "padding_free", False) or getattr(args, "packing", False):
@@ -161,7 +164,8 @@ class FusedGroup:
         ):  # not a member's training forward (an evaluation inside train(), a generation): as without fusion
             return self.original(*args, **kwargs)
         device = _device_of(args, kwargs)
-        request = Forward(args, kwargs, rng=_get_rng(device))
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        request = Forward(args, kwargs, rng=_get_rng(device), autocast=autocast)
         out = park(request)
         if isinstance(out, _Raise):
             raise out.error
@@ -214,7 +218,7 @@ class FusedGroup:
             members = [(slot.adapter, request, row) for (slot, request), row in zip(requests, rows)]
             plan = _LoraPlan(self.base, members)
             try:
-                with plan:
+                with plan, _autocast(requests[0][1], kwargs["input_ids"].device):
                     out = self.original(**kwargs)
             except Exception as exc:
                 failed = f"{type(exc).__name__}: {exc}"
@@ -235,7 +239,7 @@ class FusedGroup:
         handed back to that run to raise."""
         plan = _LoraPlan(self.base, [(slot.adapter, request, None)])
         try:
-            with plan:
+            with plan, _autocast(request, _device_of(request.args, request.kwargs)):
                 out = self.original(*request.args, **request.kwargs)
         except Exception as exc:
             return _Raise(exc)
@@ -250,6 +254,8 @@ def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[in
 
     keys = set(requests[0].kwargs)
     if any(r.args or set(r.kwargs) != keys for r in requests) or "input_ids" not in keys:
+        return None
+    if any(r.autocast != requests[0].autocast for r in requests):  # each in its own precision
         return None
     tensors = [k for k in keys if k in _PADDED]
     others = {k: requests[0].kwargs[k] for k in keys - set(tensors)}
@@ -371,6 +377,15 @@ def install_backward(slot: Any, accelerator: Any) -> None:
         return None
 
     accelerator.backward = backward
+
+
+def _autocast(request: Forward, device: Any) -> Any:
+    """The autocast the run's forward was under when it parked (Accelerate's, with mixed precision), for the
+    backbone call made on its behalf: the driver runs it outside the run's own context."""
+    import torch
+
+    enabled, dtype = request.autocast
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def _device_of(args: tuple, kwargs: dict) -> Any:

@@ -112,6 +112,42 @@ def _check_neutral(when: str) -> None:
         raise RuntimeError(f"{when}: {', '.join(problems)}; it would leak into the other runs' training")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _take_autocast() -> tuple | None:
+    """The thread's autocast (a run parked inside its forward under mixed precision, `_fused`), taken off the
+    thread so that the others run without it: (nesting, cache enabled, {device: (enabled, dtype)}); None if off."""
+    import torch
+
+    nesting = torch.autocast_increment_nesting() - 1  # the only way to read it
+    torch.autocast_decrement_nesting()
+    devices = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES}
+    if not nesting and not any(enabled for enabled, _ in devices.values()):
+        return None
+    state = (nesting, torch.is_autocast_cache_enabled(), devices)
+    for _ in range(nesting):
+        torch.autocast_decrement_nesting()
+    for device in devices:
+        torch.set_autocast_enabled(device, False)
+    return state
+
+
+def _give_autocast(state: tuple | None) -> None:
+    """Put back what `_take_autocast` took, before the run that parked with it goes on."""
+    import torch
+
+    if state is None:
+        return
+    nesting, cache, devices = state
+    for _ in range(nesting):
+        torch.autocast_increment_nesting()
+    torch.set_autocast_cache_enabled(cache)
+    for device, (enabled, dtype) in devices.items():
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, dtype)
+
+
 class RunSlot:
     """One run's trainer, greenlet, random state and chunk plan. Used only from the scheduler thread."""
 
@@ -129,6 +165,7 @@ class RunSlot:
         self.finished = False  # train() has returned
         self.fused_group: Any = None  # the fused group it trains in now (`_fused`), if any
         self._greenlet: greenlet.greenlet | None = None
+        self._autocast: tuple | None = None  # the autocast it parked under (mixed precision, fused), kept off-thread
 
     def callbacks(self, sink: Any) -> list[TrainerCallback]:
         return [_Suspend(self), _Record(self, sink), _EpochStart(self)]
@@ -167,12 +204,17 @@ class RunSlot:
 
     def _switch(self, *value: Any) -> Any:
         _check_neutral(f"before run {self.run_id} resumes")
+        _give_autocast(self._autocast)
+        self._autocast = None
+        parked = None
         try:
             parked = self._greenlet.switch(*value)
         finally:
             self.state = _process_state.capture()
             self.step = self.trainer.state.global_step
             self.finished = self._greenlet.dead
+            if parked is not None and parked != () and not self.finished:  # parked mid-forward (fused): may be
+                self._autocast = _take_autocast()  # inside its autocast, which the others must not train under
         _check_neutral(f"after run {self.run_id} suspended")
         return None if self.finished or parked == () else parked
 

@@ -124,6 +124,53 @@ def test_bf16_fused_runs_equal_plain_trl_in_bf16(train, tmp_path):
     exp.end(wait=False)
 
 
+def test_fused_dpo_runs_equal_plain_trl_with_one_reference_forward_per_batch(monkeypatch, tmp_path):
+    """DPO: each run's policy forward goes through the shared backbone pass; its reference forward (adapters off, no
+    grad) runs outside it, once per distinct batch among the group (`dpo.share_reference_forward`)."""
+    import dataclasses
+
+    from test_conformance import CASES, train_alone
+    from trl import DPOTrainer
+
+    reference: list[int] = []
+    original = DPOTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        reference.append(len(inputs["input_ids"]))
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", counting)
+    case = dataclasses.replace(
+        CASES["DPO"], args={**CASES["DPO"].args, "per_device_train_batch_size": List([4, 8]), "max_steps": 6}
+    )
+    train = case.data()[0]
+    search = RFGridSearch(
+        RFModelConfig(
+            "rf-demo/tiny-arith",
+            peft_config=RFLoraConfig(r=List([4, 8]), lora_alpha=16, target_modules="all-linear"),
+            training_args=case.config(**case.args),
+        ),
+        "DPO",
+    )
+    exp = Experiment("fused-dpo", experiments_dir=tmp_path)
+    exp.run_fit(search, demo_model_fn, train, None, num_chunks=2, seed=SEED, fuse=True)
+    assert exp.wait(timeout=600)
+    runs = exp.runs()
+    assert [r.status.value for r in runs] == ["finished"] * 8, [r.error for r in runs]
+    assert exp.stats()["fusion"] == {r.run_id: "fused" for r in runs} and exp.stats()["fused_forwards"] >= 2 * 3
+    assert sorted(reference) == [8] * 6 + [16] * 6  # per step, one per batch size: [chosen; rejected] rows
+    reference.clear()
+    results = exp.results()
+    for run in runs:
+        weights, losses = train_alone(case, run.config, train)
+        exported = load_file(exp.export(run.run_id, tmp_path / f"dpo{run.run_id}") / "adapter_model.safetensors")
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-4, rtol=0, msg=f"{run.name}: {key}")
+        logged = results[(results.run_id == run.run_id) & (results.metric == "loss")].sort_values("step")
+        torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), rtol=1e-5, atol=0)
+    exp.end(wait=False)
+
+
 def test_a_fused_run_stopped_and_resumed_mid_chunk_stays_exact(train, tmp_path):
     exp = Experiment("fused-ops", experiments_dir=tmp_path)
     exp.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, None, num_chunks=2, seed=SEED, fuse=True)

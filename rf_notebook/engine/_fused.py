@@ -8,7 +8,9 @@ run's own adapter to that run's rows only, drawing its dropout from that run's o
 gets back its rows of the hidden states (cut to its own length) and carries on: TRL's LM head, loss, metrics and
 token counts are its own. When it calls `accelerator.backward(loss)`, it parks again with its scaled loss; one
 backward over the group's losses gives every adapter its own gradient (the base is frozen and the rows never mix).
-Clipping, optimizer step, LR schedule, accumulation and logging then run in each trainer as before.
+Clipping, optimizer step, LR schedule, accumulation and logging then run in each trainer as before. SFT and DPO
+runs fuse; a DPO run's reference forward runs without gradients, so it is not parked: it runs in the run's own
+turn after its policy forward (shared between runs with the same batch, `trainers.dpo`).
 
 Exactness: a run's rows see the same weights, the same dropout masks and the same loss code as when trained
 alone; only the base's matrix products run over more rows (and right padding), which may round differently.
@@ -70,8 +72,10 @@ def fusable_reason(trainer: Any, base: Any) -> str | None:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     args = trainer.args
-    if type(trainer).__name__ != "SFTTrainer":
-        return f"{type(trainer).__name__} runs are not fused yet (SFT only)"
+    if type(trainer).__name__ not in ("SFTTrainer", "DPOTrainer"):
+        return f"{type(trainer).__name__} runs are not fused yet (SFT and DPO only)"
+    if getattr(args, "use_liger_kernel", False):
+        return "Liger kernels (their loss reads the model's hidden states its own way)"
     if getattr(args, "neftune_noise_alpha", None):
         return "NEFTune noise (drawn over the whole padded batch, not per run)"
     if getattr(args, "activation_offloading", False):

@@ -10,8 +10,9 @@ run's worker.
 - Placement: a run goes to the worker holding the fewest runs; a warm clone goes to its parent's (it continues
   the parent's state), a reloaded run to the least loaded one (it is read back from its checkpoint, on the
   experiment's folder, which every worker reads and writes: one machine, or a folder shared by the cluster's nodes).
-- Parallel training: the engine trains the runs that `fusion_partners` names together; here that is one run of
-  each worker, and `train_together` sends each its chunk at once and waits for all. A worker evaluates its run at
+- Parallel training: the engine trains the runs that `fusion_partners` names together; here that is every run of
+  the chunk, and `train_together` has each worker train its own in turn, all workers at once (a worker starts its
+  next run when its last one returns, without waiting for the others). A worker evaluates its run at
   a chunk end and takes its checkpoint in the same call, so those run in parallel too.
 - Live metrics: a worker keeps what its runs log; while waiting, the backend collects it every `POLL_S` seconds
   into the store (the panel's curves move during a chunk, not after it).
@@ -25,6 +26,7 @@ run's worker.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -263,7 +265,7 @@ class RayBackend:
     """See the module docstring. Every method runs on the scheduler thread, except `wait_for_writes` and
     `caller_idle` (any thread)."""
 
-    fuse = True  # the engine asks `fusion_partners` for the runs that train together: here one per worker
+    fuse = True  # the engine asks `fusion_partners` for the runs that train together: every worker's at once
 
     def __init__(
         self,
@@ -416,28 +418,35 @@ class RayBackend:
     # -- training ----------------------------------------------------------------------------------------------
 
     def fusion_partners(self, slot: RaySlot, candidates: list[RaySlot]) -> list[RaySlot]:
-        """`slot` and, for every other worker, one of `candidates` placed there: they train at the same time."""
-        group, busy = [slot], {slot.worker}
-        for candidate in candidates:
-            if candidate.worker not in busy and candidate.worker not in self.dead:
-                group.append(candidate)
-                busy.add(candidate.worker)
-        return group
+        """`slot` and every candidate on a live worker: each worker trains its runs of the group one after another,
+        and the workers at the same time (`train_together`)."""
+        return [slot, *(c for c in candidates if c.worker not in self.dead)]
 
     def train_together(self, slots: list[RaySlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
-        """Send every slot's chunk to its worker at once; collect metrics and pass on yield requests while they train.
-        Returns the runs that failed, with why."""
+        """Train the slots to their pause steps, every worker its own runs in turn, all workers at once: a worker
+        starts its next run as soon as its last one returns (none waits for another worker's before the group's
+        end). Collects metrics and passes on yield requests meanwhile; once a command waits, no further run starts
+        (those left return untrained). Returns the runs that failed, with why."""
         ray, token = self.ray, next(self._tokens_counter)
         evaluate = self.eval_dataset is not None
+        queued: dict[int, collections.deque[RaySlot]] = collections.defaultdict(collections.deque)
         pending: dict[Any, RaySlot] = {}
         failed: dict[int, BaseException] = {}
+
+        def start(worker: int) -> None:
+            if worker in self.dead:  # its runs move on (the engine reloads them elsewhere)
+                for slot in queued.pop(worker, ()):
+                    failed[slot.run_id] = WorkerDied(f"Ray worker {worker} died: {self.dead[worker]}")
+            elif queued[worker]:
+                slot = queued[worker].popleft()
+                ref = self.workers[worker].train.remote(slot.run_id, pause_at[slot.run_id], token, evaluate)
+                pending[ref] = slot
+
         self._gone()
         for slot in slots:
-            if slot.worker in self.dead:
-                failed[slot.run_id] = WorkerDied(f"Ray worker {slot.worker} died: {self.dead[slot.worker]}")
-                continue
-            ref = self.workers[slot.worker].train.remote(slot.run_id, pause_at[slot.run_id], token, evaluate)
-            pending[ref] = slot
+            queued[slot.worker].append(slot)
+        for worker in list(queued):
+            start(worker)
         asked = False
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
@@ -452,11 +461,13 @@ class RayBackend:
                     state, evaluated, checkpoint = self._get(slot.worker, ref)
                 except Exception as exc:  # noqa: BLE001 - this run fails; the others go on
                     failed[slot.run_id] = exc
-                    continue
-                slot.update(state)
-                slot.evaluated_at = slot.step if evaluated else None
-                slot.checkpointed = None if checkpoint is None else (slot.step, checkpoint)
-                self._collect_events({slot.worker})  # what it logged last, before the engine records its rung
+                else:
+                    slot.update(state)
+                    slot.evaluated_at = slot.step if evaluated else None
+                    slot.checkpointed = None if checkpoint is None else (slot.step, checkpoint)
+                    self._collect_events({slot.worker})  # what it logged last, before the engine records its rung
+                if not asked or slot.worker in self.dead:
+                    start(slot.worker)
         return failed
 
     def _collect_events(self, workers: set[int]) -> None:

@@ -121,6 +121,36 @@ def test_a_dead_workers_runs_continue_from_their_last_checkpoints_on_the_other_w
     exp.end()
 
 
+def test_an_interrupted_cluster_run_fit_resumes_on_new_workers_exactly(data, tmp_path):
+    """`run_fit(resume=True)` after the experiment ended mid-training (a kernel restart): new workers read every
+    run back from its last chunk checkpoint, and each run ends as its config trained alone, each step logged once."""
+    train, _ = data
+    exp = Experiment("ray-resume", experiments_dir=tmp_path, cluster="ray", workers=2)
+    exp.run_fit(group(max_steps=12), demo_model_fn, train, None, num_chunks=3, seed=5, display=False)
+    deadline = time.time() + 300
+    while not any(r.chunks_done for r in exp.runs()):
+        assert time.time() < deadline, "no chunk ended"
+        time.sleep(0.02)
+    exp.end(wait=False)  # the workers are gone with it
+    assert any(not r.status.is_terminal for r in exp.runs())
+
+    again = Experiment("ray-resume", experiments_dir=tmp_path, cluster="ray", workers=2)
+    again.run_fit(group(max_steps=12), demo_model_fn, train, None, num_chunks=3, seed=5, display=False, resume=True)
+    assert again.wait(timeout=600)
+    runs = {r.run_id: r for r in again.runs()}
+    assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 4, [r.error for r in runs.values()]
+    results = again.results()
+    for run_id, run in runs.items():
+        weights, expected = _train_alone(run.config, train)
+        steps = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
+        assert steps == list(range(1, 13))
+        torch.testing.assert_close(torch.tensor(losses(again, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        exported = load_file(again.export(run_id, tmp_path / f"resumed{run_id}") / "adapter_model.safetensors")
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+    again.end()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

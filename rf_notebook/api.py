@@ -366,7 +366,10 @@ class Experiment:
     def stats(self) -> dict[str, float]:
         """Where the training thread's time went: setup_s (loading the base, building the runs, including a trainer
         built at its run's first turn; a build for a warm clone's parent counts nowhere), train_s, eval_s,
-        switch_s, cleanup_s (freeing finished runs' trainers) and the number of switches.
+        switch_s, cleanup_s (freeing finished runs' trainers) and the number of switches. With fused steps:
+        fused_groups, fused_forwards and `fusion` (run id -> "fused", or why it takes turns). With cluster="ray":
+        parallel_groups (times the workers trained at once), workers, workers_lost; runs_moved counts runs that
+        continued from their checkpoint on another worker after theirs died.
 
         A switch is one run handing the model to another at a chunk end; switch_s is the scheduler's own time
         for it (activating the run's adapter and state, recording progress), not training or evaluation.
@@ -374,10 +377,9 @@ class Experiment:
         if self._engine is None:
             return {}
         stats = dict(self._engine.stats)
-        backend = self._engine.backend
-        if hasattr(backend, "fusion"):  # fused steps: how many forwards were shared, and which runs took part
-            stats["fused_forwards"] = backend.fused_forwards
-            stats["fusion"] = dict(backend.fusion)
+        report = getattr(self._engine.backend, "report", None)
+        if report is not None:  # the backend's own figures (fused steps; Ray workers)
+            stats = report(stats)
         if self._tracking is not None:  # CPU seconds each tracker's thread used
             stats["tracking_s"] = self._tracking.busy()
         return stats

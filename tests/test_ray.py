@@ -68,7 +68,8 @@ def test_runs_train_on_both_workers_exactly_as_alone_through_stop_resume_and_war
     assert exp.wait(timeout=600)
     runs = {r.run_id: r for r in exp.runs()}
     assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 5, [r.error for r in runs.values()]
-    assert exp.stats()["fused_groups"] > 0  # chunks of runs on the two workers were trained at the same time
+    stats = exp.stats()  # chunks of runs on the two workers were trained at the same time
+    assert stats["parallel_groups"] > 0 and "fused_groups" not in stats and stats["workers"] == 2
     results = exp.results()
     for run_id in (1, 2, 3, 4):
         weights, expected = _train_alone(runs[run_id].config, train)
@@ -102,6 +103,7 @@ def test_a_dead_workers_runs_continue_from_their_last_checkpoints_on_the_other_w
     ray.kill(backend.workers[0])
     assert exp.wait(timeout=600)  # the notebook's side goes on, and so do worker 0's runs, on worker 1
     assert backend.dead.keys() == {0} and set(backend.home.values()) == {1}
+    assert exp.stats()["workers_lost"] == 1 and exp.stats()["runs_moved"] == len(on_first)
     runs = {r.run_id: r for r in exp.runs()}
     assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 4, [r.error for r in runs.values()]
     for run_id in on_first:  # what happened, on the run's record (the panel shows it)

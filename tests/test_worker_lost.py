@@ -63,7 +63,7 @@ def test_a_run_whose_worker_is_lost_continues_from_its_last_checkpoint_and_logs_
     seen = feed.delta(since=0)["to"]  # a view before the loss
     runs = _run(store, engine)
     assert runs[1].status is RunStatus.FINISHED and runs[2].status is RunStatus.FINISHED, runs
-    assert backend.reloads == [(1, 4)]
+    assert backend.reloads == [(1, 4)] and engine.stats["runs_moved"] == 1
     assert "worker of run 1 died" in runs[1].warning and "step 4" in runs[1].warning
     steps = [s for r, s, _ in backend.trained if r == 1]
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]  # 5 and 6 again, from the checkpoint at 4

@@ -99,6 +99,7 @@ class Engine:
             "probe_steps": 0,  # optimizer steps the probes trained (their compute, next to the runs')
             "switches": 0,
             "fused_groups": 0,  # times runs trained together in fused steps
+            "runs_moved": 0,  # runs that continued from their checkpoint elsewhere after their worker was lost
         }
 
     # -- any thread --------------------------------------------------------------------------------------------
@@ -401,6 +402,7 @@ class Engine:
             lost.add_note(f"continuing run {run_id} from its last checkpoint failed: {type(exc).__name__}: {exc}")
             return False
         self._slots[run_id] = new
+        self.stats["runs_moved"] += 1
         self.store.drop_metrics_after(run_id, new.step)
         self._progress(run_id, new)
         self.warn(new, f"{lost}; it continued from its last checkpoint (step {new.step}) on another worker")

@@ -422,6 +422,14 @@ class RayBackend:
         and the workers at the same time (`train_together`)."""
         return [slot, *(c for c in candidates if c.worker not in self.dead)]
 
+    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """`Experiment.stats()`: the engine's `stats`, its groups named for what they are here (the workers training
+        at once; no step is fused), and the workers. Time a worker spent evaluating and checkpointing in its
+        training call counts in train_s."""
+        stats = dict(stats)
+        stats["parallel_groups"] = stats.pop("fused_groups", 0)
+        return {**stats, "workers": len(self.workers), "workers_lost": len(self.dead)}
+
     def train_together(self, slots: list[RaySlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
         """Train the slots to their pause steps, every worker its own runs in turn, all workers at once: a worker
         starts its next run as soon as its last one returns (none waits for another worker's before the group's

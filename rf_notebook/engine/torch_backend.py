@@ -408,6 +408,10 @@ class TorchBackend:
         slot.patches.apply(base.modules)
         _process_state.restore(slot.state)
 
+    def report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """`Experiment.stats()`: the engine's `stats`, and how many forwards were shared, which runs took part."""
+        return {**stats, "fused_forwards": self.fused_forwards, "fusion": dict(self.fusion)}
+
     def fusion_partners(self, slot: RunSlot, candidates: list[RunSlot]) -> list[RunSlot]:
         """`slot` and the runs of `candidates` that train in fused steps with it (same base, all fusable)."""
         if self.fusion.get(slot.run_id) != "fused":

@@ -95,6 +95,12 @@ RUN_FIT_CASES = [
         ValueError,
         r"has columns \['prompt', 'answer'\], but SFT needs prompt\+completion",
     ),
+    (
+        "chat-template-of-a-model",  # TRL would add the model's tokens to the shared base and resize it
+        fit(param_config=search(args=RFSFTConfig(chat_template_path="Qwen/Qwen2.5-0.5B-Instruct", max_steps=2))),
+        ValueError,
+        r"`chat_template_path` is 'Qwen/Qwen2.5-0.5B-Instruct', but must be a \.jinja / \.j2 file here",
+    ),
     ("resume-unknown", fit(resume=True), ValueError, r"experiment '\w+' has no earlier run_fit to resume"),
     (
         "dpo-robust-smoothing-half",  # RapidFire AI's DPO tutorial; TRL only warns, and its loss is NaN at step 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,13 @@ class Preparer:
             lora = mc.peft_config.build()
         except Exception as exc:
             raise ValueError(f"run {spec.name!r} has an invalid config: {exc}") from exc
+        template = getattr(args, "chat_template_path", None)
+        if template is not None and not (os.path.isfile(template) and template.endswith((".jinja", ".j2"))):
+            raise ValueError(
+                f"run {spec.name!r}: `chat_template_path` is {template!r}, but must be a .jinja / .j2 file here: "
+                "TRL copies a model's template by adding its tokens to the base and resizing its embeddings, and "
+                "every run shares the base"
+            )
         config = {
             "trainer_type": spec.trainer_type,
             "model_name": mc.model_name,

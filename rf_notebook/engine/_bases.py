@@ -4,15 +4,49 @@ in one PEFT wrapper (only the active one in its module tree: `_adapters`), and t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 from rf_notebook.configs import stable_repr
 from rf_notebook.engine._adapters import Adapters
 from rf_notebook.engine._slot import Patches
-from rf_notebook.trainers._prepared import PreparedData
+from rf_notebook.trainers._prepared import PreparedData, tokenizer_state
 
 __all__ = ["Bases", "SharedBase"]
+
+
+# What a trainer's constructor may set on the tokenizer it is given (TRL's SFTTrainer: eos_token, pad_token, the
+# chat template of `chat_template_path`), read back and set again by name.
+_TOKENIZER_FIELDS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+    "chat_template",
+    "padding_side",
+    "truncation_side",
+    "model_max_length",
+)
+
+
+def _config_ids(model: Any) -> tuple[Any, ...]:
+    """The token ids a trainer's constructor may write into the model's config and generation config."""
+    text, generation = model.config.get_text_config(), getattr(model, "generation_config", None)
+    ids = (getattr(text, "eos_token_id", None), getattr(text, "pad_token_id", None))
+    if generation is not None:
+        ids += (copy.copy(generation.eos_token_id), generation.pad_token_id)
+    return ids
+
+
+def _set_config_ids(model: Any, ids: tuple[Any, ...]) -> None:
+    text = model.config.get_text_config()
+    text.eos_token_id, text.pad_token_id = ids[:2]
+    if len(ids) > 2:
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = copy.copy(ids[2]), ids[3]
 
 
 class SharedBase:
@@ -20,6 +54,11 @@ class SharedBase:
 
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
+        # As loaded: what each run's trainer gets, whatever a trainer built before it set on the shared tokenizer or
+        # the model's config (`settle_build`).
+        self._tokenizer_fields = {name: getattr(tokenizer, name, None) for name in _TOKENIZER_FIELDS}
+        self._tokenizer_state = tokenizer_state(tokenizer)
+        self.config_ids = _config_ids(model)
         # A base loaded in 4 or 8 bits (bitsandbytes) gets QLoRA's preparation once, for every run it carries:
         # frozen, its unquantized half-precision weights (norms, embeddings) in float32 for stable training.
         # Activation checkpointing stays each run's own setting (its trainer turns it on or off).
@@ -45,6 +84,31 @@ class SharedBase:
                 cls.enable_input_require_grads(model)
 
             model.enable_input_require_grads = enable_input_require_grads
+
+    def settle_build(self, run: str) -> tuple[Any, ...]:
+        """After a trainer was built on the shared tokenizer and model: what its constructor changed on them is its
+        own, as with plain TRL, where each trainer has its own. A changed tokenizer stays that trainer's, and the
+        base gets a copy set back as loaded; the model's config ids go back too. Returns the run's config ids
+        (`use_config_ids` puts them in place for its turn)."""
+        own = _config_ids(self.model)
+        _set_config_ids(self.model, self.config_ids)
+        if tokenizer_state(self.tokenizer) != self._tokenizer_state:
+            fresh = copy.deepcopy(self.tokenizer)
+            for name, value in self._tokenizer_fields.items():
+                setattr(fresh, name, value)
+            if tokenizer_state(fresh) != self._tokenizer_state:  # tokens added (a chat template cloned from a model)
+                raise ValueError(
+                    f"run {run!r}: its trainer changed the shared tokenizer in a way that cannot be undone for the "
+                    "other runs (tokens added, e.g. `chat_template_path` naming a model); runs share one base: give "
+                    "a .jinja chat template file, or the base a tokenizer that has the tokens"
+                )
+            self.tokenizer = fresh
+        return own
+
+    def use_config_ids(self, ids: tuple[Any, ...]) -> None:
+        """Put a run's config ids (from `settle_build`) in place for its turn."""
+        if ids and _config_ids(self.model) != ids:
+            _set_config_ids(self.model, ids)
 
     @property
     def modules(self) -> list[Any]:

@@ -157,6 +157,7 @@ class RunSlot:
         self.plan: ChunkPlan | None = None  # known once its data set is prepared (by its trainer, or another's)
         self.trainer: Any = None
         self.patches: Patches | None = None
+        self.config_ids: tuple = ()  # the token ids its trainer's constructor left in the model's config (`_bases`)
         self.state: _process_state.ProcessState | None = None
         self.epoch_start: tuple[int, _process_state.ProcessState] | None = None  # (step, state) of the last epoch
         self.evaluated_at: int | None = None  # the step of the trainer's last evaluation

@@ -285,17 +285,20 @@ class TorchBackend:
         if model_config.generation_config is not None and model_config.compute_metrics is not None:
             callbacks.append(GenerationMetrics(slot, base.tokenizer, evl, model_config, run.args, self.record))
             model_config = model_config.replace(compute_metrics=None)  # not the trainer's logits-based one
-        slot.trainer = trainer.build_trainer(
-            base.peft,
-            base.tokenizer,
-            run.args,
-            train,
-            evl,
-            model_config,
-            callbacks,
-            load_reference=self._bases.reference,
-            prepared=base.prepared,
-        )
+        try:
+            slot.trainer = trainer.build_trainer(
+                base.peft,
+                base.tokenizer,
+                run.args,
+                train,
+                evl,
+                model_config,
+                callbacks,
+                load_reference=self._bases.reference,
+                prepared=base.prepared,
+            )
+        finally:  # what its constructor set on the shared tokenizer and model config is its own
+            slot.config_ids = base.settle_build(run.spec.name)
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
         _skip_collection(slot.trainer.accelerator)
@@ -405,6 +408,7 @@ class TorchBackend:
         self.materialize(slot)
         base = self.base_of(slot.run_id)
         base.use(slot.adapter)
+        base.use_config_ids(slot.config_ids)
         slot.patches.apply(base.modules)
         _process_state.restore(slot.state)
 

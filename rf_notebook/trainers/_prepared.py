@@ -66,7 +66,7 @@ class PreparedData:
         key = json.dumps([kind, content, names, dict(args)], sort_keys=True, default=repr)
         if not content:
             self._held.setdefault(key, sources)
-        elif " at 0x" in key or _tokenizer_state(tokenizer) != self._tokenizers[id(tokenizer)][2]:
+        elif " at 0x" in key or tokenizer_state(tokenizer) != self._tokenizers[id(tokenizer)][2]:
             # An argument named by its address (another object could have it later), or a tokenizer another run's
             # trainer has changed since (its eos_token, chat template): what is prepared now stays here.
             self._local.add(key)
@@ -109,7 +109,7 @@ class PreparedData:
                 digest = Hasher.hash(tokenizer)
             except Exception:  # noqa: BLE001 - one that cannot be hashed is named by identity
                 digest = None
-            seen = self._tokenizers[id(tokenizer)] = (tokenizer, digest, _tokenizer_state(tokenizer))
+            seen = self._tokenizers[id(tokenizer)] = (tokenizer, digest, tokenizer_state(tokenizer))
         return seen[1]
 
     def _identity(self, dataset: Any) -> str | None:
@@ -140,7 +140,7 @@ def _content_identity(dataset: Any) -> str | None:
     return fingerprint
 
 
-def _tokenizer_state(tokenizer: Any) -> str:
+def tokenizer_state(tokenizer: Any) -> str:
     """What a trainer's constructor may change on a tokenizer (special tokens, chat template, sides, size): cheap
     to take for every run, unlike its hash."""
     fields = ("special_tokens_map", "chat_template", "padding_side", "truncation_side", "model_max_length")

@@ -106,7 +106,7 @@ class Preparer:
         parent's precision (not that of a later run_fit); `name` (default: the parent's and what changed)."""
         split = split_overrides(
             overrides,
-            current={"training_args": parent.args.to_dict(), "peft_config": parent.lora.to_dict()},
+            current={"training_args": _resolved_args(parent.args), "peft_config": parent.lora.to_dict()},
             fields={
                 "training_args": TRAINING_ARGS[parent.spec.trainer_type].field_names(),
                 "peft_config": RFLoraConfig.field_names(),
@@ -273,3 +273,13 @@ def torch_device_index() -> int:
     from accelerate import PartialState
 
     return PartialState().device.index or 0
+
+
+def _resolved_args(args: Any) -> dict[str, Any]:
+    """A TRL config's values as `to_dict()` gives them (enums as their values), except the `*_token` fields, which
+    it writes as placeholders ("<EOS_TOKEN>"): their own values."""
+    values = args.to_dict()
+    for name in values:
+        if name.endswith("_token"):
+            values[name] = getattr(args, name)
+    return values

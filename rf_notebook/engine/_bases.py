@@ -105,6 +105,9 @@ class SharedBase:
             self.tokenizer = fresh
         return own
 
+    def current_config_ids(self) -> tuple[Any, ...]:
+        return _config_ids(self.model)
+
     def use_config_ids(self, ids: tuple[Any, ...]) -> None:
         """Put a run's config ids (from `settle_build`) in place for its turn."""
         if ids and _config_ids(self.model) != ids:

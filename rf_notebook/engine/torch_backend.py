@@ -456,8 +456,11 @@ class TorchBackend:
 
     def suspended(self, slot: RunSlot) -> None:
         """After the run hands back control: keep the forward patches its train() may have installed
-        (Accelerate's autocast wrapper under mixed precision)."""
-        slot.patches = Patches.capture(self.base_of(slot.run_id).modules)
+        (Accelerate's autocast wrapper under mixed precision), and the token ids in the model's config (transformers'
+        train() aligns them with the run's tokenizer)."""
+        base = self.base_of(slot.run_id)
+        slot.patches = Patches.capture(base.modules)
+        slot.config_ids = base.current_config_ids()
 
     def evaluate(self, slot: RunSlot) -> None:
         """Evaluate at a rung, unless the trainer's own `eval_strategy` just did at this very step."""

@@ -2,7 +2,8 @@
 thread each): runs placed on both workers train there, in parallel, exactly as each config alone
 with plain TRL, through Stop / Resume (the run is written to its checkpoint and read back, possibly by the other
 worker) and a warm start; a worker that dies loses no finished chunk: its runs continue on the other one from
-their last chunk checkpoints, and still end exactly as alone."""
+their last chunk checkpoints, and still end exactly as alone; an idle worker takes queued runs from a busy one; an
+interrupted run_fit resumes on new workers."""
 
 from __future__ import annotations
 
@@ -118,6 +119,45 @@ def test_a_dead_workers_runs_continue_from_their_last_checkpoints_on_the_other_w
         assert steps == list(range(1, 25))  # every step once: what it logged after its checkpoint came again
         torch.testing.assert_close(torch.tensor(losses(exp, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
         exported = load_file(exp.export(run_id, tmp_path / f"run{run_id}") / "adapter_model.safetensors")
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+    exp.end()
+
+
+def test_an_idle_worker_takes_queued_runs_from_a_busy_one_exactly(data, tmp_path):
+    """Runs placed 4 / 4, then three of worker 1's deleted: worker 1, done with its one run, reads a queued run of
+    worker 0 back (never trained, or from its last chunk checkpoint) and trains it; every run ends as alone."""
+    train, _ = data
+    search = RFGridSearch(
+        RFModelConfig(
+            DEMO_MODEL,
+            peft_config=RFLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+            training_args=RFSFTConfig(
+                learning_rate=List([3e-3, 2e-3, 1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5]),
+                per_device_train_batch_size=8,
+                max_steps=12,
+            ),
+        ),
+        trainer_type="SFT",
+    )
+    exp = Experiment("ray-balance", experiments_dir=tmp_path, cluster="ray", workers=2)
+    exp.run_fit(search, demo_model_fn, train, None, num_chunks=3, seed=5, display=False)
+    backend = exp._engine.backend
+    assert sorted(r for r, w in backend.home.items() if w == 1) == [2, 4, 6, 8]
+    for run_id in (4, 6, 8):  # applied before anything trains: worker 1 holds one run, worker 0 four
+        exp.delete(run_id)
+    assert exp.wait(timeout=600)
+    stats = exp.stats()
+    assert stats["runs_rebalanced"] >= 1 and sorted(backend.home[r] for r in (1, 2, 3, 5, 7)).count(1) >= 2
+    runs = {r.run_id: r for r in exp.runs() if r.run_id in (1, 2, 3, 5, 7)}
+    assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 5, [r.error for r in runs.values()]
+    results = exp.results()
+    for run_id, run in runs.items():
+        weights, expected = _train_alone(run.config, train)
+        steps = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
+        assert steps == list(range(1, 13))
+        torch.testing.assert_close(torch.tensor(losses(exp, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        exported = load_file(exp.export(run_id, tmp_path / f"balanced{run_id}") / "adapter_model.safetensors")
         for key, value in weights.items():
             torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
     exp.end()

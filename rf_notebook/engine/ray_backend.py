@@ -10,6 +10,8 @@ run's worker.
 - Placement: a run goes to the worker holding the fewest runs; a warm clone goes to its parent's (it continues
   the parent's state), a reloaded run to the least loaded one (it is read back from its checkpoint, on the
   experiment's folder, which every worker reads and writes: one machine, or a folder shared by the cluster's nodes).
+  A worker left with nothing to train in a chunk takes a queued run of a busier one, read back the same way (at
+  its last chunk checkpoint, or never trained), so runs move only at chunk ends, exactly.
 - Parallel training: the engine trains the runs that `fusion_partners` names together; here that is every run of
   the chunk, and `train_together` has each worker train its own in turn, all workers at once (a worker starts its
   next run when its last one returns, without waiting for the others). A worker evaluates its run at
@@ -35,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rf_notebook.engine.backend import PreparedRun, WorkerLost
-from rf_notebook.engine.checkpoints import export_checkpoint
+from rf_notebook.engine.checkpoints import export_checkpoint, resume_point
 
 __all__ = ["RayBackend", "RaySlot", "connect"]
 
@@ -213,6 +215,16 @@ class Worker:
         return os.fspath(result) if method == "checkpoint" else result
 
     @_on_worker_thread
+    def drop(self, run_id: int) -> None:
+        """The run was read back on another worker: free this copy (nothing of it is used here again)."""
+        slot = self.slots.pop(run_id, None)
+        if slot is not None:
+            try:
+                self.backend.discard(slot, keep_adapter=False)
+            except Exception:  # its memory may stay; the run itself lives on the other worker
+                logger.exception("freeing the copy of run %d that moved to another worker", run_id)
+
+    @_on_worker_thread
     def close(self, run_id: int) -> None:
         slot = self.slots.pop(run_id, None)
         if slot is not None:
@@ -312,7 +324,8 @@ class RayBackend:
         self.workers = [actor.remote(i, kwargs_ref, formatted_ref, threads) for i in range(count)]
         self.dead: dict[int, str] = {}  # worker -> why it is gone
         self.home: dict[int, int] = {}  # run id -> its worker (also for unloaded runs: where its record lives)
-        self.output_dirs: dict[int, str] = {}  # run id -> its folder (its checkpoints), for when its worker is gone
+        self.runs: dict[int, PreparedRun] = {}  # every run placed: to read it back elsewhere from its checkpoint
+        self.rebalanced = 0  # runs moved at a chunk end to a worker that had nothing left to train
         self.slots: dict[int, RaySlot] = {}
         self._tokens_counter = itertools.count()
         self._releasing = False
@@ -377,7 +390,7 @@ class RayBackend:
         """Place each run on the least loaded worker, then let every worker build its runs, all at once (each loads
         the bases its runs need). An unloaded run is remembered by the worker that will export or reload it."""
         for run in [*runs, *unloaded]:
-            self.output_dirs[run.run_id] = run.args.output_dir
+            self.runs[run.run_id] = run
         placed: dict[int, list[PreparedRun]] = {i: [] for i in range(len(self.workers))}
         for n, run in enumerate(runs):
             placed[n % len(self.workers)].append(run)
@@ -403,7 +416,7 @@ class RayBackend:
         worker = warm_from.worker if warm_from is not None else self._least_loaded()
         state = self._call(worker, "build", run, self._token(run), None if warm_from is None else warm_from.run_id)
         slot = self.slots[run.run_id] = RaySlot(self, run.run_id, worker, state)
-        self.home[run.run_id], self.output_dirs[run.run_id] = worker, run.args.output_dir
+        self.home[run.run_id], self.runs[run.run_id] = worker, run
         return slot
 
     def materialize(self, slot: RaySlot) -> None:
@@ -428,43 +441,68 @@ class RayBackend:
         training call counts in train_s."""
         stats = dict(stats)
         stats["parallel_groups"] = stats.pop("fused_groups", 0)
-        return {**stats, "workers": len(self.workers), "workers_lost": len(self.dead)}
+        return {
+            **stats,
+            "workers": len(self.workers),
+            "workers_lost": len(self.dead),
+            "runs_rebalanced": self.rebalanced,
+        }
 
     def train_together(self, slots: list[RaySlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
         """Train the slots to their pause steps, every worker its own runs in turn, all workers at once: a worker
         starts its next run as soon as its last one returns (none waits for another worker's before the group's
-        end). Collects metrics and passes on yield requests meanwhile; once a command waits, no further run starts
-        (those left return untrained). Returns the runs that failed, with why."""
+        end). A worker left with nothing to train takes a queued run from a worker with two or more still queued
+        (`_take`). Collects metrics and passes on yield requests meanwhile; once a command waits, no further run
+        starts (those left return untrained). Returns the runs that failed, with why."""
         ray, token = self.ray, next(self._tokens_counter)
         evaluate = self.eval_dataset is not None
         queued: dict[int, collections.deque[RaySlot]] = collections.defaultdict(collections.deque)
-        pending: dict[Any, RaySlot] = {}
+        pending: dict[Any, tuple[RaySlot, int | None]] = {}  # call -> its run, and the worker a move reads it on
         failed: dict[int, BaseException] = {}
+        tried: set[tuple[int, int]] = set()  # (run, worker) moves that failed: not tried again in this call
+        asked = False
+
+        def busy(worker: int) -> bool:
+            return any((slot.worker if to is None else to) == worker for slot, to in pending.values())
 
         def start(worker: int) -> None:
             if worker in self.dead:  # its runs move on (the engine reloads them elsewhere)
                 for slot in queued.pop(worker, ()):
                     failed[slot.run_id] = WorkerDied(f"Ray worker {worker} died: {self.dead[worker]}")
+            elif asked or busy(worker):
+                return
             elif queued[worker]:
                 slot = queued[worker].popleft()
                 ref = self.workers[worker].train.remote(slot.run_id, pause_at[slot.run_id], token, evaluate)
-                pending[ref] = slot
+                pending[ref] = (slot, None)
+            else:
+                slot = self._take(worker, queued, tried)
+                if slot is not None:
+                    tried.add((slot.run_id, worker))
+                    run = self.runs[slot.run_id]
+                    pending[self.workers[worker].reload.remote(run, self._token(run))] = (slot, worker)
 
         self._gone()
         for slot in slots:
             queued[slot.worker].append(slot)
         for worker in list(queued):
             start(worker)
-        asked = False
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
-            self._collect_events({slot.worker for slot in pending.values()})
+            self._collect_events({slot.worker for slot, to in pending.values() if to is None})
             if not asked and self.should_yield():
                 asked = True
-                for slot in pending.values():
-                    self.workers[slot.worker].request_yield.remote(token)
+                for slot, to in pending.values():
+                    if to is None:
+                        self.workers[slot.worker].request_yield.remote(token)
             for ref in done:
-                slot = pending.pop(ref)
+                slot, to = pending.pop(ref)
+                if to is not None:  # a move: the run trains on `to` next, or stays where it was
+                    donor = slot.worker
+                    queued[to if self._moved(slot, to, ref) else donor].appendleft(slot)
+                    start(to)
+                    start(donor)
+                    continue
                 try:
                     state, evaluated, checkpoint = self._get(slot.worker, ref)
                 except Exception as exc:  # noqa: BLE001 - this run fails; the others go on
@@ -474,9 +512,50 @@ class RayBackend:
                     slot.evaluated_at = slot.step if evaluated else None
                     slot.checkpointed = None if checkpoint is None else (slot.step, checkpoint)
                     self._collect_events({slot.worker})  # what it logged last, before the engine records its rung
-                if not asked or slot.worker in self.dead:
-                    start(slot.worker)
+                start(slot.worker)
+        for worker, left in queued.items():  # asked to hand back, or a move came back when all else was done
+            for slot in left:
+                if worker in self.dead:
+                    failed[slot.run_id] = WorkerDied(f"Ray worker {worker} died: {self.dead[worker]}")
         return failed
+
+    def _take(
+        self, worker: int, queued: Mapping[int, collections.deque[RaySlot]], tried: set[tuple[int, int]]
+    ) -> RaySlot | None:
+        """A queued run of the worker with the most still queued (two or more), which `worker` (idle) can read back
+        exactly: at its last chunk checkpoint, complete on disk, or never trained. Taken off that queue."""
+        donors = [w for w, runs in queued.items() if w != worker and w not in self.dead and len(runs) >= 2]
+        if not donors:
+            return None
+        donor = max(donors, key=lambda w: (len(queued[w]), -w))
+        for slot in reversed(queued[donor]):
+            if (slot.run_id, worker) in tried:
+                continue
+            point = resume_point(self.runs[slot.run_id].args.output_dir)
+            if (point is None and slot.step == 0) or (point is not None and point[0] == slot.step):
+                queued[donor].remove(slot)
+                return slot
+        return None
+
+    def _moved(self, slot: RaySlot, to: int, ref: Any) -> bool:
+        """Whether worker `to` read `slot`'s run back (from `_take`): then the run lives there, and its old worker
+        frees its copy after its current call. If not, the run stays where it was, as it was."""
+        try:
+            state = self._get(to, ref)
+        except Exception as exc:  # noqa: BLE001 - the run is still whole on its own worker
+            if not isinstance(exc, WorkerDied):
+                logger.warning(
+                    "run %d could not move to Ray worker %d (%r); it stays on %d", slot.run_id, to, exc, slot.worker
+                )
+            return False
+        donor, slot.worker = slot.worker, to
+        slot.update(state)
+        slot.evaluated_at = slot.checkpointed = None
+        self.home[slot.run_id] = to
+        self.rebalanced += 1
+        if donor not in self.dead:
+            self.workers[donor].drop.remote(slot.run_id)
+        return True
 
     def _collect_events(self, workers: set[int]) -> None:
         if self._gone():
@@ -562,7 +641,7 @@ class RayBackend:
             except WorkerDied:
                 continue
         slot = self.slots[run.run_id] = RaySlot(self, run.run_id, worker, state)
-        self.home[run.run_id] = worker
+        self.home[run.run_id], self.runs[run.run_id] = worker, run
         if old is not None and old != worker and old not in self.dead:
             self._call(old, "forget", run.run_id)  # its record of the unloaded run lives on the new worker now
         return slot
@@ -596,7 +675,7 @@ class RayBackend:
         try:
             return self._call(worker, "export", run_id, os.fspath(path), dict(record))
         except WorkerDied:
-            return os.fspath(export_checkpoint(self.output_dirs[run_id], path, record))
+            return os.fspath(export_checkpoint(self.runs[run_id].args.output_dir, path, record))
 
     def release(self) -> None:
         """Finish the checkpoints being written, free every worker and end it."""

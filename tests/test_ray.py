@@ -55,6 +55,19 @@ def losses(exp: Experiment, run_id: int) -> list[float]:
     return r[(r.run_id == run_id) & (r.metric == "loss")].sort_values("step").value.tolist()
 
 
+def assert_as_alone(exp: Experiment, run_ids, train, steps: int, out) -> None:
+    """Each run logged every step once, with the losses and final adapter of its config trained alone by plain TRL."""
+    results = exp.results()
+    for run_id in run_ids:
+        weights, expected = _train_alone(exp.run(run_id).config, train)
+        logged = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
+        assert logged == list(range(1, steps + 1))  # every step once (a run read back logs its later steps again)
+        torch.testing.assert_close(torch.tensor(losses(exp, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        exported = load_file(exp.export(run_id, out / f"run{run_id}") / "adapter_model.safetensors")
+        for key, value in weights.items():
+            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+
+
 def test_runs_train_on_both_workers_exactly_as_alone_through_stop_resume_and_warm_start(data, tmp_path):
     train, evl = data
     exp = Experiment("ray", experiments_dir=tmp_path, cluster="ray", workers=2)
@@ -112,15 +125,7 @@ def test_a_dead_workers_runs_continue_from_their_last_checkpoints_on_the_other_w
             runs[run_id].warning
         )
     ray.kill(backend.workers[1])  # now every run's adapter is read from its last checkpoint
-    results = exp.results()
-    for run_id in on_first:
-        weights, expected = _train_alone(runs[run_id].config, train)
-        steps = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
-        assert steps == list(range(1, 25))  # every step once: what it logged after its checkpoint came again
-        torch.testing.assert_close(torch.tensor(losses(exp, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
-        exported = load_file(exp.export(run_id, tmp_path / f"run{run_id}") / "adapter_model.safetensors")
-        for key, value in weights.items():
-            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+    assert_as_alone(exp, on_first, train, 24, tmp_path)
     exp.end()
 
 
@@ -151,15 +156,7 @@ def test_an_idle_worker_takes_queued_runs_from_a_busy_one_exactly(data, tmp_path
     assert stats["runs_rebalanced"] >= 1 and sorted(backend.home[r] for r in (1, 2, 3, 5, 7)).count(1) >= 2
     runs = {r.run_id: r for r in exp.runs() if r.run_id in (1, 2, 3, 5, 7)}
     assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 5, [r.error for r in runs.values()]
-    results = exp.results()
-    for run_id, run in runs.items():
-        weights, expected = _train_alone(run.config, train)
-        steps = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
-        assert steps == list(range(1, 13))
-        torch.testing.assert_close(torch.tensor(losses(exp, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
-        exported = load_file(exp.export(run_id, tmp_path / f"balanced{run_id}") / "adapter_model.safetensors")
-        for key, value in weights.items():
-            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+    assert_as_alone(exp, runs, train, 12, tmp_path)
     exp.end()
 
 
@@ -181,15 +178,7 @@ def test_an_interrupted_cluster_run_fit_resumes_on_new_workers_exactly(data, tmp
     assert again.wait(timeout=600)
     runs = {r.run_id: r for r in again.runs()}
     assert [r.status for r in runs.values()] == [RunStatus.FINISHED] * 4, [r.error for r in runs.values()]
-    results = again.results()
-    for run_id, run in runs.items():
-        weights, expected = _train_alone(run.config, train)
-        steps = results[(results.run_id == run_id) & (results.metric == "loss")].step.tolist()
-        assert steps == list(range(1, 13))
-        torch.testing.assert_close(torch.tensor(losses(again, run_id)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
-        exported = load_file(again.export(run_id, tmp_path / f"resumed{run_id}") / "adapter_model.safetensors")
-        for key, value in weights.items():
-            torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=f"run {run_id}: {key}")
+    assert_as_alone(again, runs, train, 12, tmp_path)
     again.end()
 
 

@@ -94,9 +94,11 @@ class Feed:
 
     def _update_latest(self) -> dict[int, dict[str, float]]:
         with self._lock:
+            rows, cursor = self.store.metrics_since(self._latest_cursor)
             if self.stale(self._latest_cursor):  # a run's latest values may be among the rows dropped
-                self._latest, self._latest_cursor = {}, 0
-            rows, self._latest_cursor = self.store.metrics_since(self._latest_cursor)
+                self._latest = {}
+                rows, cursor = self.store.metrics_since(0)
+            self._latest_cursor = cursor
             for m in rows:
                 self._latest.setdefault(m.run_id, {})[m.name] = m.value
             return {run_id: dict(values) for run_id, values in self._latest.items()}

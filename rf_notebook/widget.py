@@ -137,12 +137,12 @@ class Panel(anywidget.AnyWidget):
                 sent_version = version
                 if self.mode == "push":
                     with self._lock:  # a sync answered meanwhile is cut at the same cursor
-                        if self._feed.stale(self._cursor):  # rows the views show were dropped: all again
+                        delta = self._feed.delta(since=self._cursor)
+                        if self._feed.stale(self._cursor):  # rows the views show were dropped (also meanwhile)
                             state = self._feed.snapshot()
                             self._cursor = state["cursor"]
                             self._emit({"type": "snapshot", "state": state})
                         else:
-                            delta = self._feed.delta(since=self._cursor)
                             self._cursor = delta["to"]
                             self._emit(delta)
                 if self._feed.done():
@@ -198,8 +198,9 @@ class Panel(anywidget.AnyWidget):
                 self._emit({"type": "snapshot", "id": request_id, "state": self._feed.snapshot(until=until)})
         elif kind == "pull":
             since = content.get("since")
-            if isinstance(since, int) and not isinstance(since, bool) and 0 <= since and not self._feed.stale(since):
-                self._push({**self._feed.delta(since=since), "id": request_id})
+            delta = self._feed.delta(since=since) if isinstance(since, int) and not isinstance(since, bool) else None
+            if delta is not None and 0 <= since and not self._feed.stale(since):  # stale read after: none missed
+                self._push({**delta, "id": request_id})
             else:
                 self._push({"type": "snapshot", "id": request_id, "state": self._feed.snapshot()})
             if self._feed.done():

@@ -220,3 +220,29 @@ def test_fuse_takes_true_false_or_auto(tmp_path):
     for bad in ("yes", 1):
         with pytest.raises(ValueError, match=rf"`fuse` is {bad!r}, but must be True, False or 'auto'"):
             exp.run_fit(search, demo_model_fn, arithmetic_dataset("train", n=8), fuse=bad)
+
+
+def test_a_run_parked_inside_its_autocast_takes_it_along_and_gives_it_back_when_closed():
+    """A run parks inside its forward (under mixed precision: inside its autocast): the others must not train under
+    that autocast, and closing the run mid-forward (its group failed) must unwind it to nesting 0, or autocast's
+    weight cache would never be cleared again on this thread."""
+    from types import SimpleNamespace
+
+    from rf_notebook.engine._fused import park
+    from rf_notebook.engine._slot import RunSlot
+
+    def nesting() -> int:
+        level = torch.autocast_increment_nesting() - 1
+        torch.autocast_decrement_nesting()
+        return level
+
+    def train(resume_from_checkpoint=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            park("forward")  # as `_fused` parks a run at its backbone call
+
+    slot = RunSlot(1, "run1")
+    slot.trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), train=train)
+    assert slot.advance(1) == "forward"
+    assert not torch.is_autocast_enabled("cpu") and nesting() == 0  # taken off the thread while it is parked
+    slot.close()
+    assert not torch.is_autocast_enabled("cpu") and nesting() == 0

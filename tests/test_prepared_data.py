@@ -141,9 +141,10 @@ def test_a_later_run_fit_reuses_what_an_earlier_one_prepared(sft_prepared, tmp_p
     assert len(sft_prepared) == 8
 
 
-def test_data_prepared_with_a_tokenizer_another_run_changed_stays_in_its_experiment(sft_prepared, tmp_path):
-    """SFTTrainer sets a run's `eos_token` on the shared tokenizer: a run built after it prepares with that token.
-    That preparation must not be found by a later run_fit, whose fresh tokenizer has its own eos token."""
+def test_a_run_that_changes_its_tokenizer_leaves_the_others_preparations_reusable(sft_prepared, tmp_path):
+    """SFTTrainer sets a run's `eos_token` on the tokenizer it is given: that run gets a copy, so the run built after
+    it prepares with the base's own eos token, and a later run_fit of that config finds that preparation; the
+    changed copy's preparation is never found by it."""
     train, evl = arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8)
 
     def config(**args):
@@ -163,7 +164,7 @@ def test_data_prepared_with_a_tokenizer_another_run_changed_stays_in_its_experim
     alone.run_fit(RFGridSearch(config(), trainer_type="SFT"), demo_model_fn, train, evl, seed=0, display=False)
     assert alone.wait(timeout=300)
     alone.end()
-    assert len(sft_prepared) == 6  # prepared again, with the tokenizer's own eos token
+    assert len(sft_prepared) == 4  # the second run's preparation, made with the base tokenizer's own eos token
 
 
 def dpo_config(**args) -> RFModelConfig:

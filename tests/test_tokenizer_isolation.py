@@ -28,7 +28,8 @@ def test_runs_that_change_the_tokenizer_do_not_change_the_others(train, tmp_path
     template = tmp_path / "template.jinja"
     template.write_text(TEMPLATE)
     args = [
-        {"eos_token": "<|im_start|>"},  # built first: TRL sets the shared tokenizer's eos to it
+        {"learning_rate": 2e-3},  # built before the others: its trainer holds the tokenizer it was given
+        {"eos_token": "<|im_start|>"},  # TRL sets the eos of the tokenizer it is given to it
         {"chat_template_path": str(template)},
         {"learning_rate": 1e-3},  # must still see the base's own eos and chat template
     ]
@@ -46,7 +47,7 @@ def test_runs_that_change_the_tokenizer_do_not_change_the_others(train, tmp_path
     exp.run_fit(RFGridSearch(List(configs), "SFT"), demo_model_fn, train, None, num_chunks=2, seed=3, display=False)
     assert exp.wait(timeout=600)
     runs = exp.runs()
-    assert [r.status.value for r in runs] == ["finished"] * 3, [r.error for r in runs]
+    assert [r.status.value for r in runs] == ["finished"] * 4, [r.error for r in runs]
     results = exp.results()
     for run in runs:
         weights, expected = _train_alone(run.config, train)

@@ -33,6 +33,10 @@ _TOKENIZER_FIELDS = (
 )
 
 
+# A run's arguments that its trainer's constructor writes on the tokenizer (TRL's SFTTrainer): such a run gets a copy.
+_TOKENIZER_ARGS = ("eos_token", "pad_token", "chat_template_path")
+
+
 def _config_ids(model: Any) -> tuple[Any, ...]:
     """The token ids a trainer's constructor may write into the model's config and generation config."""
     text, generation = model.config.get_text_config(), getattr(model, "generation_config", None)
@@ -85,24 +89,28 @@ class SharedBase:
 
             model.enable_input_require_grads = enable_input_require_grads
 
+    def tokenizer_for(self, args: Any) -> Any:
+        """The tokenizer a run's trainer gets: the shared one, or a copy of its own when its arguments set what the
+        constructor writes on it (eos_token, pad_token, chat_template_path), as each plain TRL trainer has its own."""
+        if any(getattr(args, name, None) is not None for name in _TOKENIZER_ARGS):
+            return copy.deepcopy(self.tokenizer)
+        return self.tokenizer
+
     def settle_build(self, run: str) -> tuple[Any, ...]:
-        """After a trainer was built on the shared tokenizer and model: what its constructor changed on them is its
-        own, as with plain TRL, where each trainer has its own. A changed tokenizer stays that trainer's, and the
-        base gets a copy set back as loaded; the model's config ids go back too. Returns the run's config ids
-        (`use_config_ids` puts them in place for its turn)."""
+        """After a trainer was built on the shared model: the token ids its constructor wrote into the model's
+        config go back to the base's (returned: `use_config_ids` puts them in place for the run's turns). A shared
+        tokenizer that changed anyway (a constructor this does not know of) is set back, and the run fails: every
+        trainer built on it holds it."""
         own = _config_ids(self.model)
         _set_config_ids(self.model, self.config_ids)
         if tokenizer_state(self.tokenizer) != self._tokenizer_state:
-            fresh = copy.deepcopy(self.tokenizer)
             for name, value in self._tokenizer_fields.items():
-                setattr(fresh, name, value)
-            if tokenizer_state(fresh) != self._tokenizer_state:  # tokens added (a chat template cloned from a model)
-                raise ValueError(
-                    f"run {run!r}: its trainer changed the shared tokenizer in a way that cannot be undone for the "
-                    "other runs (tokens added, e.g. `chat_template_path` naming a model); runs share one base: give "
-                    "a .jinja chat template file, or the base a tokenizer that has the tokens"
-                )
-            self.tokenizer = fresh
+                setattr(self.tokenizer, name, value)
+            raise ValueError(
+                f"run {run!r}: its trainer changed the tokenizer the runs of its base share "
+                f"({'set back' if tokenizer_state(self.tokenizer) == self._tokenizer_state else 'tokens added'}); "
+                f"rf_notebook gives a run its own copy only when it sets {', '.join(_TOKENIZER_ARGS)}"
+            )
         return own
 
     def current_config_ids(self) -> tuple[Any, ...]:

@@ -357,7 +357,7 @@ class Engine:
         if value is None:
             try:
                 value = self.backend.probe(slot, steps, rung)
-            except RunStateLost:
+            except (RunStateLost, WorkerLost):  # the run fails, or continues elsewhere
                 raise
             except Exception as exc:
                 logger.exception("the anneal probe of run %d at chunk %d failed", slot.run_id, rung)
@@ -479,6 +479,8 @@ class Engine:
 
     def _unload_due(self, idle: bool, unloaded: list[int]) -> None:
         for run_id, since in list(self._stopped_at.items()):
+            if run_id not in self._stopped_at:  # (a run failed meanwhile handled it)
+                continue
             if run_id not in self._slots or self.store.run(run_id).status is not RunStatus.STOPPED:
                 del self._stopped_at[run_id]
             elif idle or self._rung >= since + 2:
@@ -493,11 +495,12 @@ class Engine:
                     continue
                 except Exception:  # it stays in memory; the others go on
                     logger.exception("unloading stopped run %d", run_id)
-                    del self._stopped_at[run_id]
+                    self._stopped_at.pop(run_id, None)
                     continue
                 unloaded.append(run_id)
                 self._unloaded.add(run_id)  # before it leaves _slots: another thread's refusal() sees one of them
-                del self._slots[run_id], self._stopped_at[run_id]
+                del self._slots[run_id]
+                self._stopped_at.pop(run_id, None)
                 if self._current == run_id:
                     self._current = None
                 logger.info("run %d stays stopped: checkpointed at step %d and unloaded", run_id, slot.step)

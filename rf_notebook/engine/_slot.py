@@ -226,6 +226,8 @@ class RunSlot:
     def close(self) -> None:
         """Drop the trainer and unwind its suspended `train()` so that its memory can be freed."""
         if self._greenlet is not None and not self._greenlet.dead:
+            _give_autocast(self._autocast)  # parked inside its autocast: unwinding it exits those contexts
+            self._autocast = None
             self._greenlet.throw(greenlet.GreenletExit)
         self._greenlet = None
         self.trainer = None

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rf_notebook.engine.backend import PreparedRun, WorkerLost
-from rf_notebook.engine.checkpoints import export_checkpoint, resume_point
+from rf_notebook.engine.checkpoints import export_checkpoint, latest_checkpoint, resume_point
 
 __all__ = ["RayBackend", "RaySlot", "connect"]
 
@@ -214,15 +214,20 @@ class Worker:
             del self.slots[run_id]
         return os.fspath(result) if method == "checkpoint" else result
 
-    @_on_worker_thread
     def drop(self, run_id: int) -> None:
-        """The run was read back on another worker: free this copy (nothing of it is used here again)."""
-        slot = self.slots.pop(run_id, None)
-        if slot is not None:
-            try:
-                self.backend.discard(slot, keep_adapter=False)
-            except Exception:  # its memory may stay; the run itself lives on the other worker
-                logger.exception("freeing the copy of run %d that moved to another worker", run_id)
+        """The run was read back on another worker: free this copy (nothing of it is used here again), on the
+        training thread after its current call; this call returns at once (it holds none of the actor's threads,
+        which `events` and `request_yield` need meanwhile)."""
+
+        def free() -> None:
+            slot = self.slots.pop(run_id, None)
+            if slot is not None:
+                try:
+                    self.backend.discard(slot, keep_adapter=False)
+                except Exception:  # its memory may stay; the run itself lives on the other worker
+                    logger.exception("freeing the copy of run %d that moved to another worker", run_id)
+
+        self._thread.submit(free)
 
     @_on_worker_thread
     def close(self, run_id: int) -> None:
@@ -485,7 +490,7 @@ class RayBackend:
         self._gone()
         for slot in slots:
             queued[slot.worker].append(slot)
-        for worker in list(queued):
+        for worker in range(len(self.workers)):  # one with no run of its own here may take one
             start(worker)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
@@ -528,14 +533,18 @@ class RayBackend:
         if not donors:
             return None
         donor = max(donors, key=lambda w: (len(queued[w]), -w))
+        held = {self._base(run_id) for run_id, w in self.home.items() if w == worker}
         for slot in reversed(queued[donor]):
-            if (slot.run_id, worker) in tried:
-                continue
+            if (slot.run_id, worker) in tried or (held and self._base(slot.run_id) not in held):
+                continue  # (a second base on a device sized for one is not worth a chunk of waiting)
             point = resume_point(self.runs[slot.run_id].args.output_dir)
             if (point is None and slot.step == 0) or (point is not None and point[0] == slot.step):
                 queued[donor].remove(slot)
                 return slot
         return None
+
+    def _base(self, run_id: int) -> Any:
+        return self.runs[run_id].spec.model_config.base_key()
 
     def _moved(self, slot: RaySlot, to: int, ref: Any) -> bool:
         """Whether worker `to` read `slot`'s run back (from `_take`): then the run lives there, and its old worker
@@ -675,7 +684,15 @@ class RayBackend:
         try:
             return self._call(worker, "export", run_id, os.fspath(path), dict(record))
         except WorkerDied:
-            return os.fspath(export_checkpoint(self.runs[run_id].args.output_dir, path, record))
+            folder = self.runs[run_id].args.output_dir
+            point, slot = latest_checkpoint(folder), self.slots.get(run_id)
+            if slot is not None and (point is None or point[0] < slot.step):
+                raise RuntimeError(
+                    f"run {run_id}'s worker died before its checkpoint at step {slot.step} was written; the newest "
+                    f"in {folder!r} is {'none' if point is None else f'at step {point[0]}'}: its adapter of step "
+                    f"{slot.step} is lost"
+                ) from None
+            return os.fspath(export_checkpoint(folder, path, record))
 
     def release(self) -> None:
         """Finish the checkpoints being written, free every worker and end it."""

@@ -278,17 +278,18 @@ class TorchBackend:
         if warm_from is not None or (resume_from is not None and Path(resume_from[1]).name == WARM_START):
             callbacks.append(ApplyOverrides(run.args.learning_rate, run.args.weight_decay))
         trainer = TRAINERS[run.spec.trainer_type]
+        tokenizer = base.tokenizer_for(run.args)
         train, evl, model_config = self._data(run)
         if model_config.compute_metrics is not None:  # one that raises costs its metrics, not the run
             metrics = TolerantMetrics(model_config.compute_metrics, lambda text: self.warn(slot, text), run.spec.name)
             model_config = model_config.replace(compute_metrics=metrics)
         if model_config.generation_config is not None and model_config.compute_metrics is not None:
-            callbacks.append(GenerationMetrics(slot, base.tokenizer, evl, model_config, run.args, self.record))
+            callbacks.append(GenerationMetrics(slot, tokenizer, evl, model_config, run.args, self.record))
             model_config = model_config.replace(compute_metrics=None)  # not the trainer's logits-based one
         try:
             slot.trainer = trainer.build_trainer(
                 base.peft,
-                base.tokenizer,
+                tokenizer,
                 run.args,
                 train,
                 evl,
@@ -445,7 +446,9 @@ class TorchBackend:
 
     def _switch(self, slot: RunSlot, value: Any, after_forward: bool = False) -> Any:
         if after_forward:  # from its backbone's output to its backward: TRL's LM head and loss, no walk of the tree
-            slot.patches.apply(self.base_of(slot.run_id).modules)
+            base = self.base_of(slot.run_id)
+            base.use_config_ids(slot.config_ids)
+            slot.patches.apply(base.modules)
             _process_state.restore(slot.state)
         else:
             self.activate(slot)

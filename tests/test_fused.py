@@ -13,6 +13,7 @@ from test_exactness import TARGETS, _train_alone
 
 from rf_notebook import Experiment, List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_notebook.demo import arithmetic_dataset, demo_model_fn
+from rf_notebook.engine import _fused
 
 SEED = 7
 
@@ -101,6 +102,36 @@ def test_fused_runs_equal_plain_trl(train, tmp_path):
     torch.testing.assert_close(torch.tensor([e[2] for e in fused_evals]), torch.tensor([e[2] for e in turns_evals]))
     exp.end(wait=False)
     turns.end(wait=False)
+
+
+def test_alike_runs_share_one_product_per_lora_matrix_and_stay_exact(train, tmp_path, monkeypatch):
+    """Runs with the same rank, alpha, batch size and dropout-or-not: at each LoRA layer their deltas are one batched
+    product per matrix (dropout still drawn per run, on its own rows). Their seeds differ, so their batches differ
+    in length and the product covers padding too; each run still ends as plain TRL trains its config."""
+    batched = []
+    group_delta = _fused._LoraPlan._group_delta
+
+    def counting(plan, layer, group, x):
+        delta = group_delta(plan, layer, group, x)
+        if len(group) > 1 and delta is not None:
+            batched.append(len(group))
+        return delta
+
+    monkeypatch.setattr(_fused._LoraPlan, "_group_delta", counting)
+    configs = List(
+        [
+            _model(8, dropout, learning_rate=lr, per_device_train_batch_size=8, max_steps=12, seed=seed)
+            for dropout, lr, seed in ((0.1, 1e-3, 1), (0.0, 2e-3, 2), (0.1, 3e-3, 3), (0.0, 5e-4, 4))
+        ]
+    )
+    exp = Experiment("fused-alike", experiments_dir=tmp_path)
+    exp.run_fit(RFGridSearch(configs, "SFT"), demo_model_fn, train, None, num_chunks=2, seed=SEED, fuse=True)
+    assert exp.wait(timeout=600)
+    assert [r.status.value for r in exp.runs()] == ["finished"] * 4, [r.error for r in exp.runs()]
+    # 12 steps x 20 LoRA layers (5 targets x 4 layers) x 2 groups (with dropout, without) of 2 runs
+    assert batched == [2] * (12 * 20 * 2), len(batched)
+    _check_equal_to_plain_trl(exp, train, tmp_path)
+    exp.end(wait=False)
 
 
 def test_bf16_fused_runs_equal_plain_trl_in_bf16(train, tmp_path):

@@ -36,7 +36,7 @@ class Adapters:
         self.peft = peft
         self._layer_type = BaseTunerLayer
         self._parking = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in peft.modules())
-        self._layers = self._find_layers()
+        self._find_layers()
         self._parked: dict[str, dict[Any, dict[str, Any]]] = {}  # adapter -> layer -> attribute -> entry
         self._active: str | None = None
         self._trainable: set[str] = set()  # adapters PEFT's set_adapter has made trainable (see `use`)
@@ -67,7 +67,7 @@ class Adapters:
             return self._parked[name]
         found = {}
         for layer in self._layers:
-            entries = {attribute: container[name] for attribute, container in _keyed_containers(layer, name)}
+            entries = {attribute: container[name] for attribute, container in self._keyed(layer, name)}
             if entries:
                 found[layer] = entries
         return found
@@ -77,7 +77,7 @@ class Adapters:
         if name in self._parked:
             holders = [entry for entries in self._parked[name].values() for entry in entries.values()]
         else:
-            holders = [c[name] for layer in self._layers for _, c in _keyed_containers(layer, name)]
+            holders = [c[name] for layer in self._layers for _, c in self._keyed(layer, name)]
         params = []
         for holder in holders:
             if hasattr(holder, "parameters"):
@@ -95,7 +95,7 @@ class Adapters:
         self.peft.add_adapter(name, lora)
         if self._parking and any(isinstance(m, AuxiliaryTrainingWrapper) for m in self.peft.modules()):
             self._stop_parking()
-        self._layers = self._find_layers()  # a config with other target modules adds layers
+        self._find_layers()  # a config with other target modules adds layers (and layers may hold new containers)
         self._active = None
         self._trainable.clear()  # layers may be new: every adapter goes through set_adapter again once
         self.use(name)
@@ -150,8 +150,29 @@ class Adapters:
 
     # -- inside --------------------------------------------------------------------------------------------------
 
-    def _find_layers(self) -> list[Any]:
-        return [m for m in self.peft.modules() if isinstance(m, self._layer_type)]
+    def _find_layers(self) -> None:
+        """The adapter layers, and which of each layer's attributes are containers keyed by adapter name (every
+        public dict, ModuleDict or ParameterDict: looked up once here, not at every switch)."""
+        self._layers = [m for m in self.peft.modules() if isinstance(m, self._layer_type)]
+        self._containers = {
+            layer: tuple(
+                attribute
+                for attribute, value in (*vars(layer).items(), *layer._modules.items())
+                if not attribute.startswith("_") and hasattr(value, "keys") and hasattr(value, "pop")
+            )
+            for layer in self._layers
+        }
+
+    def _keyed(self, layer: Any, name: str) -> list[tuple[str, Any]]:
+        """(attribute, container) for each container of `layer` with an entry for `name`."""
+        found = []
+        for attribute in self._containers[layer]:
+            container = layer._modules.get(attribute)
+            if container is None:
+                container = vars(layer)[attribute]
+            if name in container:
+                found.append((attribute, container))
+        return found
 
     def _park_active(self) -> None:
         """Move the active adapter's entries out of every layer."""
@@ -160,7 +181,7 @@ class Adapters:
             return
         parked: dict[Any, dict[str, Any]] = {}
         for layer in self._layers:
-            entries = {attribute: container.pop(name) for attribute, container in _keyed_containers(layer, name)}
+            entries = {attribute: container.pop(name) for attribute, container in self._keyed(layer, name)}
             if entries:
                 parked[layer] = entries
         self._parked[name] = parked
@@ -173,13 +194,3 @@ class Adapters:
                     getattr(layer, attribute)[name] = entry
         self._parking = False
 
-
-def _keyed_containers(layer: Any, name: str) -> list[tuple[str, Any]]:
-    """(attribute, container) for each dict, ModuleDict or ParameterDict of `layer` with an entry for `name`."""
-    found = []
-    for attribute, value in (*vars(layer).items(), *layer._modules.items()):
-        if attribute.startswith("_") or not hasattr(value, "keys") or not hasattr(value, "pop"):
-            continue
-        if name in value.keys():
-            found.append((attribute, value))
-    return found

@@ -215,6 +215,7 @@ class FusedGroup:
     def _forward(self, requests: list[tuple[Any, Forward]]) -> dict[Any, Any]:
         """Every parked run's backbone outputs: one call over all their rows where their arguments concatenate,
         else (or if that call fails, e.g. out of memory for all the rows at once) one call per run."""
+        requests = sorted(requests, key=self._alike)  # alike adapters side by side: one product for them (_LoraPlan)
         batch = _concatenate([request for _, request in requests]) if len(requests) > 1 else None
         failed = None
         if batch is not None:
@@ -237,6 +238,20 @@ class FusedGroup:
             del plan, kwargs, batch  # the failed attempt's memory goes before the runs' own forwards
             logger.warning("a fused forward failed (%s); its runs' forwards run one by one", failed)
         return {slot: self._alone(slot, request) for slot, request in requests}
+
+    def _alike(self, item: tuple[Any, Forward]) -> tuple:
+        """Runs with equal keys have adapters whose deltas may be computed together (same rows, rank, alpha and
+        dropout or not: the layers decide, `_batch_key`)."""
+        slot, request = item
+        config = self.base.adapters.peft.peft_config.get(slot.adapter)
+        ids = request.kwargs.get("input_ids")
+        rows = ids.shape[0] if hasattr(ids, "shape") else 0
+        return (
+            rows,
+            getattr(config, "r", 0) or 0,
+            getattr(config, "lora_alpha", 0) or 0,
+            bool(getattr(config, "lora_dropout", 0)),
+        )
 
     def _alone(self, slot: Any, request: Forward) -> Any:
         """One run's backbone call as it would be alone (its own adapter, its own random stream); an error is
@@ -301,6 +316,9 @@ class _LoraPlan:
         self.base, self.members = base, members
         self.rng = {adapter: request.rng for adapter, request, _ in members}
         self.entries = {adapter: base.adapters.layer_entries(adapter) for adapter, _, _ in members}
+        rows = [r for _, _, r in members]
+        self.longest = None if rows[0] is None else max(length for _, _, length in rows)
+        self._layouts: dict[Any, list[list[int]]] = {}
 
     def __enter__(self) -> _LoraPlan:
         self.patched = {layer: layer.__dict__.get("forward") for layer in self.base.adapters.layers}
@@ -316,31 +334,128 @@ class _LoraPlan:
                 layer.forward = forward
 
     def _forward_of(self, layer: Any) -> Callable[..., Any]:
-        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            import torch
+        import torch
 
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
             result = layer.base_layer(x, *args, **kwargs)
             dtype = result.dtype
-            for adapter, _, rows in self.members:
-                entry = self.entries[adapter].get(layer)
-                if entry is None:  # this run's adapter does not target this layer
-                    continue
-                # Contiguous, as the run's own activations are (CUDA's dropout kernel draws differently otherwise)
-                xi = x if rows is None else x[rows[0] : rows[1], : rows[2]].contiguous()
-                xi = layer._cast_input_dtype(xi, entry["lora_A"].weight.dtype)
-                dropout = entry["lora_dropout"]
-                if isinstance(dropout, torch.nn.Identity):  # draws nothing
-                    delta = entry["lora_B"](entry["lora_A"](xi)) * entry["scaling"]
+            if self.longest is None:  # one run's own call
+                delta = self._delta(layer, self.members[0][0], x)
+                return (result if delta is None else result + delta).to(dtype)
+            # The runs' deltas on their own rows, one tensor of all of them (zeros where a run's adapter does not
+            # target this layer, and on padding) added at once: elementwise the same sum as each run's own
+            # `result + delta`, with a backward of one split and one concatenation.
+            deltas, targeted = [], False
+            for group in self._layout(layer):
+                delta = self._group_delta(layer, group, x)
+                if delta is None:
+                    rows = self.members[group[-1]][2][1] - self.members[group[0]][2][0]
+                    delta = result.new_zeros((rows, *result.shape[1:]))
                 else:
-                    with _random_stream(self.rng, adapter, xi.device):
-                        delta = entry["lora_B"](entry["lora_A"](dropout(xi))) * entry["scaling"]
-                if rows is None:
-                    result = result + delta
-                else:  # elementwise the same sum as the run's own `result + delta`, on its rows only
-                    result[rows[0] : rows[1], : rows[2]] += delta
-            return result.to(dtype)
+                    targeted = True
+                deltas.append(delta)
+            if not targeted:
+                return result
+            return (result + torch.cat(deltas)).to(dtype)
 
         return forward
+
+    def _layout(self, layer: Any) -> list[list[int]]:
+        """The members (indices, in row order) in groups whose deltas at `layer` one batched product computes:
+        consecutive members with the same number of rows whose adapters have an A and a B of the same shapes and
+        types here (plain, bias-free linear layers), the same scaling and both dropout or neither. Consecutive
+        members whose adapters do not target the layer form a group too (no delta)."""
+        layout = self._layouts.get(layer)
+        if layout is None:
+            layout, last = [], None
+            for index, (adapter, _, (start, stop, _)) in enumerate(self.members):
+                key = _batch_key(self.entries[adapter].get(layer), stop - start)
+                if key is not None and key == last:
+                    layout[-1].append(index)
+                else:
+                    layout.append([index])
+                last = key
+            self._layouts[layer] = layout
+        return layout
+
+    def _group_delta(self, layer: Any, group: list[int], x: Any) -> Any:
+        """The deltas of a group's members at `layer` over their rows, padded to the longest (None: untargeted).
+
+        Several members: one batched product per LoRA matrix over their rows as they are in the batch, padding
+        included (what the padding positions get is never read: each run keeps its own length, and its tokens do
+        not attend to later positions), dropout drawn per run on its own rows, as alone."""
+        import torch
+
+        entries = [self.entries[self.members[i][0]].get(layer) for i in group]
+        if entries[0] is None:
+            return None
+        if len(group) == 1:
+            delta = self._delta(layer, self.members[group[0]][0], self._own_rows(x, group[0]))
+            return _pad_length(delta, self.longest)
+        start, stop = self.members[group[0]][2][0], self.members[group[-1]][2][1]
+        dtype = entries[0]["lora_A"].weight.dtype
+        if isinstance(entries[0]["lora_dropout"], torch.nn.Identity):
+            xs = layer._cast_input_dtype(x[start:stop], dtype)
+        else:
+            parts = []
+            for index, entry in zip(group, entries):
+                xi = layer._cast_input_dtype(self._own_rows(x, index), dtype)
+                with _random_stream(self.rng, self.members[index][0], xi.device):
+                    parts.append(_pad_length(entry["lora_dropout"](xi), self.longest))
+            xs = torch.cat(parts)
+        xs = xs.reshape(len(group), -1, xs.shape[-1])
+        a = torch.stack([entry["lora_A"].weight for entry in entries])
+        b = torch.stack([entry["lora_B"].weight for entry in entries])
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * entries[0]["scaling"]
+        return delta.reshape(stop - start, self.longest, -1)
+
+    def _own_rows(self, x: Any, index: int) -> Any:
+        """Member `index`'s rows of `x`, cut to its own length, contiguous as its own activations are (CUDA's dropout
+        kernel draws differently otherwise)."""
+        start, stop, length = self.members[index][2]
+        rows = x[start:stop]
+        return (rows[:, :length] if length != self.longest else rows).contiguous()
+
+    def _delta(self, layer: Any, adapter: str, x: Any) -> Any:
+        """What run `adapter`'s LoRA adds to this layer's output for input `x` (None: it does not target it)."""
+        import torch
+
+        entry = self.entries[adapter].get(layer)
+        if entry is None:
+            return None
+        x = layer._cast_input_dtype(x, entry["lora_A"].weight.dtype)
+        dropout = entry["lora_dropout"]
+        if isinstance(dropout, torch.nn.Identity):  # draws nothing
+            return entry["lora_B"](entry["lora_A"](x)) * entry["scaling"]
+        with _random_stream(self.rng, adapter, x.device):
+            return entry["lora_B"](entry["lora_A"](dropout(x))) * entry["scaling"]
+
+
+_UNTARGETED = "untargeted"
+
+
+def _batch_key(entry: dict[str, Any] | None, rows: int) -> Any:
+    """What must be equal for two members' deltas to be one batched product (None: never batched)."""
+    import torch
+
+    if entry is None:
+        return _UNTARGETED
+    a, b = entry["lora_A"], entry["lora_B"]
+    for linear in (a, b):
+        if type(linear) is not torch.nn.Linear or linear.bias is not None:
+            return None
+        if linear._forward_hooks or linear._forward_pre_hooks:  # its own forward must run
+            return None
+    dropout = isinstance(entry["lora_dropout"], torch.nn.Identity)
+    return rows, a.weight.shape, b.weight.shape, a.weight.dtype, b.weight.dtype, entry["scaling"], dropout
+
+
+def _pad_length(tensor: Any, length: int) -> Any:
+    """`tensor` ([rows, its length, ...]) padded with zeros to `length` positions."""
+    import torch
+
+    missing = length - tensor.shape[1]
+    return torch.nn.functional.pad(tensor, (0, 0, 0, missing)) if missing else tensor
 
 
 class _random_stream:

@@ -3,6 +3,8 @@ with the same adapter weights and the same per-step losses as that config traine
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,9 +58,11 @@ def data():
     return arithmetic_dataset("train", n=192), arithmetic_dataset("eval", n=24)
 
 
-def _train_alone(config: dict, train, base: tuple | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+def _train_alone(
+    config: dict, train, base: tuple | None = None, state: dict | None = None
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The same resolved config, trained by a plain SFTTrainer on a fresh copy of the base (or `base`: a fresh
-    (model, tokenizer) prepared by the caller)."""
+    (model, tokenizer) prepared by the caller); `state`, if given, gets the trainer's final `total_flos`."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from trl import SFTConfig, SFTTrainer
@@ -74,6 +78,8 @@ def _train_alone(config: dict, train, base: tuple | None = None) -> tuple[dict[s
     trainer.train()
     weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if state is not None:
+        state["total_flos"] = trainer.state.total_flos
     return weights, losses
 
 
@@ -116,4 +122,24 @@ def test_interleaved_runs_equal_plain_trl(num_chunks, data, reference, tmp_path)
         torch.testing.assert_close(torch.tensor(logged.value.tolist()), torch.tensor(losses), atol=1e-5, rtol=1e-5)
         evals = results[(results.run_id == run.run_id) & (results.metric == "eval_loss")]
         assert len(evals) == run.chunks_total  # one evaluation at every rung
+    exp.end(wait=False)
+
+
+def test_the_flop_count_a_checkpoint_keeps_is_plain_trls(data, tmp_path):
+    """transformers' FLOP estimate counts the model's parameters at every step; rf_notebook counts them once per run
+    (other runs' adapters are parked meanwhile, `_count_parameters_once`). A run's final checkpoint keeps plain
+    TRL's `total_flos`."""
+    train, _ = data
+    exp = Experiment("flops", experiments_dir=tmp_path)
+    exp.run_fit(RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, None, num_chunks=2, seed=SEED)
+    assert exp.wait(timeout=600)
+    checked = 0
+    for run in exp.runs():
+        final = exp.path / "runs" / str(run.run_id) / "checkpoints" / f"step-{run.total_steps}" / "trainer_state.json"
+        if final.exists():  # the runs still held at the end need no final checkpoint
+            plain: dict = {}
+            _train_alone(run.config, train, state=plain)
+            assert json.loads(final.read_text())["total_flos"] == plain["total_flos"] > 0
+            checked += 1
+    assert checked >= 1
     exp.end(wait=False)

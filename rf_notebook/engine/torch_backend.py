@@ -98,6 +98,30 @@ def _skip_collection(accelerator: Any) -> None:
         accelerator.free_memory = free_memory
 
 
+def _count_parameters_once(trainer: Any, base: SharedBase) -> None:
+    """transformers' FLOP estimate counts the model's parameters at every step, a walk of the whole module tree (~5%
+    of a demo-model step). While a run trains, the tree holds the base and that run's adapter alone (the others are
+    parked), so the count is the same at every step of that run: counted at its first step, then reused. Where
+    adapters are not parked, a trainer class that estimates its own way, or a model without `num_parameters`, it is
+    transformers' own as before."""
+    from transformers import Trainer
+
+    if not base.adapters.parking or type(trainer).floating_point_ops is not Trainer.floating_point_ops:
+        return
+    count: list[int] = []
+
+    def floating_point_ops(inputs: Any) -> int:
+        model = trainer.model
+        main_input = getattr(model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(model, "num_parameters"):
+            return Trainer.floating_point_ops(trainer, inputs)
+        if not count:
+            count.append(model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main_input].numel() * count[0]
+
+    trainer.floating_point_ops = floating_point_ops  # an instance attribute: the class and other trainers untouched
+
+
 class TorchBackend:
     """Builds and drives the runs of one experiment; every method runs on the scheduler thread."""
 
@@ -303,6 +327,7 @@ class TorchBackend:
         for noisy in (PrinterCallback, ProgressCallback):  # they print from the background thread into any cell
             slot.trainer.remove_callback(noisy)
         _skip_collection(slot.trainer.accelerator)
+        _count_parameters_once(slot.trainer, base)
         reason = _fused.fusable_reason(slot.trainer, base) if self.fuse else "fuse=False"
         self.fusion = {**self.fusion, run.run_id: reason or "fused"}  # replaced, never changed: read from any thread
         if reason is None:

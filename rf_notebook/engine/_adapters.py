@@ -193,4 +193,3 @@ class Adapters:
                 for attribute, entry in entries.items():
                     getattr(layer, attribute)[name] = entry
         self._parking = False
-

@@ -66,8 +66,8 @@ class Backward:
     loss: Any
 
 
-def fusable_reason(trainer: Any, base: Any) -> str | None:
-    """Why this run cannot take part in fused steps (None: it can)."""
+def fusable_reason(trainer: Any, base: Any, adapter: str) -> str | None:
+    """Why this run (its adapter named `adapter`) cannot take part in fused steps (None: it can)."""
     import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -106,6 +106,11 @@ def fusable_reason(trainer: Any, base: Any) -> str | None:
             return "the base model has dropout of its own (its masks would not be each run's own)"
     if getattr(config, "attention_dropout", 0.0) or getattr(base.model.config, "attention_dropout", 0.0):
         return "the base model has attention dropout"
+    backbone = set(_backbone(base).modules())
+    if any(layer not in backbone for layer in base.adapters.layer_entries(adapter)):
+        # its LM head runs in its own turn after the shared pass, with whichever adapter is in the tree then (TRL
+        # 1.x refuses LoRA on lm_head itself, since it reads lm_head.weight directly; a later TRL may not)
+        return "LoRA outside the decoder stack (lm_head, ...)"
     for layer in base.adapters.layers:
         if type(layer) is not LoraLinear:
             return f"LoRA on {type(layer).__name__} layers (fused steps handle plain linear layers)"
@@ -343,8 +348,9 @@ class _LoraPlan:
                 delta = self._delta(layer, self.members[0][0], x)
                 return (result if delta is None else result + delta).to(dtype)
             # The runs' deltas on their own rows, one tensor of all of them (zeros where a run's adapter does not
-            # target this layer, and on padding) added at once: elementwise the same sum as each run's own
-            # `result + delta`, with a backward of one split and one concatenation.
+            # target this layer) added at once: on each run's own positions elementwise the same sum as its own
+            # `result + delta`, with a backward of one split and one concatenation. (Padding positions get zeros,
+            # or what a batched product computes there: never read, `_group_delta`.)
             deltas, targeted = [], False
             for group in self._layout(layer):
                 delta = self._group_delta(layer, group, x)
@@ -444,10 +450,24 @@ def _batch_key(entry: dict[str, Any] | None, rows: int) -> Any:
     for linear in (a, b):
         if type(linear) is not torch.nn.Linear or linear.bias is not None:
             return None
-        if linear._forward_hooks or linear._forward_pre_hooks:  # its own forward must run
+        if _hooked(linear):  # its own forward must run
             return None
     dropout = isinstance(entry["lora_dropout"], torch.nn.Identity)
     return rows, a.weight.shape, b.weight.shape, a.weight.dtype, b.weight.dtype, entry["scaling"], dropout
+
+
+def _hooked(module: Any) -> bool:
+    """Whether calling `module` runs hooks (its own or every module's), which a batched product would skip."""
+    from torch.nn.modules import module as modules
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    every = (
+        modules._global_forward_hooks,
+        modules._global_forward_pre_hooks,
+        modules._global_backward_hooks,
+        modules._global_backward_pre_hooks,
+    )
+    return any(own) or any(every)
 
 
 def _pad_length(tensor: Any, length: int) -> Any:

@@ -113,8 +113,8 @@ def _count_parameters_once(trainer: Any, base: SharedBase) -> None:
     def floating_point_ops(inputs: Any) -> int:
         model = trainer.model
         main_input = getattr(model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(model, "num_parameters"):
-            return Trainer.floating_point_ops(trainer, inputs)
+        if main_input not in inputs or not hasattr(model, "num_parameters") or not base.adapters.parking:
+            return Trainer.floating_point_ops(trainer, inputs)  # (a later run's wrappers may stop the parking)
         if not count:
             count.append(model.num_parameters(exclude_embeddings=True))
         return 6 * inputs[main_input].numel() * count[0]
@@ -328,7 +328,7 @@ class TorchBackend:
             slot.trainer.remove_callback(noisy)
         _skip_collection(slot.trainer.accelerator)
         _count_parameters_once(slot.trainer, base)
-        reason = _fused.fusable_reason(slot.trainer, base) if self.fuse else "fuse=False"
+        reason = _fused.fusable_reason(slot.trainer, base, slot.adapter) if self.fuse else "fuse=False"
         self.fusion = {**self.fusion, run.run_id: reason or "fused"}  # replaced, never changed: read from any thread
         if reason is None:
             _fused.install_backward(slot, slot.trainer.accelerator)

@@ -38,6 +38,8 @@ class Adapters:
         self._parking = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in peft.modules())
         self._find_layers()
         self._parked: dict[str, dict[Any, dict[str, Any]]] = {}  # adapter -> layer -> attribute -> entry
+        # adapter -> (layer, attribute, container) for each container that holds its entries while it is in the tree
+        self._homes: dict[str, list[tuple[Any, str, Any]]] = {}
         self._active: str | None = None
         self._trainable: set[str] = set()  # adapters PEFT's set_adapter has made trainable (see `use`)
         self.use(peft.active_adapter)
@@ -110,16 +112,20 @@ class Adapters:
             return
         if name != self._active:
             self._park_active()
-            for layer, entries in self._parked.pop(name, {}).items():
-                for attribute, entry in entries.items():
-                    getattr(layer, attribute)[name] = entry
+            parked = self._parked.pop(name, None)
+            if parked is not None:
+                for layer, attribute, container in self._homes[name]:  # back where `_park_active` took them from
+                    container[name] = parked[layer][attribute]
             self._active = name
         if name in self._trainable:
             # PEFT's set_adapter has made this adapter trainable already, and nothing turns that off while it is
             # parked (only one adapter is ever in the tree): naming it the layers' active adapter is all that is
             # left of it (~5 ms saved per switch with 28 LoRA layers; fused steps switch at every micro-step).
             for layer in self._layers:
-                layer._active_adapter = [name]
+                if self._plain_setattr(layer):
+                    layer.__dict__["_active_adapter"] = [name]  # where Module.__setattr__ puts a list
+                else:
+                    layer._active_adapter = [name]
         else:
             for layer in self._layers:  # one adapter in each: trainable, and the one the forward applies
                 layer.set_adapter(name)
@@ -138,6 +144,7 @@ class Adapters:
         if name == self._active:
             self._park_active()
         self._parked.pop(name, None)
+        self._homes.pop(name, None)
         self._trainable.discard(name)
         self.peft.peft_config.pop(name, None)
         remaining = list(self.peft.peft_config)
@@ -179,12 +186,33 @@ class Adapters:
         name, self._active = self._active, None
         if name is None or not self._parking:
             return
+        homes = self._homes.get(name)
+        if homes is None:  # where its entries are is looked up once: they stay there (PEFT adds, never moves)
+            homes = [(layer, a, container) for layer in self._layers for a, container in self._keyed(layer, name)]
+            self._homes[name] = homes
         parked: dict[Any, dict[str, Any]] = {}
-        for layer in self._layers:
-            entries = {attribute: container.pop(name) for attribute, container in self._keyed(layer, name)}
-            if entries:
-                parked[layer] = entries
+        for layer, attribute, container in homes:
+            entries = parked.get(layer)
+            if entries is None:
+                entries = parked[layer] = {}
+            entries[attribute] = container.pop(name)
         self._parked[name] = parked
+
+    _setattr_kinds: dict[type, bool] = {}
+
+    @classmethod
+    def _plain_setattr(cls, layer: Any) -> bool:
+        """Whether setting `layer._active_adapter` is writing it into the layer's `__dict__` (torch's `__setattr__`,
+        no descriptor in the class)."""
+        import torch
+
+        kind = type(layer)
+        plain = cls._setattr_kinds.get(kind)
+        if plain is None:
+            descriptor = getattr(kind, "_active_adapter", None)
+            plain = kind.__setattr__ is torch.nn.Module.__setattr__ and not hasattr(type(descriptor), "__set__")
+            cls._setattr_kinds[kind] = plain
+        return plain
 
     def _stop_parking(self) -> None:
         """Put every parked adapter back in the tree (a wrapper this class cannot park was added)."""

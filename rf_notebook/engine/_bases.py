@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rf_notebook.configs import stable_repr
+from rf_notebook.engine import _walks
 from rf_notebook.engine._adapters import Adapters
 from rf_notebook.engine._slot import Patches
 from rf_notebook.trainers._prepared import PreparedData, tokenizer_state
@@ -133,6 +134,7 @@ class SharedBase:
         set_seed(seed)
         if self.peft is None:
             self.peft = get_peft_model(self.model, lora, adapter_name=name)
+            _walks.install(self.peft)  # the trainers' per-step `model.train()` and `model.parameters()`, quicker
             self.adapters = Adapters(self.peft)
             self.pristine = Patches.capture(self.modules)
         else:

@@ -115,7 +115,7 @@ class Adapters:
             parked = self._parked.pop(name, None)
             if parked is not None:
                 for layer, attribute, container in self._homes[name]:  # back where `_park_active` took them from
-                    container[name] = parked[layer][attribute]
+                    _put(container, name, parked[layer][attribute])
             self._active = name
         if name in self._trainable:
             # PEFT's set_adapter has made this adapter trainable already, and nothing turns that off while it is
@@ -195,7 +195,7 @@ class Adapters:
             entries = parked.get(layer)
             if entries is None:
                 entries = parked[layer] = {}
-            entries[attribute] = container.pop(name)
+            entries[attribute] = _take(container, name)
         self._parked[name] = parked
 
     _setattr_kinds: dict[type, bool] = {}
@@ -221,3 +221,28 @@ class Adapters:
                 for attribute, entry in entries.items():
                     getattr(layer, attribute)[name] = entry
         self._parking = False
+
+
+def _take(container: Any, name: str) -> Any:
+    """`container.pop(name)`."""
+    if type(container) is dict:
+        return container.pop(name)
+    import torch
+
+    if type(container) is torch.nn.ModuleDict:
+        return container._modules.pop(name)  # all that ModuleDict.pop does, minus two method calls
+    return container.pop(name)
+
+
+def _put(container: Any, name: str, entry: Any) -> None:
+    """`container[name] = entry`, where `entry` was taken from there (`_take`)."""
+    if type(container) is dict:
+        container[name] = entry
+        return
+    import torch
+    from torch.nn.modules import module
+
+    if type(container) is torch.nn.ModuleDict and not module._global_module_registration_hooks:
+        container._modules[name] = entry  # what add_module does with a name and module it held before (no hooks)
+    else:
+        container[name] = entry

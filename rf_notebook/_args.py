@@ -26,7 +26,7 @@ class Fit:
     resume: bool
     on_nonfinite: str
     precision: str | None
-    fuse: bool = False
+    fuse: bool | str = False  # True, False or "auto" (`engine._fused.AUTO_MIN_GROUP`, `auto_reason`)
 
 
 def check_experiment(name: Any, mode: Any, experiments_dir: Any, experiment_path: Any, num_gpus: Any) -> str | Path:
@@ -112,7 +112,7 @@ def check_fit(
             )
     if not isinstance(fuse, bool) and fuse != "auto":
         raise ValueError(f"`fuse` is {fuse!r}, but must be True, False or 'auto'")
-    return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision, fuse=fuse is True or fuse == "auto")
+    return Fit(num_chunks, seed, display, policy, resume, on_nonfinite, precision, fuse=fuse)
 
 
 def check_cluster(cluster: Any, workers: Any, ray_address: Any) -> None:

@@ -273,6 +273,38 @@ def test_runs_that_cannot_fuse_take_turns_and_say_why(tmp_path):
     exp.end(wait=False)
 
 
+def test_auto_fuses_groups_of_three_or_more_float32_runs(tmp_path):
+    """fuse="auto": 3 float32 runs fuse; 2 take turns (they may fuse, but 2 do not gain); bf16 runs take turns,
+    saying why."""
+
+    def search(n: int) -> RFGridSearch:
+        return RFGridSearch(
+            List(
+                [
+                    _model(4, 0.1, learning_rate=1e-3 * (i + 1), per_device_train_batch_size=8, max_steps=4)
+                    for i in range(n)
+                ]
+            ),
+            "SFT",
+        )
+
+    data = arithmetic_dataset("train", n=32)
+    counts = {}
+    for n, precision in ((3, "fp32"), (2, "fp32"), (3, "bf16")):
+        exp = Experiment(f"auto-{n}-{precision}", experiments_dir=tmp_path)
+        exp.run_fit(search(n), demo_model_fn, data, None, num_chunks=2, seed=SEED, fuse="auto", precision=precision)
+        assert exp.wait(timeout=300)
+        assert [r.status.value for r in exp.runs()] == ["finished"] * n, [r.error for r in exp.runs()]
+        stats = exp.stats()
+        counts[n, precision] = stats["fused_groups"], stats["fused_forwards"], set(stats["fusion"].values())
+        exp.end(wait=False)
+    assert counts[3, "fp32"][0] == 2 and counts[3, "fp32"][1] > 0 and counts[3, "fp32"][2] == {"fused"}
+    assert counts[2, "fp32"][:2] == (0, 0) and counts[2, "fp32"][2] == {"fused"}  # may fuse; too few to gain
+    assert counts[3, "bf16"][:2] == (0, 0)
+    (reason,) = counts[3, "bf16"][2]
+    assert reason.startswith("bf16 under fuse='auto'") and "fuse=True fuses them" in reason
+
+
 def test_fuse_takes_true_false_or_auto(tmp_path):
     exp = Experiment("bad-fuse", experiments_dir=tmp_path)
     search = RFGridSearch(_model(4, 0.0, learning_rate=1e-3, max_steps=2), "SFT")

@@ -134,12 +134,12 @@ class TorchBackend:
         on_nonfinite: str = "fail",
         formatted: Mapping[int, tuple[Any, Any]] | None = None,
         resume_points: Mapping[int, tuple[int, str]] | None = None,
-        fuse: bool = False,
+        fuse: bool | str = False,
         seed: int = 0,
     ):
         self.on_nonfinite = on_nonfinite
         self.seed = seed  # the experiment's: which rows the anneal probes train on at each rung
-        self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`)
+        self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`); "auto": where it pays
         self.fused_forwards = 0  # forwards over more than one run's rows
         self.fusion: dict[int, str] = {}  # run id -> "fused", or why it takes turns
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -329,6 +329,8 @@ class TorchBackend:
         _skip_collection(slot.trainer.accelerator)
         _count_parameters_once(slot.trainer, base)
         reason = _fused.fusable_reason(slot.trainer, base, slot.adapter) if self.fuse else "fuse=False"
+        if reason is None and self.fuse == "auto":
+            reason = _fused.auto_reason(slot.trainer)
         self.fusion = {**self.fusion, run.run_id: reason or "fused"}  # replaced, never changed: read from any thread
         if reason is None:
             _fused.install_backward(slot, slot.trainer.accelerator)
@@ -448,7 +450,10 @@ class TorchBackend:
             return [slot]
         base = self.base_of(slot.run_id)
         partners = [c for c in candidates if self.fusion.get(c.run_id) == "fused" and self.base_of(c.run_id) is base]
-        return [slot, *partners[: _fused.MAX_GROUP - 1]]
+        group = [slot, *partners[: _fused.MAX_GROUP - 1]]
+        if self.fuse == "auto" and len(group) < _fused.AUTO_MIN_GROUP:  # too few to gain: they take turns
+            return [slot]
+        return group
 
     def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
         """Train `slots` in fused steps, each until its step `pause_at[run_id]` (or a command, or its end).

@@ -24,6 +24,7 @@ from bench import (
     thread,
     time_to_best,
     tracking,
+    walks,
 )
 
 RUNS = [
@@ -33,6 +34,7 @@ RUNS = [
     (kernel.main, ["--model", "demo", "--repeats", "4"]),
     (tracking.main, ["--model", "demo", "--repeats", "3"]),
     (profile.main, ["--model", "demo"]),
+    (walks.main, ["--model", "demo"]),
     (scale.main, ["--model", "demo"]),
     (fused.main, ["--model", "demo"]),
     (reference.main, ["--model", "demo"]),

@@ -39,6 +39,7 @@ ROOT = Path(__file__).parents[1]
         ("profile", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "profile-demo"),
         ("scale", ["--sizes", "1", "2", "--max-steps", "4", "--num-chunks", "2"], "scale-demo"),
         ("fused", ["--sizes", "2", "--batches", "4", "--max-steps", "4", "--repeats", "1"], "fused-demo"),
+        ("walks", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "walks-demo"),
         ("memory", ["--model", "demo", "--runs", "1", "2"], "memory-demo"),
         ("ic_ops", ["--trials", "1"], "ic_ops"),
         ("checkpoint", ["--runs", "2", "--num-chunks", "2", "--max-steps", "4", "--repeats", "1"], "checkpoint-demo"),

@@ -5,6 +5,7 @@ order (gradient clipping sums norms in that order)."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -130,6 +131,15 @@ def test_a_deep_copy_walks_its_own_tree():
     clone.eval()
     assert model.training and not clone.training
     assert {id(p) for p in clone.parameters()}.isdisjoint({id(p) for p in model.parameters()})
+
+
+def test_a_pickled_model_unpickles():
+    model = _tree()
+    _walks.install(model)
+    clone = pickle.loads(pickle.dumps(model))
+    clone.eval()
+    assert not clone.a[1].training and model.a[1].training
+    assert [p.shape for p in clone.parameters()] == [p.shape for p in model.parameters()]
 
 
 def test_the_shared_peft_model_walks_as_torch_with_parked_adapters(monkeypatch):

@@ -1,15 +1,16 @@
-"""Quicker walks of the shared model, for the two that a trainer makes at every step.
+"""Quicker walks of the shared model, for the ones a trainer makes at every step.
 
 transformers' Trainer calls `model.train()` at every micro-step and walks `model.parameters()` at every optimizer
 step, twice: for gradient clipping and in `model.zero_grad()`. torch does both with recursive generators and
-`Module.__setattr__`. On the demo model (341 modules) that is about 2 ms per step, 10-15% of a demo step, in
-plain TRL as in rf_notebook, and on a GPU it is host time the device waits through.
+`Module.__setattr__`: on the demo model (341 modules) about 2 ms per step, in plain TRL as in rf_notebook, and on
+a GPU host time the device may wait through. Here each is one loop over an explicit stack, ~1.5 ms less per step
+(`python -m bench.walks`).
 
-`install(model)` gives the shared PEFT model its own `train` and `parameters` (instance attributes, bound methods,
-so a deep copy's walk its own tree). Each is a loop over an explicit stack. It gives what torch's gives: the same
-modules set to the same mode, the same parameters in the same order (gradient clipping sums the norms in that
-order). A module whose class walks or trains its own way (it overrides `train`, `children`, `named_modules`, ...,
-or `__setattr__`) is handed to its own method, or the whole call goes to torch's.
+`install(model)` gives the shared PEFT model its own `train` and `parameters`: instance attributes, bound methods
+(a deep copy walks its own tree), named as torch's methods (a pickled model unpickles, with torch's). They give
+what torch's give: the same modules set to the same mode, the same parameters in the same order (gradient
+clipping sums the norms in that order). A module whose class walks or trains its own way (it overrides `train`,
+`children`, `named_modules`, ..., or `__setattr__`) is handed to its own method, or the whole call to torch's.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def install(model: Any) -> None:
     import torch
 
     if type(model).train is torch.nn.Module.train:
-        model.train = types.MethodType(_train, model)
+        model.train = types.MethodType(train, model)
     if type(model).parameters is torch.nn.Module.parameters:
-        model.parameters = types.MethodType(_parameters, model)
+        model.parameters = types.MethodType(parameters, model)
 
 
 class _Kinds(dict):
@@ -55,7 +56,7 @@ class _Kinds(dict):
 _kinds = _Kinds()
 
 
-def _train(self: Any, mode: bool = True) -> Any:
+def train(self: Any, mode: bool = True) -> Any:
     """`Module.train(mode)` over the tree: each module's `training` set, in the order torch sets it. A module of a
     class with its own `train` (transformers' `PreTrainedModel.train` where it would change the mode) gets that
     method called for its subtree, as torch's recursion would call it."""
@@ -93,7 +94,7 @@ def _train(self: Any, mode: bool = True) -> Any:
     return self
 
 
-def _parameters(self: Any, recurse: bool = True) -> Any:
+def parameters(self: Any, recurse: bool = True) -> Any:
     """`Module.parameters(recurse)`: every module in pre-order, each module once, each parameter once."""
     import torch
 

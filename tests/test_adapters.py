@@ -99,6 +99,19 @@ def test_remove_a_parked_and_the_active_adapter():
         adapters.use("run1")
 
 
+def test_a_name_removed_and_added_again_with_more_targets_parks_all_of_them():
+    peft, adapters = _model(parking=True)
+    adapters.use("run2")
+    adapters.use("run1")  # run2's places remembered: q_proj and v_proj
+    adapters.remove("run2")
+    adapters.add("run2", CONFIGS["run1"])  # all-linear now
+    for name in ["run1", "run2", "run3", "run2", "run1"]:
+        adapters.use(name)
+        assert adapters.in_tree() == [name]
+        assert _lora_names(peft) and all(f".{name}." in n for n in _lora_names(peft))
+    assert len(adapters.parameters("run2")) == len(adapters.parameters("run1"))
+
+
 def test_modules_to_save_keep_peft_s_own_switching():
     model, _ = demo_model_fn()
     config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])

@@ -5,6 +5,7 @@ the first 16 steps, adapter weights within 1e-4; measured here on fp32 CPU they 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -299,10 +300,36 @@ def test_auto_fuses_groups_of_three_or_more_float32_runs(tmp_path):
         counts[n, precision] = stats["fused_groups"], stats["fused_forwards"], set(stats["fusion"].values())
         exp.end(wait=False)
     assert counts[3, "fp32"][0] == 2 and counts[3, "fp32"][1] > 0 and counts[3, "fp32"][2] == {"fused"}
-    assert counts[2, "fp32"][:2] == (0, 0) and counts[2, "fp32"][2] == {"fused"}  # may fuse; too few to gain
+    assert counts[2, "fp32"][:2] == (0, 0) and counts[2, "fp32"][2] == {_fused.AUTO_WAITING}  # too few to gain
     assert counts[3, "bf16"][:2] == (0, 0)
     (reason,) = counts[3, "bf16"][2]
     assert reason.startswith("bf16 under fuse='auto'") and "fuse=True fuses them" in reason
+
+
+def test_auto_fuses_float32_weights_only():
+    model, _ = demo_model_fn()
+    assert _fused.auto_reason(SimpleNamespace(bf16=False), model) is None
+    assert _fused.auto_reason(SimpleNamespace(bf16=True), model).startswith("bf16 under fuse='auto'")
+    reason = _fused.auto_reason(SimpleNamespace(bf16=False), model.to(torch.bfloat16))
+    assert reason.startswith("bfloat16 weights under fuse='auto'")
+
+
+@pytest.mark.parametrize(
+    "fuse, fusable, groups", [(True, 9, [5, 4]), (True, 10, [5, 5]), (True, 17, [6, 6, 5]), ("auto", 10, [5, 5])]
+)
+def test_more_runs_than_a_group_holds_split_evenly(fuse, fusable, groups):
+    """Past MAX_GROUP fusable runs in a chunk, the groups are of even size, none left alone (or, under "auto", in a
+    group too small to gain)."""
+    from rf_notebook.engine.torch_backend import TorchBackend
+
+    slots = [SimpleNamespace(run_id=i) for i in range(fusable)]
+    backend = SimpleNamespace(fuse=fuse, fusion={}, _fusable=set(range(fusable)), base_of=lambda run_id: "base")
+    sizes, left = [], list(slots)
+    while left:
+        group = TorchBackend.fusion_partners(backend, left[0], left[1:])
+        sizes.append(len(group))
+        left = [s for s in left if s not in group]
+    assert sizes == groups and backend.fusion == {i: "fused" for i in range(fusable)}
 
 
 def test_fuse_takes_true_false_or_auto(tmp_path):

@@ -67,7 +67,9 @@ def _tree() -> torch.nn.Module:
     shared = torch.nn.Linear(3, 3)
     root = torch.nn.Module()
     root.a = torch.nn.Sequential(shared, torch.nn.Dropout(0.1), shared)  # a module twice under one parent
-    root.b = torch.nn.ModuleDict({"again": shared, "own": OwnTrain(), "setattr": OwnSetattr(2, 2)})
+    own = OwnTrain()
+    root.b = torch.nn.ModuleDict({"again": shared, "own": own, "twice": own, "setattr": OwnSetattr(2, 2)})
+    root.own_again = own  # a module with its own train(), reached from two parents and twice from one
     root.c = OwnChildren()
     root.register_module("missing", None)
     root.tied = torch.nn.Linear(3, 3)
@@ -122,6 +124,23 @@ def test_a_module_that_lists_its_submodules_its_own_way_is_asked():
     got = list(model.parameters())
     assert ("named_modules", True) in CALLS
     assert [id(p) for p in got] == [id(p) for p in torch.nn.Module.parameters(model)]
+
+
+def test_instance_level_walks_are_honoured():
+    model, theirs = _tree(), _tree()
+    for tree in (model, theirs):
+        tree.a.children = lambda: iter([])  # this Sequential hides its children from train()
+    _walks.install(model)
+    model.eval(), torch.nn.Module.train(theirs, False)
+    assert _state(model) == _state(theirs) and model.a[1].training
+    model.special = OwnNamedModules()
+    model.special.named_modules = lambda *a, **k: iter([("", model.special)])  # lists only itself
+    expected = list(torch.nn.Module.parameters(model))
+    assert [id(p) for p in model.parameters()] == [id(p) for p in expected]
+
+
+def test_transformers_train_is_known_to_do_more_only_on_a_mode_change():
+    assert _walks._pretrained_shortcut()  # else the walk calls it at every step: correct, but slow
 
 
 def test_a_deep_copy_walks_its_own_tree():

@@ -187,7 +187,8 @@ class Adapters:
         if name is None or not self._parking:
             return
         homes = self._homes.get(name)
-        if homes is None:  # where its entries are is looked up once: they stay there (PEFT adds, never moves)
+        if homes is None or any(name not in container for _, _, container in homes):
+            # where its entries are is looked up once: they stay there (PEFT adds, never moves; checked anyway)
             homes = [(layer, a, container) for layer in self._layers for a, container in self._keyed(layer, name)]
             self._homes[name] = homes
         parked: dict[Any, dict[str, Any]] = {}

@@ -40,6 +40,7 @@ MAX_GROUP = 8
 # `fuse="auto"` fuses groups of at least this many runs: on a 2-core CPU, 2 fused runs were 0.90-0.98x as fast as
 # taking turns, 4 and 8 runs 1.28-1.45x (BENCHMARKS.md, "Fused steps").
 AUTO_MIN_GROUP = 3
+AUTO_WAITING = "fusable: under fuse='auto' it takes turns while fewer than 3 such runs are in its chunk"
 
 # Backbone arguments concatenated along the batch; padded on the right with these values.
 _PADDED = {"input_ids": 0, "attention_mask": 0, "position_ids": 0}
@@ -123,12 +124,19 @@ def fusable_reason(trainer: Any, base: Any, adapter: str) -> str | None:
     return None
 
 
-def auto_reason(trainer: Any) -> str | None:
-    """Why `fuse="auto"` lets a fusable run take turns (None: it fuses). bf16: fused bf16 runs may leave plain TRL by
-    more than the contract's 1e-4 on weights (5.3e-4 measured: a bf16 rounding step lost in a loss, carried on by
+def auto_reason(args: Any, model: Any) -> str | None:
+    """Why `fuse="auto"` lets a run take turns that could fuse (None: it fuses): it trains in bf16 mixed precision, or
+    the base's weights are not float32 (a bf16 checkpoint loaded as it is). Such fused runs may leave plain TRL by
+    more than the contract's 1e-4 on weights (5.3e-4 measured in bf16: a rounding step lost in a loss, carried on by
     Adam); `fuse=True` fuses them anyway. float32 fused runs meet it."""
-    if trainer.args.bf16:
+    if args.bf16:
         return "bf16 under fuse='auto' (fused bf16 runs may differ from plain TRL past 1e-4; fuse=True fuses them)"
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if dtypes:
+        kinds = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        return f"{kinds} weights under fuse='auto' (only float32 runs fuse under 'auto'; fuse=True fuses them)"
     return None
 
 

@@ -15,6 +15,7 @@ clipping sums the norms in that order). A module whose class walks or trains its
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -56,6 +57,17 @@ class _Kinds(dict):
 _kinds = _Kinds()
 
 
+@functools.cache
+def _pretrained_shortcut() -> bool:
+    """Whether transformers' `PreTrainedModel.train(mode)` is `Module.train` where the mode does not change: its body
+    (transformers 5.x) reads `training`, calls `super().train` and, on a change, `set_use_kernels`. A body that
+    uses anything else is always called."""
+    from transformers import PreTrainedModel
+
+    known = {"training", "super", "train", "use_kernels", "set_use_kernels"}
+    return set(PreTrainedModel.train.__code__.co_names) <= known
+
+
 def train(self: Any, mode: bool = True) -> Any:
     """`Module.train(mode)` over the tree: each module's `training` set, in the order torch sets it. A module of a
     class with its own `train` (transformers' `PreTrainedModel.train` where it would change the mode) gets that
@@ -65,17 +77,18 @@ def train(self: Any, mode: bool = True) -> Any:
 
     if not isinstance(mode, bool):
         raise ValueError("training mode is expected to be boolean")
-    kinds, pretrained = _kinds, PreTrainedModel.train
+    kinds, pretrained, shortcut = _kinds, PreTrainedModel.train, _pretrained_shortcut()
     stack = [self]
     while stack:
         module = stack.pop()
         kind = module.__class__
         plain_train, plain_tree, plain_setattr, _ = kinds[kind]
-        if module is not self and (not plain_train or "train" in module.__dict__):
-            if not (kind.train is pretrained and module.training == mode and "train" not in module.__dict__):
+        own = module.__dict__
+        if module is not self and (not plain_train or "train" in own):
+            if not (shortcut and kind.train is pretrained and module.training == mode and "train" not in own):
                 module.train(mode)  # its own (PreTrainedModel's does more only when the mode changes)
                 continue
-        if not plain_tree:
+        if not plain_tree or "children" in own or "named_children" in own:
             torch.nn.Module.train(module, mode) if module is self else module.train(mode)
             continue
         if plain_setattr:
@@ -110,7 +123,7 @@ def parameters(self: Any, recurse: bool = True) -> Any:
         module = stack.pop()
         if module is None or module in seen:
             continue
-        if not kinds[module.__class__][3]:
+        if not kinds[module.__class__][3] or "named_modules" in module.__dict__:
             return torch.nn.Module.parameters(self, recurse)  # a module that lists its submodules its own way
         seen.add(module)
         own = module._parameters

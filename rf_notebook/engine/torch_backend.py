@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -142,6 +143,7 @@ class TorchBackend:
         self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`); "auto": where it pays
         self.fused_forwards = 0  # forwards over more than one run's rows
         self.fusion: dict[int, str] = {}  # run id -> "fused", or why it takes turns
+        self._fusable: set[int] = set()  # runs that may train in fused steps
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         # Data sets already put through each distinct formatting_func (once, not once per run), by function.
         self.formatted = dict(formatted or {})
@@ -216,12 +218,16 @@ class TorchBackend:
         try:
             base.add_adapter(run.adapter, run.lora, seed=run.args.seed)
             added = True
-            if defer and warm_from is None and resume_from is None and not self.fuse:
+            turns = "fuse=False" if not self.fuse else None  # known before its trainer is built
+            if self.fuse == "auto":
+                turns = _fused.auto_reason(run.args, base.model)
+            if defer and warm_from is None and resume_from is None and turns is not None:
                 rows = self._prepared_rows(run, base)
                 if rows is not None:  # known without building: the trainer waits for the run's first turn
                     slot = RunSlot(run.run_id, run.adapter, should_yield=self.should_yield)
                     slot.plan = self._plan(run, rows)
-                    self.fusion = {**self.fusion, run.run_id: "fuse=False"}
+                    self._fusable.discard(run.run_id)
+                    self.fusion = {**self.fusion, run.run_id: turns}
                     self._deferred.add(run.run_id)
                     return slot
             return self._build_slot(run, base, warm_from, resume_from)
@@ -330,10 +336,16 @@ class TorchBackend:
         _count_parameters_once(slot.trainer, base)
         reason = _fused.fusable_reason(slot.trainer, base, slot.adapter) if self.fuse else "fuse=False"
         if reason is None and self.fuse == "auto":
-            reason = _fused.auto_reason(slot.trainer)
-        self.fusion = {**self.fusion, run.run_id: reason or "fused"}  # replaced, never changed: read from any thread
+            reason = _fused.auto_reason(slot.trainer.args, base.model)
         if reason is None:
+            self._fusable.add(run.run_id)
             _fused.install_backward(slot, slot.trainer.accelerator)
+        else:
+            self._fusable.discard(run.run_id)
+        # what stats() reports ("fused" once it has: under "auto" a fusable run may take turns until then); the dict is
+        # replaced, never changed, so any thread may read it
+        waiting = _fused.AUTO_WAITING if self.fuse == "auto" and self.fusion.get(run.run_id) != "fused" else "fused"
+        self.fusion = {**self.fusion, run.run_id: reason or waiting}
         slot.patches = Patches.capture(base.modules)
         slot.state = _process_state.capture()  # what a lone trainer would hold when its train() starts
         slot.plan = self._plan(run, len(slot.trainer.train_dataset))
@@ -445,14 +457,19 @@ class TorchBackend:
         return {**stats, "fused_forwards": self.fused_forwards, "fusion": dict(self.fusion)}
 
     def fusion_partners(self, slot: RunSlot, candidates: list[RunSlot]) -> list[RunSlot]:
-        """`slot` and the runs of `candidates` that train in fused steps with it (same base, all fusable)."""
-        if self.fusion.get(slot.run_id) != "fused":
+        """`slot` and the runs of `candidates` that train in fused steps with it (same base, all fusable). More than
+        `MAX_GROUP` such runs are split into groups of even size (9: 5 and 4, not 8 and one alone)."""
+        if slot.run_id not in self._fusable:
             return [slot]
         base = self.base_of(slot.run_id)
-        partners = [c for c in candidates if self.fusion.get(c.run_id) == "fused" and self.base_of(c.run_id) is base]
-        group = [slot, *partners[: _fused.MAX_GROUP - 1]]
+        partners = [c for c in candidates if c.run_id in self._fusable and self.base_of(c.run_id) is base]
+        fusable = 1 + len(partners)
+        size = math.ceil(fusable / math.ceil(fusable / _fused.MAX_GROUP))
+        group = [slot, *partners[: size - 1]]
         if self.fuse == "auto" and len(group) < _fused.AUTO_MIN_GROUP:  # too few to gain: they take turns
             return [slot]
+        if len(group) > 1 and any(self.fusion.get(s.run_id) != "fused" for s in group):
+            self.fusion = {**self.fusion, **{s.run_id: "fused" for s in group}}
         return group
 
     def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:

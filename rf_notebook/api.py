@@ -140,8 +140,8 @@ class Experiment:
         `fuse`: True lets SFT and DPO runs on one base share each optimizer step's forward and backward pass
         through the base (fused steps; each run keeps its own data order, loss, optimizer and schedule); runs that
         cannot be fused take turns, and `stats()["fusion"]` says why. "auto": fused where it was measured to pay
-        and to stay within the exactness contract: float32 runs, in groups of 3 or more (fewer take turns). False
-        (default): runs take turns.
+        and to stay within the exactness contract: float32 runs on float32 weights, in groups of 3 or more (fewer
+        take turns). False (default): runs take turns.
 
         `trackers`: also log every run, live, to MLflow, TensorBoard and / or Trackio: ["mlflow", "tensorboard",
         "trackio"] (stores inside the experiment folder; Trackio: its local store) or configured sinks from

@@ -139,6 +139,22 @@ def test_instance_level_walks_are_honoured():
     assert [id(p) for p in model.parameters()] == [id(p) for p in expected]
 
 
+def test_a_class_patched_after_the_first_walk_is_honoured(monkeypatch):
+    class Late(torch.nn.Module):
+        pass
+
+    model = _tree()
+    model.late = Late()
+    _walks.install(model)
+    model.train(), list(model.parameters())
+    calls = []
+    monkeypatch.setattr(Late, "train", lambda self, mode=True: calls.append(mode) or self)
+    monkeypatch.setattr(Late, "named_modules", lambda self, *a, **k: calls.append("named") or iter([("", self)]))
+    model.eval()
+    list(model.parameters())
+    assert calls == [False, "named"] and model.late.training  # its own train() left it as it was
+
+
 def test_transformers_train_is_known_to_do_more_only_on_a_mode_change():
     assert _walks._pretrained_shortcut()  # else the walk calls it at every step: correct, but slow
 

@@ -37,8 +37,8 @@ __all__ = ["Backward", "Forward", "FusedGroup", "auto_reason", "fusable_reason"]
 # At most this many runs share one pass: every member's activations are alive until the group's backward.
 MAX_GROUP = 8
 
-# `fuse="auto"` fuses groups of at least this many runs: on a 2-core CPU, 2 fused runs were 0.90-0.98x as fast as
-# taking turns, 4 and 8 runs 1.28-1.45x (BENCHMARKS.md, "Fused steps").
+# `fuse="auto"` fuses groups of at least this many runs: on a 2-core CPU, 2 fused runs were 0.90-1.13x as fast as
+# taking turns, 4 and 8 runs 1.1-1.6x (BENCHMARKS.md, "Fused steps").
 AUTO_MIN_GROUP = 3
 AUTO_WAITING = "fusable: under fuse='auto' it takes turns while fewer than 3 such runs are in its chunk"
 

@@ -36,25 +36,20 @@ def install(model: Any) -> None:
         model.parameters = types.MethodType(parameters, model)
 
 
-class _Kinds(dict):
-    """Per module class, computed once: (its `train` is torch's, it walks its children as torch does, its
-    `__setattr__` is torch's, its `named_modules` is torch's)."""
+class _Setattr(dict):
+    """Per module class: whether setting `training` is writing it into the instance's `__dict__` (torch's
+    `__setattr__`, no `training` descriptor in the class). The methods that walk are looked up at every call
+    instead: a class may be patched while the model lives (a test's monkeypatch, a library's fix)."""
 
-    def __missing__(self, kind: type) -> tuple[bool, bool, bool, bool]:
+    def __missing__(self, kind: type) -> bool:
         import torch
 
-        module = torch.nn.Module
-        info = (
-            kind.train is module.train,
-            all(getattr(kind, name) is getattr(module, name) for name in ("children", "named_children")),
-            kind.__setattr__ is module.__setattr__ and not hasattr(kind, "training"),  # (not a property)
-            kind.named_modules is module.named_modules,
-        )
-        self[kind] = info
-        return info
+        plain = kind.__setattr__ is torch.nn.Module.__setattr__ and not hasattr(kind, "training")
+        self[kind] = plain
+        return plain
 
 
-_kinds = _Kinds()
+_setattr = _Setattr()
 
 
 @functools.cache
@@ -77,21 +72,27 @@ def train(self: Any, mode: bool = True) -> Any:
 
     if not isinstance(mode, bool):
         raise ValueError("training mode is expected to be boolean")
-    kinds, pretrained, shortcut = _kinds, PreTrainedModel.train, _pretrained_shortcut()
+    base = torch.nn.Module
+    plain_train, plain_children, plain_named = base.train, base.children, base.named_children
+    pretrained, shortcut = PreTrainedModel.train, _pretrained_shortcut()
     stack = [self]
     while stack:
         module = stack.pop()
         kind = module.__class__
-        plain_train, plain_tree, plain_setattr, _ = kinds[kind]
         own = module.__dict__
-        if module is not self and (not plain_train or "train" in own):
+        if module is not self and (kind.train is not plain_train or "train" in own):
             if not (shortcut and kind.train is pretrained and module.training == mode and "train" not in own):
                 module.train(mode)  # its own (PreTrainedModel's does more only when the mode changes)
                 continue
-        if not plain_tree or "children" in own or "named_children" in own:
-            torch.nn.Module.train(module, mode) if module is self else module.train(mode)
+        if (
+            kind.children is not plain_children
+            or kind.named_children is not plain_named
+            or "children" in own
+            or "named_children" in own
+        ):
+            base.train(module, mode) if module is self else module.train(mode)
             continue
-        if plain_setattr:
+        if _setattr[kind]:
             module.__dict__["training"] = mode  # where Module.__setattr__ puts a bool
         else:
             module.training = mode
@@ -114,7 +115,7 @@ def parameters(self: Any, recurse: bool = True) -> Any:
     kind = type(self)
     if not recurse or not all(getattr(kind, n) is getattr(torch.nn.Module, n) for n in _MEMBER_METHODS):
         return torch.nn.Module.parameters(self, recurse)
-    kinds = _kinds
+    plain_named = torch.nn.Module.named_modules
     params: list = []
     members: set = set()
     seen: set = set()
@@ -123,7 +124,7 @@ def parameters(self: Any, recurse: bool = True) -> Any:
         module = stack.pop()
         if module is None or module in seen:
             continue
-        if not kinds[module.__class__][3] or "named_modules" in module.__dict__:
+        if module.__class__.named_modules is not plain_named or "named_modules" in module.__dict__:
             return torch.nn.Module.parameters(self, recurse)  # a module that lists its submodules its own way
         seen.add(module)
         own = module._parameters

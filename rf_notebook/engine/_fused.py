@@ -166,6 +166,7 @@ class FusedGroup:
         self.original = self.backbone.forward
         self.failed: dict[int, BaseException] = {}
         self.fused_forwards = 0  # forwards that ran over more than one run's rows
+        self.fused_runs: set[int] = set()  # the runs whose rows went through one of them
 
     def __enter__(self) -> FusedGroup:
         """Members' backbone calls and backward passes park here until `__exit__`."""
@@ -255,6 +256,7 @@ class FusedGroup:
                 failed = f"{type(exc).__name__}: {exc}"
             if failed is None:
                 self.fused_forwards += 1
+                self.fused_runs.update(slot.run_id for slot, _ in requests)
                 hidden = out.last_hidden_state
                 outputs = {}
                 for (slot, request), (start, stop, length) in zip(requests, rows):

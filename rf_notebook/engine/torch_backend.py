@@ -468,8 +468,6 @@ class TorchBackend:
         group = [slot, *partners[: size - 1]]
         if self.fuse == "auto" and len(group) < _fused.AUTO_MIN_GROUP:  # too few to gain: they take turns
             return [slot]
-        if len(group) > 1 and any(self.fusion.get(s.run_id) != "fused" for s in group):
-            self.fusion = {**self.fusion, **{s.run_id: "fused" for s in group}}
         return group
 
     def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
@@ -489,6 +487,8 @@ class TorchBackend:
                     group.failed[slot.run_id] = exc
             group.run(first)
         self.fused_forwards += group.fused_forwards
+        if any(self.fusion.get(run_id) != "fused" for run_id in group.fused_runs):  # under "auto": waiting until now
+            self.fusion = {**self.fusion, **{run_id: "fused" for run_id in group.fused_runs}}
         return group.failed
 
     def _switch(self, slot: RunSlot, value: Any, after_forward: bool = False) -> Any:

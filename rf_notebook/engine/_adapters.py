@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rf_notebook.engine._walks import plain_setattr
+
 __all__ = ["Adapters"]
 
 
@@ -122,7 +124,7 @@ class Adapters:
             # parked (only one adapter is ever in the tree): naming it the layers' active adapter is all that is
             # left of it (~5 ms saved per switch with 28 LoRA layers; fused steps switch at every micro-step).
             for layer in self._layers:
-                if self._plain_setattr(layer):
+                if plain_setattr(type(layer), "_active_adapter"):
                     layer.__dict__["_active_adapter"] = [name]  # where Module.__setattr__ puts a list
                 else:
                     layer._active_adapter = [name]
@@ -198,22 +200,6 @@ class Adapters:
                 entries = parked[layer] = {}
             entries[attribute] = _take(container, name)
         self._parked[name] = parked
-
-    _setattr_kinds: dict[type, bool] = {}
-
-    @classmethod
-    def _plain_setattr(cls, layer: Any) -> bool:
-        """Whether setting `layer._active_adapter` is writing it into the layer's `__dict__` (torch's `__setattr__`,
-        no descriptor in the class)."""
-        import torch
-
-        kind = type(layer)
-        plain = cls._setattr_kinds.get(kind)
-        if plain is None:
-            descriptor = getattr(kind, "_active_adapter", None)
-            plain = kind.__setattr__ is torch.nn.Module.__setattr__ and not hasattr(type(descriptor), "__set__")
-            cls._setattr_kinds[kind] = plain
-        return plain
 
     def _stop_parking(self) -> None:
         """Put every parked adapter back in the tree (a wrapper this class cannot park was added)."""

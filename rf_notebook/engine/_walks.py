@@ -19,10 +19,9 @@ import functools
 import types
 from typing import Any
 
-__all__ = ["install"]
+__all__ = ["install", "plain_setattr"]
 
-# Where a class's method is one of these, walking it here is what torch's method does.
-
+# Where a class's methods are torch's, listing its parameters here is what torch's `parameters` does.
 _MEMBER_METHODS = ("parameters", "named_parameters", "_named_members")
 
 
@@ -36,20 +35,15 @@ def install(model: Any) -> None:
         model.parameters = types.MethodType(parameters, model)
 
 
-class _Setattr(dict):
-    """Per module class: whether setting `training` is writing it into the instance's `__dict__` (torch's
-    `__setattr__`, no `training` descriptor in the class). The methods that walk are looked up at every call
-    instead: a class may be patched while the model lives (a test's monkeypatch, a library's fix)."""
+@functools.cache
+def plain_setattr(kind: type, attribute: str) -> bool:
+    """Whether setting `attribute` on a `kind` module is writing it into the instance's `__dict__`: torch's
+    `__setattr__`, and no descriptor of that name in the class. (The methods that walk are looked up at every call
+    instead: a class may be patched while the model lives, a test's monkeypatch, a library's fix.)"""
+    import torch
 
-    def __missing__(self, kind: type) -> bool:
-        import torch
-
-        plain = kind.__setattr__ is torch.nn.Module.__setattr__ and not hasattr(kind, "training")
-        self[kind] = plain
-        return plain
-
-
-_setattr = _Setattr()
+    descriptor = getattr(kind, attribute, None)
+    return kind.__setattr__ is torch.nn.Module.__setattr__ and not hasattr(type(descriptor), "__set__")
 
 
 @functools.cache
@@ -92,7 +86,7 @@ def train(self: Any, mode: bool = True) -> Any:
         ):
             base.train(module, mode) if module is self else module.train(mode)
             continue
-        if _setattr[kind]:
+        if plain_setattr(kind, "training"):
             module.__dict__["training"] = mode  # where Module.__setattr__ puts a bool
         else:
             module.training = mode

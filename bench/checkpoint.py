@@ -21,7 +21,9 @@ from rf_notebook.demo import arithmetic_dataset
 
 def once(model_fn, args, train, workdir) -> tuple[dict, dict[str, int]]:
     exp = new_experiment("ckpt", workdir)
-    exp.run_fit(sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, None, num_chunks=args.num_chunks)
+    exp.run_fit(
+        sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, None, num_chunks=args.num_chunks, fuse=False
+    )
     exp.wait()
     assert all(r.status.value == "finished" for r in exp.runs()), [r.error for r in exp.runs()]
     stats = exp.stats()

@@ -33,7 +33,7 @@ configs = None
 RUN_FIT = """\
 t0, c0 = time.perf_counter(), time.process_time()
 exp = new_experiment("kernel", workdir)
-exp.run_fit(sweep({runs}, {max_steps}, {batch}), model_fn, train, None, num_chunks={chunks}, seed=0)
+exp.run_fit(sweep({runs}, {max_steps}, {batch}), model_fn, train, None, num_chunks={chunks}, seed=0, fuse=False)
 """
 WAIT = """\
 exp.wait()

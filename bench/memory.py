@@ -51,7 +51,9 @@ def child(model: str, runs: int) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         exp = new_experiment("memory", workdir)
         # two chunks: every run is alive (adapter, trainer, optimizer state) at the same time
-        exp.run_fit(sweep(runs, 4, 8), model_fn, arithmetic_dataset("train", n=32), None, num_chunks=2, seed=0)
+        exp.run_fit(
+            sweep(runs, 4, 8), model_fn, arithmetic_dataset("train", n=32), None, num_chunks=2, seed=0, fuse=False
+        )
         exp.wait()
         assert all(r.status.value == "finished" for r in exp.runs())
         out = exp.export(1, Path(workdir) / "adapter")
@@ -115,6 +117,7 @@ def pruned_child(model: str, runs: int, unload: bool) -> dict:
             seed=0,
             policy=policy,
             display=False,
+            fuse=False,
         )
         exp.wait()
         statuses = [r.status.value for r in exp.runs()]

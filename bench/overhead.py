@@ -35,7 +35,7 @@ from rf_notebook.demo import arithmetic_dataset
 def interleaved(model_fn, n_runs, max_steps, batch, num_chunks, train, workdir) -> tuple[Timing, list[dict], dict]:
     exp = new_experiment("bench", workdir)
     with Timing() as timing:
-        exp.run_fit(sweep(n_runs, max_steps, batch), model_fn, train, None, num_chunks=num_chunks, seed=0)
+        exp.run_fit(sweep(n_runs, max_steps, batch), model_fn, train, None, num_chunks=num_chunks, seed=0, fuse=False)
         exp.wait()
     configs = [r.config for r in exp.runs()]
     assert all(r.status.value == "finished" for r in exp.runs()), [r.error for r in exp.runs()]

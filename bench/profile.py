@@ -93,7 +93,13 @@ def profile_rf(model_fn, args, train, workdir: str, pieces: Pieces) -> dict[str,
     exp = new_experiment("profile", workdir)
     with Timing() as timing:
         exp.run_fit(
-            sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, None, num_chunks=args.num_chunks, seed=0
+            sweep(args.runs, args.max_steps, args.batch_size),
+            model_fn,
+            train,
+            None,
+            num_chunks=args.num_chunks,
+            seed=0,
+            fuse=False,
         )
         exp.wait()
     stats = exp.stats()
@@ -123,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict[str, float]]] = {"rf_notebook": [], "plain TRL": []}
     with tempfile.TemporaryDirectory() as workdir, pieces.wrapped():
         exp = new_experiment("warm-up", workdir)
-        exp.run_fit(sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, None, num_chunks=1, seed=0)
+        exp.run_fit(
+            sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, None, num_chunks=1, seed=0, fuse=False
+        )
         exp.wait()
         configs = [r.config for r in exp.runs()]
         exp.end()

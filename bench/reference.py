@@ -56,7 +56,9 @@ def run(args, train, workdir, *, shared: bool) -> tuple[float, int]:
     try:
         exp = new_experiment("reference", workdir)
         search = sweep(args.runs, args.max_steps, args.batch_size)
-        exp.run_fit(search, MODELS[args.model], train, None, num_chunks=args.num_chunks, seed=0, display=False)
+        exp.run_fit(
+            search, MODELS[args.model], train, None, num_chunks=args.num_chunks, seed=0, display=False, fuse=False
+        )
         exp.wait()
         failed = [r.error for r in exp.runs() if r.status.value != "finished"]
         if failed:

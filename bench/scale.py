@@ -54,7 +54,12 @@ def measure(model_fn, n_runs: int, repeats: int, args, train, workdir: str) -> d
         exp = new_experiment("scale", workdir)
         called = time.time()
         exp.run_fit(
-            search(n_runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks, seed=0
+            search(n_runs, args.max_steps, args.batch_size),
+            model_fn,
+            train,
+            num_chunks=args.num_chunks,
+            seed=0,
+            fuse=False,
         )
         exp.wait()
         runs = exp.runs()

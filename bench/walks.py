@@ -93,7 +93,11 @@ def training(model_fn: Any, args: Any, workdir: str) -> dict[str, Any]:
                 _walks.install = install if mode == "rf_notebook" else _uninstall
                 exp = new_experiment("walks", workdir)
                 exp.run_fit(
-                    sweep(args.runs, args.max_steps, args.batch_size), model_fn, train, num_chunks=args.num_chunks
+                    sweep(args.runs, args.max_steps, args.batch_size),
+                    model_fn,
+                    train,
+                    num_chunks=args.num_chunks,
+                    fuse=False,
                 )
                 exp.wait()
                 assert all(r.status.value == "finished" for r in exp.runs()), [r.error for r in exp.runs()]

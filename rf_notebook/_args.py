@@ -26,7 +26,7 @@ class Fit:
     resume: bool
     on_nonfinite: str
     precision: str | None
-    fuse: bool | str = False  # True, False or "auto" (`engine._fused.AUTO_MIN_GROUP`, `auto_reason`)
+    fuse: bool | str = "auto"  # True, False or "auto" (`engine._fused.AUTO_MIN_GROUP`, `auto_reason`)
 
 
 def check_experiment(name: Any, mode: Any, experiments_dir: Any, experiment_path: Any, num_gpus: Any) -> str | Path:
@@ -67,7 +67,7 @@ def check_fit(
     resume: Any,
     on_nonfinite: Any,
     precision: Any,
-    fuse: Any = False,
+    fuse: Any = "auto",
 ) -> Fit:
     """`run_fit(...)`'s own arguments (not the runs' configs)."""
     from rf_notebook.policies import Policy

@@ -111,7 +111,7 @@ class Experiment:
         num_shards: int | None = None,
         num_gpus: int | None = None,
         precision: str | None = None,
-        fuse: bool | str = False,
+        fuse: bool | str = "auto",
         trackers: Any = None,
     ) -> None:
         """Validate, load the base model(s), build the runs, start training and return (a run that shares its
@@ -137,11 +137,12 @@ class Experiment:
         on a GPU without bfloat16 such as a T4, each said in one warning), or "bf16", "fp16" or "fp32" for every
         run, over their configs. "bf16" works on a CPU too (Accelerate's CPU autocast); "fp16" needs a GPU.
 
-        `fuse`: True lets SFT and DPO runs on one base share each optimizer step's forward and backward pass
-        through the base (fused steps; each run keeps its own data order, loss, optimizer and schedule); runs that
-        cannot be fused take turns, and `stats()["fusion"]` says why. "auto": fused where it was measured to pay
-        and to stay within the exactness contract: float32 runs on float32 weights, in groups of 3 or more (fewer
-        take turns). False (default): runs take turns.
+        `fuse`: whether SFT and DPO runs on one base share each optimizer step's forward and backward pass through
+        the base (fused steps; each run keeps its own data order, loss, optimizer and schedule). "auto" (default):
+        where it was measured to pay and to stay within the exactness contract: float32 runs on float32 weights on
+        a CPU, in groups of 3 or more (the others take turns). True: every run that can be fused; False: runs take
+        turns, each bit-for-bit what plain TRL gives. `stats()["fusion"]` says for each run whether it fused, or why
+        it takes turns.
 
         `trackers`: also log every run, live, to MLflow, TensorBoard and / or Trackio: ["mlflow", "tensorboard",
         "trackio"] (stores inside the experiment folder; Trackio: its local store) or configured sinks from

@@ -125,18 +125,31 @@ def fusable_reason(trainer: Any, base: Any, adapter: str) -> str | None:
 
 
 def auto_reason(args: Any, model: Any) -> str | None:
-    """Why `fuse="auto"` lets a run take turns that could fuse (None: it fuses): it trains in bf16 mixed precision, or
-    the base's weights are not float32 (a bf16 checkpoint loaded as it is). Such fused runs may leave plain TRL by
-    more than the contract's 1e-4 on weights (5.3e-4 measured in bf16: a rounding step lost in a loss, carried on by
-    Adam); `fuse=True` fuses them anyway. float32 fused runs meet it."""
+    """Why `fuse="auto"` (the default) lets a run take turns that could fuse (None: it fuses). Under "auto" runs fuse
+    where fusing was measured to pay and to stay within the exactness contract: float32 runs on float32 weights, on
+    a CPU (BENCHMARKS.md, "Fused steps"). So a run takes turns that trains in bf16 mixed precision, or whose base's
+    weights are not float32 (a bf16 checkpoint loaded as it is): such fused runs may leave plain TRL by more than
+    the contract's 1e-4 on weights (5.3e-4 measured in bf16: a rounding step lost in a loss, carried on by Adam).
+    And a run on a GPU takes turns until a GPU benchmark says fusing pays there (the group holds every member's
+    activations at once). `fuse=True` fuses all of these."""
     if args.bf16:
         return "bf16 under fuse='auto' (fused bf16 runs may differ from plain TRL past 1e-4; fuse=True fuses them)"
     import torch
 
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    dtypes, devices = set(), set()
+    for p in model.parameters():
+        devices.add(p.device.type)
+        if p.is_floating_point() and p.dtype != torch.float32:
+            dtypes.add(p.dtype)
     if dtypes:
         kinds = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         return f"{kinds} weights under fuse='auto' (only float32 runs fuse under 'auto'; fuse=True fuses them)"
+    if devices - {"cpu"}:
+        where = ", ".join(sorted(devices - {"cpu"}))
+        return (
+            f"a base on {where} under fuse='auto' (fusing is measured to pay on a CPU only so far; fuse=True fuses "
+            "them)"
+        )
     return None
 
 

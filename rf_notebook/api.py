@@ -370,7 +370,8 @@ class Experiment:
         """Where the training thread's time went: setup_s (loading the base, building the runs, including a trainer
         built at its run's first turn; a build for a warm clone's parent counts nowhere), train_s, eval_s,
         switch_s, cleanup_s (freeing finished runs' trainers) and the number of switches. With fused steps:
-        fused_groups, fused_forwards and `fusion` (run id -> "fused", or why it takes turns). With cluster="ray":
+        fused_groups, fused_forwards, memory_splits (fused passes cut short to keep the activations within the
+        memory available) and `fusion` (run id -> "fused", or why it takes turns). With cluster="ray":
         parallel_groups (times the workers trained at once), workers, workers_lost; runs_moved counts runs that
         continued from their checkpoint on another worker after theirs died.
 

@@ -98,17 +98,24 @@ def _plan(exp: Experiment, train, evl):
     return exp.runs()
 
 
-@pytest.mark.parametrize("num_chunks", [1, 3, 8])
-def test_interleaved_runs_equal_plain_trl(num_chunks, data, reference, tmp_path):
+@pytest.mark.parametrize(
+    ("num_chunks", "fuse"),
+    [(1, False), (3, False), (8, False), (3, None)],
+    ids=["1-turns", "3-turns", "8-turns", "3-default"],
+)
+def test_interleaved_runs_equal_plain_trl(num_chunks, fuse, data, reference, tmp_path):
+    """Runs taking turns, and by default (`fuse="auto"`: these three float32 runs on a CPU train in fused steps)."""
     train, evl = data
     expected, configs = reference
     exp = Experiment(f"exact-{num_chunks}", experiments_dir=tmp_path)
-    exp.run_fit(
-        RFGridSearch(_configs(), trainer_type="SFT"), demo_model_fn, train, evl, num_chunks=num_chunks, seed=SEED
-    )
+    search = RFGridSearch(_configs(), trainer_type="SFT")
+    fuse_arg = {} if fuse is None else {"fuse": fuse}
+    exp.run_fit(search, demo_model_fn, train, evl, num_chunks=num_chunks, seed=SEED, **fuse_arg)
     assert exp.wait(timeout=600)
     runs = exp.runs()
     assert [r.status.value for r in runs] == ["finished"] * 3, [r.error for r in runs]
+    fused = set(exp.stats()["fusion"].values()) == {"fused"}
+    assert fused == (fuse is None), exp.stats()["fusion"]
     assert [r.chunks_done for r in runs] == [r.chunks_total for r in runs]
     results = exp.results()
     for run, config, (weights, losses) in zip(runs, configs, expected):

@@ -96,7 +96,7 @@ def test_fused_runs_equal_plain_trl(train, tmp_path):
     _check_equal_to_plain_trl(exp, train, tmp_path)
     # Each run is evaluated at its chunk ends with its own adapter, as when the runs take turns.
     turns = Experiment("turns", experiments_dir=tmp_path)
-    turns.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, evl, num_chunks=3, seed=SEED)
+    turns.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, evl, num_chunks=3, seed=SEED, fuse=False)
     assert turns.wait(timeout=600)
     fused_evals, turns_evals = _evals(exp), _evals(turns)
     assert len(fused_evals) >= 12 and [e[:2] for e in fused_evals] == [e[:2] for e in turns_evals]
@@ -143,14 +143,15 @@ def test_alike_runs_share_one_product_per_lora_matrix_and_stay_exact(precision, 
 
     monkeypatch.setattr(_fused._LoraPlan, "_group_delta", counting)
     exp = _fit_alike("fused-alike", train, tmp_path, precision)
-    # 12 steps x 20 LoRA layers (5 targets x 4 layers) x 2 groups (with dropout, without) of 2 runs
-    assert batched == [2] * (12 * 20 * 2), len(batched)
+    # 12 steps x 20 LoRA layers (5 targets x 4 layers) x 2 groups (with dropout, without) of 2 runs, but for the
+    # first step's first pass: one run alone, its activations measured (`_SavedBytes`), so 20 products fewer
+    assert batched == [2] * (12 * 20 * 2 - 20), len(batched)
     if precision == "fp32":
         _check_equal_to_plain_trl(exp, train, tmp_path)
     else:
         monkeypatch.setattr(_fused, "_batch_key", lambda entry, rows: None if entry else _fused._UNTARGETED)
         alone = _fit_alike("fused-per-run", train, tmp_path, precision)
-        assert len(batched) == 12 * 20 * 2  # none batched this time
+        assert len(batched) == 12 * 20 * 2 - 20  # none batched this time
         losses = exp.results().query("metric == 'loss'").sort_values(["run_id", "step"]).value.tolist()
         per_run = alone.results().query("metric == 'loss'").sort_values(["run_id", "step"]).value.tolist()
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(per_run), rtol=2**-7, atol=0)
@@ -312,6 +313,84 @@ def test_auto_fuses_float32_weights_only():
     assert _fused.auto_reason(SimpleNamespace(bf16=True), model).startswith("bf16 under fuse='auto'")
     reason = _fused.auto_reason(SimpleNamespace(bf16=False), model.to(torch.bfloat16))
     assert reason.startswith("bfloat16 weights under fuse='auto'")
+    # off a CPU (here: meta tensors standing in for a GPU's) runs take turns under "auto" until measured there
+    reason = _fused.auto_reason(SimpleNamespace(bf16=False), model.to(torch.float32).to("meta"))
+    assert reason.startswith("a base on meta under fuse='auto'") and "fuse=True fuses them" in reason
+
+
+class _Stub(SimpleNamespace):
+    __hash__ = object.__hash__  # a key, as a run's slot and a base are
+
+
+def _forward(rows: int, length: int) -> _fused.Forward:
+    return _fused.Forward((), {"input_ids": torch.zeros(rows, length, dtype=torch.long)})
+
+
+def test_a_step_goes_through_the_base_in_passes_that_fit_in_memory(monkeypatch):
+    """The members due go through the base together while their activations (bytes per token, measured; taken to
+    grow with the length past the measured one) fit in MEMORY_SHARE of the memory available, else in several
+    passes, each of as many members as fit, in `_alike` order (at least one). Unmeasured: one member goes alone."""
+    base = _Stub(model=SimpleNamespace(base_model=SimpleNamespace(forward=None)))
+    monkeypatch.setattr(_fused.FusedGroup, "_alike", lambda self, item: (item[1].kwargs["input_ids"].shape[0],))
+    slots = [_Stub(run_id=i, adapter=f"a{i}") for i in range(4)]
+    due = {slots[0]: _forward(4, 10), slots[1]: _forward(4, 20), slots[2]: _forward(8, 10), slots[3]: _forward(4, 10)}
+    group = _fused.FusedGroup(base, slots, switch=None, token_bytes={})
+    assert group._next_part(dict(due)) == [slots[0]]  # not measured yet: it goes alone (and is measured)
+    available = {"bytes": 10**9}
+    monkeypatch.setattr(_fused, "_available_bytes", lambda device: available["bytes"])
+    group.token_bytes[base] = (100.0, 10)  # 100 bytes per token at length 10
+    order = [slots[0], slots[1], slots[3], slots[2]]  # `_alike` order (here: by rows)
+    assert group._next_part(dict(due)) == order  # plenty: one pass
+    assert group.memory_splits == 0
+    # 4 x 10 and 4 x 20 rows: 8 rows padded to 20, at 2 x 100 bytes per token (twice the measured length): 32,000
+    available["bytes"] = int(32_000 / _fused.MEMORY_SHARE)
+    assert group._next_part(dict(due)) == [slots[0], slots[1]]
+    assert group.memory_splits == 1
+    available["bytes"] = 0  # nothing fits: the first goes alone, as it would take its turn
+    assert group._next_part(dict(due)) == [slots[0]]
+    monkeypatch.setattr(_fused, "_available_bytes", lambda device: None)  # unknown: no limit
+    assert group._next_part(dict(due)) == order
+
+
+def test_a_backbone_pass_measures_the_activations_it_keeps_for_the_backward():
+    """`_SavedBytes` counts what autograd saves during the backbone call, once per storage, the base's weights not:
+    at least one hidden state per layer per token, and it grows with the batch as the activations do."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = demo_model_fn()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
+    base = _Stub(model=peft_model)
+    config = model.config
+    measured = {}
+    for rows in (2, 8):
+        into = {}
+        kwargs = {"input_ids": torch.randint(0, config.vocab_size, (rows, 12))}
+        with _fused._SavedBytes(base, kwargs, into):
+            peft_model.base_model.model.model(**kwargs)
+        per_token, length = into[base]
+        assert length == 12
+        measured[rows] = per_token
+        assert per_token >= config.num_hidden_layers * config.hidden_size * 4  # float32 hidden states
+    # per token about the same at any batch size: no weight counted (the demo's 0.9 MB of weights over 24 tokens
+    # would add 38 KB per token, over 96 tokens 9.5 KB)
+    assert measured[8] == pytest.approx(measured[2], rel=0.1)
+
+
+def test_fused_runs_split_for_memory_stay_exact(train, tmp_path, monkeypatch):
+    """With memory for one run's activations at a time, the fused group's runs go through the base one by one
+    (each pass followed by its backward), and each still ends exactly as plain TRL's."""
+    monkeypatch.setattr(_fused, "_available_bytes", lambda device: 0)
+    backward, losses = _fused.FusedGroup._backward, []
+    monkeypatch.setattr(_fused.FusedGroup, "_backward", lambda self, ls: (losses.append(len(ls)), backward(self, ls)))
+    exp = Experiment("fused-memory", experiments_dir=tmp_path)
+    exp.run_fit(RFGridSearch(_configs(), "SFT"), demo_model_fn, train, None, num_chunks=2, seed=SEED, fuse=True)
+    assert exp.wait(timeout=600)
+    assert [r.status.value for r in exp.runs()] == ["finished"] * 4, [r.error for r in exp.runs()]
+    stats = exp.stats()
+    assert stats["fused_groups"] >= 2 and stats["fused_forwards"] == 0 and stats["memory_splits"] >= 16
+    assert len(losses) >= 4 * 16 and set(losses) == {1}  # each pass's backward before the next pass's forward
+    _check_equal_to_plain_trl(exp, train, tmp_path)
+    exp.end(wait=False)
 
 
 @pytest.mark.parametrize(

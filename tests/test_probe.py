@@ -147,7 +147,8 @@ def test_probed_runs_train_bit_for_bit_as_unprobed_ones_and_the_policy_ranks_by_
     for probe in (0, 3):
         exp = Experiment(f"probe{probe}", experiments_dir=tmp_path)
         policy = SuccessiveHalving(eta=2, min_chunks=2, probe_steps=probe) if probe else None
-        exp.run_fit(search(), demo_model_fn, *data, num_chunks=4, seed=5, policy=policy)
+        # taking turns: under fused steps a run stopped by the policy changes the others' passes (their rounding)
+        exp.run_fit(search(), demo_model_fn, *data, num_chunks=4, seed=5, policy=policy, fuse=False)
         assert exp.wait(timeout=600)
         runs[probe] = exp
     plain, probed = runs[0], runs[3]
@@ -181,10 +182,13 @@ def test_probed_runs_train_bit_for_bit_as_unprobed_ones_and_the_policy_ranks_by_
 
 
 def _two_runs(tmp_path, name: str, policy) -> Experiment:
+    """Runs that take turns (`fuse=False`): compared bit for bit with other experiments whose policy stops other runs
+    (in fused steps, which runs share a pass changes the rounding)."""
     exp = Experiment(name, experiments_dir=tmp_path)
     train, evl = arithmetic_dataset("train", n=64), arithmetic_dataset("eval", n=8)
     args = dict(learning_rate=List([3e-3, 1e-3]), per_device_train_batch_size=8, max_steps=8)
-    exp.run_fit(_search("SFT", args), demo_model_fn, train, evl, num_chunks=2, seed=1, policy=policy)
+    search = _search("SFT", args)
+    exp.run_fit(search, demo_model_fn, train, evl, num_chunks=2, seed=1, policy=policy, fuse=False)
     assert exp.wait(timeout=300)
     return exp
 

@@ -23,6 +23,7 @@ parked. A forward whose arguments cannot be concatenated runs run by run, still 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -41,6 +42,12 @@ MAX_GROUP = 8
 # taking turns, 4 and 8 runs 1.1-1.6x (BENCHMARKS.md, "Fused steps").
 AUTO_MIN_GROUP = 3
 AUTO_WAITING = "fusable: under fuse='auto' it takes turns while fewer than 3 such runs are in its chunk"
+
+# A fused forward holds every member's activations until the group's backward. The members due at a step go through
+# the base together while the activations of their backbone pass (measured, `_SavedBytes`) stay under this share of
+# the memory available; the others follow in further passes of the same step, each after the previous one's
+# backward. A member that does not fit even alone goes alone, as it would take its turn.
+MEMORY_SHARE = 0.5
 
 # Backbone arguments concatenated along the batch; padded on the right with these values.
 _PADDED = {"input_ids": 0, "attention_mask": 0, "position_ids": 0}
@@ -173,8 +180,18 @@ class FusedGroup:
     the one in the module tree).
     """
 
-    def __init__(self, base: Any, members: Sequence[Any], switch: Callable[[Any, Any, bool], Any]):
+    def __init__(
+        self,
+        base: Any,
+        members: Sequence[Any],
+        switch: Callable[[Any, Any, bool], Any],
+        token_bytes: dict[Any, tuple[float, int]] | None = None,
+    ):
+        """`token_bytes`: by base, (bytes of backbone activations per token, at what length) as measured by an
+        earlier group (kept by the caller from group to group; this group measures its base's if missing)."""
         self.base, self.members, self.switch = base, list(members), switch
+        self.token_bytes = {} if token_bytes is None else token_bytes
+        self.memory_splits = 0  # passes through the base cut short to keep the activations within MEMORY_SHARE
         self.backbone = _backbone(base)
         self.original = self.backbone.forward
         self.failed: dict[int, BaseException] = {}
@@ -219,22 +236,73 @@ class FusedGroup:
     def run(self, first: dict[Any, Any]) -> None:
         """`first`: what each member parked with when it was started (None: it left already)."""
         parked = {slot: request for slot, request in first.items() if request is not None}
-        while parked:
-            forwards = [slot for slot, request in parked.items() if isinstance(request, Forward)]
+        while parked:  # one step of the members due
+            due, parked = parked, {}
+            while due:
+                part = self._next_part(due)
+                self._step({slot: due.pop(slot) for slot in part}, parked)
+
+    def _step(self, due: dict[Any, Any], parked: dict[Any, Any]) -> None:
+        """Drive the members of `due` (what each parked with) through their forwards and one backward; what each
+        parks with next (its next step's forward) goes into `parked`."""
+        while due:
+            forwards = [slot for slot, request in due.items() if isinstance(request, Forward)]
             if forwards:  # every run first reaches its backward (or parks at another forward)
-                outputs = self._forward([(slot, parked[slot]) for slot in forwards])
+                outputs = self._forward([(slot, due[slot]) for slot in forwards])
                 for slot in forwards:
-                    parked.pop(slot)
-                    self._resume(parked, slot, outputs[slot], after_forward=True)
+                    due.pop(slot)
+                    self._resume(due, slot, outputs[slot], after_forward=True)
                 continue
             answer = None
             try:
-                self._backward([request.loss for request in parked.values()])
+                self._backward([request.loss for request in due.values()])
             except Exception as exc:  # every run whose loss was in it fails (no gradient reached any)
                 answer = _Raise(exc)
-            for slot in list(parked):
-                parked.pop(slot)
+            for slot in list(due):
+                due.pop(slot)
                 self._resume(parked, slot, answer)
+
+    def _next_part(self, due: dict[Any, Any]) -> list[Any]:
+        """The members of `due` that go through the base next, together: all of them while their activations fit
+        (`MEMORY_SHARE` of the memory available now), else as many as fit, in `_alike` order (at least one). Before
+        this base's activations per token were measured, one member goes alone and is measured."""
+        order = [slot for slot, _ in sorted(due.items(), key=self._order)]
+        batches = [slot for slot in order if isinstance(due[slot], Forward) and _tokens(due[slot]) is not None]
+        if len(batches) < 2:
+            return order
+        measured = self.token_bytes.get(self.base)
+        if measured is None:
+            return [batches[0]]
+        available = _available_bytes(_device_of(due[batches[0]].args, due[batches[0]].kwargs))
+        if available is None:
+            return order
+        per_token, length = measured
+        part, rows, longest = [], 0, 0
+        for slot in order:
+            shape = _tokens(due[slot]) if isinstance(due[slot], Forward) else None
+            if shape is not None:
+                grown = max(longest, shape[1])
+                # per token, taken to grow with the length past the measured one (attention that keeps scores)
+                size = (rows + shape[0]) * grown * per_token * max(1.0, grown / length)
+                if part and size > MEMORY_SHARE * available:
+                    self.memory_splits += 1
+                    log = logger.info if self.memory_splits == 1 else logger.debug  # once per group
+                    log(
+                        "fused steps: %d of %d runs share this pass through the base (the rest follow): their "
+                        "activations would pass %.0f%% of the %.1f GiB available",
+                        len(part),
+                        len(order),
+                        100 * MEMORY_SHARE,
+                        available / 2**30,
+                    )
+                    break
+                rows, longest = rows + shape[0], max(longest, shape[1])
+            part.append(slot)
+        return part
+
+    def _order(self, item: tuple[Any, Any]) -> tuple:
+        slot, request = item
+        return self._alike(item) if isinstance(request, Forward) else (-1,)
 
     def _resume(self, parked: dict[Any, Any], slot: Any, value: Any, after_forward: bool = False) -> None:
         try:
@@ -263,7 +331,7 @@ class FusedGroup:
             members = [(slot.adapter, request, row) for (slot, request), row in zip(requests, rows)]
             plan = _LoraPlan(self.base, members)
             try:
-                with plan, _autocast(requests[0][1], kwargs["input_ids"].device):
+                with plan, _autocast(requests[0][1], kwargs["input_ids"].device), self._measured(kwargs):
                     out = self.original(**kwargs)
             except Exception as exc:
                 failed = f"{type(exc).__name__}: {exc}"
@@ -279,6 +347,13 @@ class FusedGroup:
             del plan, kwargs, batch  # the failed attempt's memory goes before the runs' own forwards
             logger.warning("a fused forward failed (%s); its runs' forwards run one by one", failed)
         return {slot: self._alone(slot, request) for slot, request in requests}
+
+    def _measured(self, kwargs: dict[str, Any]) -> Any:
+        """Around a backbone call: the bytes it saves for the backward per token of its batch, kept for this base
+        (`_next_part`) the first time; a no-op once known."""
+        if self.base in self.token_bytes or _tokens(Forward((), kwargs)) is None:
+            return contextlib.nullcontext()
+        return _SavedBytes(self.base, kwargs, self.token_bytes)
 
     def _alike(self, item: tuple[Any, Forward]) -> tuple:
         """Runs with equal keys have adapters whose deltas may be computed together (same rows, rank, alpha and
@@ -299,12 +374,78 @@ class FusedGroup:
         handed back to that run to raise."""
         plan = _LoraPlan(self.base, [(slot.adapter, request, None)])
         try:
-            with plan, _autocast(request, _device_of(request.args, request.kwargs)):
+            with plan, _autocast(request, _device_of(request.args, request.kwargs)), self._measured(request.kwargs):
                 out = self.original(*request.args, **request.kwargs)
         except Exception as exc:
             return _Raise(exc)
         request.rng = plan.rng[slot.adapter]
         return out
+
+
+def _tokens(request: Forward) -> tuple[int, int] | None:
+    """(rows, length) of a parked forward's batch (None: not a batch of token ids)."""
+    ids = request.kwargs.get("input_ids")
+    shape = getattr(ids, "shape", None)
+    return (int(shape[0]), int(shape[1])) if shape is not None and len(shape) == 2 else None
+
+
+class _SavedBytes:
+    """While entered: counts the bytes of the distinct storages autograd saves for the backward that are not the
+    base's weights (the activations this call keeps alive until its backward); on exit, keeps (bytes per token of
+    the batch, its length) in `into[base]`."""
+
+    def __init__(self, base: Any, kwargs: dict[str, Any], into: dict[Any, tuple[float, int]]):
+        self.base, self.into = base, into
+        self.rows, self.length = _tokens(Forward((), kwargs))
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.weights = {p.untyped_storage().data_ptr() for p in self.base.model.parameters()}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
+        self.hooks.__enter__()
+
+    def _pack(self, tensor: Any) -> Any:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own: not counted
+            return tensor
+        key = storage.data_ptr()
+        if key not in self.weights and key not in self.seen:
+            self.seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.hooks.__exit__(kind, *exc)
+        if kind is None and self.rows * self.length:
+            self.into[self.base] = (self.bytes / (self.rows * self.length), self.length)
+
+
+def _available_bytes(device: Any) -> int | None:
+    """Memory a fused batch may take on `device` now: free device memory plus what torch's CUDA cache holds unused;
+    on a CPU, the system's available memory (Linux: MemAvailable). None where unknown (no limit is applied)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[int, int, int]]] | None:

@@ -9,6 +9,7 @@ differs between SFT, DPO, GRPO and RLOO is behind the trainer contract (`rf_note
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import json
@@ -142,6 +143,8 @@ class TorchBackend:
         self.seed = seed  # the experiment's: which rows the anneal probes train on at each rung
         self.fuse = fuse  # runs on one base share their forward and backward passes (`_fused`); "auto": where it pays
         self.fused_forwards = 0  # forwards over more than one run's rows
+        self.memory_splits = 0  # fused passes cut short to keep a group's activations within `_fused.MEMORY_SHARE`
+        self._token_bytes: dict[SharedBase, tuple[float, int]] = {}  # a base's activations per token (`_fused`)
         self.fusion: dict[int, str] = {}  # run id -> "fused", or why it takes turns
         self._fusable: set[int] = set()  # runs that may train in fused steps
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -184,10 +187,15 @@ class TorchBackend:
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bar()  # one set of bars per run's data preparation is noise
         try:
-            for run in runs:
-                self._bases.get(run.spec.model_config)
+            peers = collections.Counter(self._bases.get(run.spec.model_config) for run in runs)
             return {
-                run.run_id: self.build(run, resume_from=self.resume_points.get(run.run_id), defer=True) for run in runs
+                run.run_id: self.build(
+                    run,
+                    resume_from=self.resume_points.get(run.run_id),
+                    defer=True,
+                    peers=peers[self._bases.get(run.spec.model_config)],
+                )
+                for run in runs
             }
         finally:
             if bars:
@@ -202,12 +210,15 @@ class TorchBackend:
         warm_from: RunSlot | None = None,
         resume_from: tuple[int, str] | None = None,
         defer: bool = False,
+        peers: int = 0,
     ) -> RunSlot:
         """Add the run's adapter and build its trainer. With `warm_from`, the run continues that run's state; with
         `resume_from` (step, checkpoint folder), the state written there (a resumed experiment). With `defer`, a run
         starting from scratch whose data set is already prepared (so its chunk plan is known) gets its trainer at
         its first turn (`materialize`): the first run trains sooner, and a run stopped before its turn never builds
-        one. Its adapter is added now, so that it can be exported, cloned or deleted like any run."""
+        one. Its adapter is added now, so that it can be exported, cloned or deleted like any run. Runs that may fuse
+        are built now (a deferred run joins fused steps once built), unless `peers` (the runs set up on its base,
+        itself included) are too few to fuse under fuse="auto"."""
         if warm_from is not None:
             self.materialize(warm_from)  # a warm clone continues its parent's state as built
         self._collect()  # discarded trainers first: this run's memory comes next
@@ -221,6 +232,8 @@ class TorchBackend:
             turns = "fuse=False" if not self.fuse else None  # known before its trainer is built
             if self.fuse == "auto":
                 turns = _fused.auto_reason(run.args, base.model)
+                if turns is None and peers and peers < _fused.AUTO_MIN_GROUP:  # too few runs on its base to fuse
+                    turns = _fused.AUTO_WAITING
             if defer and warm_from is None and resume_from is None and turns is not None:
                 rows = self._prepared_rows(run, base)
                 if rows is not None:  # known without building: the trainer waits for the run's first turn
@@ -454,7 +467,12 @@ class TorchBackend:
 
     def report(self, stats: dict[str, Any]) -> dict[str, Any]:
         """`Experiment.stats()`: the engine's `stats`, and how many forwards were shared, which runs took part."""
-        return {**stats, "fused_forwards": self.fused_forwards, "fusion": dict(self.fusion)}
+        return {
+            **stats,
+            "fused_forwards": self.fused_forwards,
+            "memory_splits": self.memory_splits,
+            "fusion": dict(self.fusion),
+        }
 
     def fusion_partners(self, slot: RunSlot, candidates: list[RunSlot]) -> list[RunSlot]:
         """`slot` and the runs of `candidates` that train in fused steps with it (same base, all fusable). More than
@@ -473,7 +491,7 @@ class TorchBackend:
     def train_together(self, slots: list[RunSlot], pause_at: Mapping[int, int]) -> dict[int, BaseException]:
         """Train `slots` in fused steps, each until its step `pause_at[run_id]` (or a command, or its end).
         Returns the runs that failed, with why; the others are suspended as after `advance`."""
-        group = _fused.FusedGroup(self.base_of(slots[0].run_id), slots, self._switch)
+        group = _fused.FusedGroup(self.base_of(slots[0].run_id), slots, self._switch, self._token_bytes)
         first: dict[RunSlot, Any] = {}
         with group:
             for slot in slots:
@@ -487,6 +505,7 @@ class TorchBackend:
                     group.failed[slot.run_id] = exc
             group.run(first)
         self.fused_forwards += group.fused_forwards
+        self.memory_splits += group.memory_splits
         if any(self.fusion.get(run_id) != "fused" for run_id in group.fused_runs):  # under "auto": waiting until now
             self.fusion = {**self.fusion, **{run_id: "fused" for run_id in group.fused_runs}}
         return group.failed
@@ -618,4 +637,5 @@ class TorchBackend:
         self._runs.clear()
         self._unloaded.clear()
         self._deferred.clear()
+        self._token_bytes.clear()
         gc.collect()

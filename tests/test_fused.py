@@ -327,28 +327,34 @@ def _forward(rows: int, length: int) -> _fused.Forward:
 
 
 def test_a_step_goes_through_the_base_in_passes_that_fit_in_memory(monkeypatch):
-    """The members due go through the base together while their activations (bytes per token, measured; taken to
-    grow with the length past the measured one) fit in MEMORY_SHARE of the memory available, else in several
-    passes, each of as many members as fit, in `_alike` order (at least one). Unmeasured: one member goes alone."""
+    """The members due go through the base together while their activations (bytes per token, measured) fit in
+    MEMORY_SHARE of the memory available, else in several passes, each of as many members as fit, in `_alike` order
+    (at least one). Unmeasured, or a batch much longer than the one measured: one member goes alone (measured)."""
     base = _Stub(model=SimpleNamespace(base_model=SimpleNamespace(forward=None)))
     monkeypatch.setattr(_fused.FusedGroup, "_alike", lambda self, item: (item[1].kwargs["input_ids"].shape[0],))
     slots = [_Stub(run_id=i, adapter=f"a{i}") for i in range(4)]
     due = {slots[0]: _forward(4, 10), slots[1]: _forward(4, 20), slots[2]: _forward(8, 10), slots[3]: _forward(4, 10)}
+    order = [slots[0], slots[1], slots[3], slots[2]]  # `_alike` order (here: by rows)
     group = _fused.FusedGroup(base, slots, switch=None, token_bytes={})
-    assert group._next_part(dict(due)) == [slots[0]]  # not measured yet: it goes alone (and is measured)
+    assert group._next_part(dict(due)) == [slots[2]]  # not measured yet: the last in order goes alone
     available = {"bytes": 10**9}
     monkeypatch.setattr(_fused, "_available_bytes", lambda device: available["bytes"])
-    group.token_bytes[base] = (100.0, 10)  # 100 bytes per token at length 10
-    order = [slots[0], slots[1], slots[3], slots[2]]  # `_alike` order (here: by rows)
+    group.token_bytes[base] = (100.0, 10)  # 100 bytes per token, measured at length 10
+    assert group._next_part(dict(due)) == [slots[1]] and group._remeasure  # length 20: measured again, alone
+    group._remeasure = False
+    group.token_bytes[base] = (100.0, 20)
     assert group._next_part(dict(due)) == order  # plenty: one pass
     assert group.memory_splits == 0
-    # 4 x 10 and 4 x 20 rows: 8 rows padded to 20, at 2 x 100 bytes per token (twice the measured length): 32,000
-    available["bytes"] = int(32_000 / _fused.MEMORY_SHARE)
+    # 4 x 10 and 4 x 20 rows: 8 rows padded to 20, 100 bytes per token: 16,000; with the next 12 x 20: 24,000
+    available["bytes"] = int(16_000 / _fused.MEMORY_SHARE)
     assert group._next_part(dict(due)) == [slots[0], slots[1]]
     assert group.memory_splits == 1
     available["bytes"] = 0  # nothing fits: the first goes alone, as it would take its turn
     assert group._next_part(dict(due)) == [slots[0]]
     monkeypatch.setattr(_fused, "_available_bytes", lambda device: None)  # unknown: no limit
+    assert group._next_part(dict(due)) == order
+    group.token_bytes[base] = (0.0, 20)  # could not be measured: no limit
+    available["bytes"] = 0
     assert group._next_part(dict(due)) == order
 
 
@@ -370,7 +376,8 @@ def test_a_backbone_pass_measures_the_activations_it_keeps_for_the_backward():
         per_token, length = into[base]
         assert length == 12
         measured[rows] = per_token
-        assert per_token >= config.num_hidden_layers * config.hidden_size * 4  # float32 hidden states
+        # float32 hidden states, and 8 bytes per vocabulary entry for what the LM head and loss may keep
+        assert per_token >= config.num_hidden_layers * config.hidden_size * 4 + 8 * config.vocab_size
     # per token about the same at any batch size: no weight counted (the demo's 0.9 MB of weights over 24 tokens
     # would add 38 KB per token, over 96 tokens 9.5 KB)
     assert measured[8] == pytest.approx(measured[2], rel=0.1)

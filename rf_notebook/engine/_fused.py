@@ -48,6 +48,9 @@ AUTO_WAITING = "fusable: under fuse='auto' it takes turns while fewer than 3 suc
 # the memory available; the others follow in further passes of the same step, each after the previous one's
 # backward. A member that does not fit even alone goes alone, as it would take its turn.
 MEMORY_SHARE = 0.5
+# A batch this much longer than the one measured is measured again (alone) before it shares a pass: activations per
+# token grow with the length where attention keeps its scores.
+REMEASURE_LENGTH = 1.5
 
 # Backbone arguments concatenated along the batch; padded on the right with these values.
 _PADDED = {"input_ids": 0, "attention_mask": 0, "position_ids": 0}
@@ -192,6 +195,7 @@ class FusedGroup:
         self.base, self.members, self.switch = base, list(members), switch
         self.token_bytes = {} if token_bytes is None else token_bytes
         self.memory_splits = 0  # passes through the base cut short to keep the activations within MEMORY_SHARE
+        self._remeasure = False  # the next pass (one run alone) measures the activations again: a longer batch
         self.backbone = _backbone(base)
         self.original = self.backbone.forward
         self.failed: dict[int, BaseException] = {}
@@ -265,25 +269,35 @@ class FusedGroup:
     def _next_part(self, due: dict[Any, Any]) -> list[Any]:
         """The members of `due` that go through the base next, together: all of them while their activations fit
         (`MEMORY_SHARE` of the memory available now), else as many as fit, in `_alike` order (at least one). Before
-        this base's activations per token were measured, one member goes alone and is measured."""
+        this base's activations per token were measured, or when a batch is much longer than the one measured
+        (`REMEASURE_LENGTH`), one member goes alone and is measured: the last in `_alike` order (most rows, highest
+        rank, LoRA dropout, which keeps a copy of each adapted layer's input), or the longest batch."""
         order = [slot for slot, _ in sorted(due.items(), key=self._order)]
         batches = [slot for slot in order if isinstance(due[slot], Forward) and _tokens(due[slot]) is not None]
         if len(batches) < 2:
             return order
         measured = self.token_bytes.get(self.base)
         if measured is None:
-            return [batches[0]]
-        available = _available_bytes(_device_of(due[batches[0]].args, due[batches[0]].kwargs))
+            return [batches[-1]]
+        per_token, length = measured
+        if not per_token:  # it could not be measured (said once): no limit
+            return order
+        longest_batch = max(batches, key=lambda slot: _tokens(due[slot])[1])
+        if _tokens(due[longest_batch])[1] > REMEASURE_LENGTH * length:
+            self._remeasure = True
+            return [longest_batch]
+        try:
+            available = _available_bytes(_device_of(due[batches[0]].args, due[batches[0]].kwargs))
+        except Exception:  # noqa: BLE001 - not knowing means no limit, as on a machine that does not say
+            logger.debug("fused steps: the memory available could not be read", exc_info=True)
+            available = None
         if available is None:
             return order
-        per_token, length = measured
         part, rows, longest = [], 0, 0
         for slot in order:
             shape = _tokens(due[slot]) if isinstance(due[slot], Forward) else None
             if shape is not None:
-                grown = max(longest, shape[1])
-                # per token, taken to grow with the length past the measured one (attention that keeps scores)
-                size = (rows + shape[0]) * grown * per_token * max(1.0, grown / length)
+                size = (rows + shape[0]) * max(longest, shape[1]) * per_token
                 if part and size > MEMORY_SHARE * available:
                     self.memory_splits += 1
                     log = logger.info if self.memory_splits == 1 else logger.debug  # once per group
@@ -351,8 +365,9 @@ class FusedGroup:
     def _measured(self, kwargs: dict[str, Any]) -> Any:
         """Around a backbone call: the bytes it saves for the backward per token of its batch, kept for this base
         (`_next_part`) the first time; a no-op once known."""
-        if self.base in self.token_bytes or _tokens(Forward((), kwargs)) is None:
+        if (self.base in self.token_bytes and not self._remeasure) or _tokens(Forward((), kwargs)) is None:
             return contextlib.nullcontext()
+        self._remeasure = False
         return _SavedBytes(self.base, kwargs, self.token_bytes)
 
     def _alike(self, item: tuple[Any, Forward]) -> tuple:
@@ -391,37 +406,61 @@ def _tokens(request: Forward) -> tuple[int, int] | None:
 
 class _SavedBytes:
     """While entered: counts the bytes of the distinct storages autograd saves for the backward that are not the
-    base's weights (the activations this call keeps alive until its backward); on exit, keeps (bytes per token of
-    the batch, its length) in `into[base]`."""
+    base's weights (the activations this backbone call keeps alive until its backward). On exit, keeps in
+    `into[base]` (bytes per token of the batch, its length): those, plus 8 bytes per vocabulary entry for what the LM
+    head and loss of a run may keep per token (float32 logits and log-probabilities; TRL's chunked SFT loss keeps
+    less), and no less than an earlier measurement at a shorter length. A storage that cannot be read (a tensor
+    subclass without one) makes it keep 0: no limit, said once."""
 
     def __init__(self, base: Any, kwargs: dict[str, Any], into: dict[Any, tuple[float, int]]):
         self.base, self.into = base, into
         self.rows, self.length = _tokens(Forward((), kwargs))
         self.seen: set[int] = set()
         self.bytes = 0
+        self.failed: BaseException | None = None
 
     def __enter__(self) -> None:
         import torch
 
-        self.weights = {p.untyped_storage().data_ptr() for p in self.base.model.parameters()}
+        self.weights: set[int] = set()
+        for p in self.base.model.parameters():
+            try:
+                self.weights.add(p.untyped_storage().data_ptr())
+            except Exception as exc:  # noqa: BLE001 - a weight of a tensor subclass: the measure is off
+                self.failed = exc
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
         self.hooks.__enter__()
 
     def _pack(self, tensor: Any) -> Any:
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own: not counted
-            return tensor
-        key = storage.data_ptr()
-        if key not in self.weights and key not in self.seen:
-            self.seen.add(key)
-            self.bytes += storage.nbytes()
-        return tensor
+            key = storage.data_ptr()
+            if key not in self.weights and key not in self.seen:
+                self.seen.add(key)
+                self.bytes += storage.nbytes()
+        except Exception as exc:  # noqa: BLE001 - never fail the forward over a measurement
+            self.failed = exc
+        # detached: a graph dropped without its backward (its run failed) holds no cycle through this hook
+        return tensor.detach()
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         self.hooks.__exit__(kind, *exc)
-        if kind is None and self.rows * self.length:
-            self.into[self.base] = (self.bytes / (self.rows * self.length), self.length)
+        if kind is not None or not self.rows * self.length:
+            return
+        if self.failed is not None:
+            logger.warning(
+                "fused steps: the activations of a pass could not be measured (%s: %s); fused passes are not kept "
+                "within the memory available",
+                type(self.failed).__name__,
+                self.failed,
+            )
+            self.into[self.base] = (0.0, self.length)
+            return
+        config = self.base.model.config
+        vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 0)
+        per_token = self.bytes / (self.rows * self.length) + 8 * (vocab or 0)
+        earlier = self.into.get(self.base, (0.0, 0))[0]
+        self.into[self.base] = (max(per_token, earlier), self.length)
 
 
 def _available_bytes(device: Any) -> int | None:
@@ -434,18 +473,43 @@ def _available_bytes(device: Any) -> int | None:
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
+    system = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return int(psutil.virtual_memory().available)
+                    system = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        try:
+            import psutil
+
+            system = int(psutil.virtual_memory().available)
+        except ImportError:
+            pass
+    limits = [value for value in (system, _cgroup_available()) if value is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_available() -> int | None:
+    """What this process's container may still allocate (cgroup v2, else v1), None where it sets no limit: a
+    container's limit is below what the host's /proc/meminfo reports."""
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+            if text == "max":
+                return None
+            with open(usage) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if int(text) >= 2**60:  # cgroup v1's "no limit"
+            return None
+        return max(int(text) - used, 0)
+    return None
 
 
 def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[int, int, int]]] | None:

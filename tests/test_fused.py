@@ -331,7 +331,9 @@ def test_a_step_goes_through_the_base_in_passes_that_fit_in_memory(monkeypatch):
     MEMORY_SHARE of the memory available, else in several passes, each of as many members as fit, in `_alike` order
     (at least one). Unmeasured, or a batch much longer than the one measured: one member goes alone (measured)."""
     base = _Stub(model=SimpleNamespace(base_model=SimpleNamespace(forward=None)))
-    monkeypatch.setattr(_fused.FusedGroup, "_alike", lambda self, item: (item[1].kwargs["input_ids"].shape[0],))
+    monkeypatch.setattr(
+        _fused.FusedGroup, "_alike", lambda self, item: (item[1].kwargs["input_ids"].shape[0], 8, 16, 0)
+    )
     slots = [_Stub(run_id=i, adapter=f"a{i}") for i in range(4)]
     due = {slots[0]: _forward(4, 10), slots[1]: _forward(4, 20), slots[2]: _forward(8, 10), slots[3]: _forward(4, 10)}
     order = [slots[0], slots[1], slots[3], slots[2]]  # `_alike` order (here: by rows)
@@ -356,6 +358,28 @@ def test_a_step_goes_through_the_base_in_passes_that_fit_in_memory(monkeypatch):
     group.token_bytes[base] = (0.0, 20)  # could not be measured: no limit
     available["bytes"] = 0
     assert group._next_part(dict(due)) == order
+
+
+def test_a_containers_memory_limit_bounds_what_a_fused_pass_may_take(tmp_path):
+    """cgroup v2 and v1: limit - usage + reclaimable page cache (inactive files); no limit: None."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1000\n")
+    (v2 / "memory.current").write_text("800\n")
+    (v2 / "memory.stat").write_text("anon 500\ninactive_file 300\nactive_file 0\n")
+    assert _fused._cgroup_headroom(str(v2), "memory.max", "memory.current", "inactive_file") == 500
+    (v2 / "memory.max").write_text("max\n")
+    assert _fused._cgroup_headroom(str(v2), "memory.max", "memory.current", "inactive_file") is None
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    assert _fused._cgroup_headroom(str(v1), *names) is None
+    (v1 / "memory.limit_in_bytes").write_text("2000\n")
+    (v1 / "memory.usage_in_bytes").write_text("2500\n")
+    (v1 / "memory.stat").write_text("total_inactive_file 100\n")
+    assert _fused._cgroup_headroom(str(v1), *names) == 0  # over its limit: nothing to spare
+    assert _fused._cgroup_headroom(str(tmp_path / "missing"), *names) is None
 
 
 def test_a_backbone_pass_measures_the_activations_it_keeps_for_the_backward():

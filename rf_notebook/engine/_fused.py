@@ -270,22 +270,13 @@ class FusedGroup:
         """The members of `due` that go through the base next, together: all of them while their activations fit
         (`MEMORY_SHARE` of the memory available now), else as many as fit, in `_alike` order (at least one). Before
         this base's activations per token were measured, or when a batch is much longer than the one measured
-        (`REMEASURE_LENGTH`), one member goes alone and is measured: the last in `_alike` order (most rows, highest
-        rank, LoRA dropout, which keeps a copy of each adapted layer's input), or the longest batch."""
+        (`REMEASURE_LENGTH`), one member goes alone and is measured: one with LoRA dropout (which keeps a copy of
+        each adapted layer's input) if any, of the highest rank, or the longest batch. Where the memory available is
+        not known (a device other than a CPU or a GPU), nothing is measured and all go together."""
         order = [slot for slot, _ in sorted(due.items(), key=self._order)]
         batches = [slot for slot in order if isinstance(due[slot], Forward) and _tokens(due[slot]) is not None]
         if len(batches) < 2:
             return order
-        measured = self.token_bytes.get(self.base)
-        if measured is None:
-            return [batches[-1]]
-        per_token, length = measured
-        if not per_token:  # it could not be measured (said once): no limit
-            return order
-        longest_batch = max(batches, key=lambda slot: _tokens(due[slot])[1])
-        if _tokens(due[longest_batch])[1] > REMEASURE_LENGTH * length:
-            self._remeasure = True
-            return [longest_batch]
         try:
             available = _available_bytes(_device_of(due[batches[0]].args, due[batches[0]].kwargs))
         except Exception:  # noqa: BLE001 - not knowing means no limit, as on a machine that does not say
@@ -293,6 +284,16 @@ class FusedGroup:
             available = None
         if available is None:
             return order
+        measured = self.token_bytes.get(self.base)
+        if measured is None:
+            return [max(batches, key=lambda slot: self._cost((slot, due[slot])))]
+        per_token, length = measured
+        if not per_token:  # it could not be measured (said once): no limit
+            return order
+        longest_batch = max(batches, key=lambda slot: _tokens(due[slot])[1])
+        if _tokens(due[longest_batch])[1] > REMEASURE_LENGTH * length:
+            self._remeasure = True
+            return [longest_batch]
         part, rows, longest = [], 0, 0
         for slot in order:
             shape = _tokens(due[slot]) if isinstance(due[slot], Forward) else None
@@ -313,6 +314,11 @@ class FusedGroup:
                 rows, longest = rows + shape[0], max(longest, shape[1])
             part.append(slot)
         return part
+
+    def _cost(self, item: tuple[Any, Forward]) -> tuple:
+        """Which run keeps the most per token: LoRA dropout first, then rank, then rows."""
+        rows, rank, _, dropout = self._alike(item)
+        return dropout, rank, rows
 
     def _order(self, item: tuple[Any, Any]) -> tuple:
         slot, request = item
@@ -456,11 +462,19 @@ class _SavedBytes:
             )
             self.into[self.base] = (0.0, self.length)
             return
-        config = self.base.model.config
-        vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 0)
-        per_token = self.bytes / (self.rows * self.length) + 8 * (vocab or 0)
+        per_token = self.bytes / (self.rows * self.length) + 8 * _vocab_size(self.base.model)
         earlier = self.into.get(self.base, (0.0, 0))[0]
         self.into[self.base] = (max(per_token, earlier), self.length)
+
+
+def _vocab_size(model: Any) -> int:
+    """The model's vocabulary size (0 where its config does not say)."""
+    try:
+        config = model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        return int(getattr(text, "vocab_size", 0) or 0)
+    except Exception:  # noqa: BLE001 - a config that cannot say: no term for the LM head
+        return 0
 
 
 def _available_bytes(device: Any) -> int | None:
@@ -491,25 +505,52 @@ def _available_bytes(device: Any) -> int | None:
 
 
 def _cgroup_available() -> int | None:
-    """What this process's container may still allocate (cgroup v2, else v1), None where it sets no limit: a
-    container's limit is below what the host's /proc/meminfo reports."""
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit) as f:
-                text = f.read().strip()
-            if text == "max":
-                return None
-            with open(usage) as f:
-                used = int(f.read().strip())
-        except (OSError, ValueError):
+    """What this process's cgroup (its container, a Slurm job, a systemd slice) and the cgroups above it may still
+    allocate, the page cache they can reclaim (inactive files) not counted as used: the lowest headroom found, None
+    where none sets a limit. A container's limit is below what the host's /proc/meminfo reports."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        if line.count(":") < 2:
             continue
-        if int(text) >= 2**60:  # cgroup v1's "no limit"
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            root, names = "/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            root = "/sys/fs/cgroup/memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it (a namespace shows its root)
+            folder = "/".join([root, *parts[:depth]])
+            headroom = _cgroup_headroom(folder, *names)
+            if headroom is not None:
+                found.append(headroom)
+    return min(found) if found else None
+
+
+def _cgroup_headroom(folder: str, limit_name: str, usage_name: str, inactive_name: str) -> int | None:
+    try:
+        with open(f"{folder}/{limit_name}") as f:
+            limit = f.read().strip()
+        if limit == "max" or int(limit) >= 2**60:  # no limit (v1 writes a huge number)
             return None
-        return max(int(text) - used, 0)
-    return None
+        with open(f"{folder}/{usage_name}") as f:
+            used = int(f.read().strip())
+        inactive = 0
+        with open(f"{folder}/memory.stat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == inactive_name:
+                    inactive = int(value)
+    except (OSError, ValueError):
+        return None
+    return max(int(limit) - used + inactive, 0)
 
 
 def _concatenate(requests: list[Forward]) -> tuple[dict[str, Any], list[tuple[int, int, int]]] | None:
